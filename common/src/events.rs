@@ -1,0 +1,85 @@
+//! The payloads Switchboard publishes, as JSON. Each type also says which `Nats-Msg-Id` it is
+//! published with: JetStream drops a second publish of the same id inside the stream's
+//! duplicate window, which is what makes every retry safe.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{CallId, CallState};
+
+/// One accepted audio packet, on `<prefix>.packets.<call_id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PacketEvent {
+    pub call_id: CallId,
+    pub sequence: i64,
+    pub data: String,
+    /// The PBX's timestamp, as sent.
+    pub timestamp: f64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+}
+
+impl PacketEvent {
+    /// `<call_id>:<sequence>`: a client retry of the same packet is stored and published once.
+    pub fn msg_id(call_id: &CallId, sequence: i64) -> String {
+        format!("{call_id}:{sequence}")
+    }
+}
+
+/// A finished call waiting to be transcribed, on `<prefix>.calls.completed.<call_id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkItem {
+    pub call_id: CallId,
+    /// The call's version when it became `COMPLETED`; an operator retry completes it again at
+    /// a higher version, which is a new work item.
+    pub version: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub completed_at: OffsetDateTime,
+}
+
+impl WorkItem {
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}", self.call_id, self.version)
+    }
+}
+
+/// Sentiment of a transcript.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Sentiment {
+    /// `positive`, `neutral` or `negative`.
+    pub label: String,
+    /// From -1 (most negative) to 1 (most positive).
+    pub score: f64,
+}
+
+/// A change of a call's state, on `<prefix>.calls.status.<call_id>`. Published at least once;
+/// `version` grows by one with every transition, so a consumer drops an event whose version
+/// it has already seen instead of moving a call backwards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StatusEvent {
+    #[schema(value_type = String)]
+    pub call_id: CallId,
+    pub state: CallState,
+    /// `null` for the event that creates the call.
+    pub previous_state: Option<CallState>,
+    pub version: i64,
+    /// When the transition was committed.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+    /// Why the call moved, e.g. `first_packet`, `completed_by_pbx`, `idle_timeout`.
+    pub reason: String,
+    pub packets_received: i64,
+    /// How many sequence numbers are missing below the highest seen (or `total_packets`).
+    pub missing_packets: i64,
+    pub ai_attempts: i32,
+    pub last_error: Option<String>,
+    pub transcript: Option<String>,
+    pub sentiment: Option<Sentiment>,
+}
+
+impl StatusEvent {
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}", self.call_id, self.version)
+    }
+}

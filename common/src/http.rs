@@ -1,0 +1,145 @@
+//! HTTP pieces every service shares: the error body, the operational routes and graceful
+//! serving.
+
+use std::future::Future;
+
+use axum::{
+    Json, Router,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The error body of every Switchboard API: `{"error": {"code", "message", "field"?}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `invalid_field`, `sequence_conflict`, ...
+    pub code: String,
+    /// For people: what is wrong and, where it helps, what to do.
+    pub message: String,
+    /// The offending field or parameter, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+                field: None,
+            },
+        }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.error.field = Some(field.into());
+        self
+    }
+
+    pub fn into_response_with(self, status: StatusCode) -> Response {
+        (status, Json(self)).into_response()
+    }
+}
+
+/// One dependency's health, for `/readyz`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Check {
+    pub fn new(name: &'static str, result: Result<(), String>) -> Self {
+        match result {
+            Ok(()) => Self {
+                name,
+                ok: true,
+                error: None,
+            },
+            Err(e) => Self {
+                name,
+                ok: false,
+                error: Some(e),
+            },
+        }
+    }
+}
+
+/// `200 {"status":"ready"}` when every check passes, else `503` naming what is not.
+pub fn readiness(checks: Vec<Check>) -> Response {
+    let ready = checks.iter().all(|c| c.ok);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": checks,
+    });
+    (status, Json(body)).into_response()
+}
+
+pub async fn check_postgres(pool: &sqlx::PgPool) -> Check {
+    let result = sqlx::query("SELECT 1")
+        .execute(pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    Check::new("postgres", result)
+}
+
+pub fn check_nats(client: &async_nats::Client) -> Check {
+    let result = if crate::nats::is_connected(client) {
+        Ok(())
+    } else {
+        Err(format!("not connected ({:?})", client.connection_state()))
+    };
+    Check::new("nats", result)
+}
+
+/// `GET /healthz`: the process is alive and serving.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::prometheus().render(),
+    )
+        .into_response()
+}
+
+/// Routes every service serves: `/healthz` and `/metrics` (`/readyz` is the service's own,
+/// as only it knows what it depends on).
+pub fn operational_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+}
+
+/// Serves `router` until `shutdown` fires, then stops accepting and lets in-flight requests
+/// finish.
+pub fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> impl Future<Output = std::io::Result<()>> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
+        .into_future()
+}

@@ -1,0 +1,169 @@
+//! Connecting to NATS, provisioning the JetStream streams, and acknowledged publishing.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        self,
+        context::{PublishError, PublishErrorKind},
+        stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+    },
+};
+use bytes::Bytes;
+
+use crate::{
+    config::StreamSettings,
+    subjects::{StreamKind, Subjects},
+};
+
+/// How long a publish waits for JetStream's acknowledgement before the caller is told NATS
+/// is unavailable (ingest then answers 503).
+pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Unacknowledged publishes allowed at once. async-nats defaults to 5,000 and then fails
+/// publishes; ingest may have more packets in flight under load, so we allow more and wait
+/// (backpressure) rather than fail.
+const MAX_ACKS_IN_FLIGHT: usize = 50_000;
+
+/// The header that carries a request id from ingest through JetStream to the workers.
+pub const REQUEST_ID_HEADER: &str = "X-Request-Id";
+
+/// Connects to NATS. After the first connection the client reconnects forever in the
+/// background; publishes made while it is away fail after [`PUBLISH_ACK_TIMEOUT`].
+pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| {
+            format!("cannot connect to NATS at {url}: is nats-server running with JetStream (-js)?")
+        })
+}
+
+/// A JetStream context with our timeouts and in-flight limits.
+pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(PUBLISH_ACK_TIMEOUT)
+        .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// The configuration Switchboard wants for each stream.
+pub fn stream_config(
+    kind: StreamKind,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> stream::Config {
+    let base = stream::Config {
+        name: subjects.stream_name(kind),
+        subjects: vec![subjects.stream_subjects(kind)],
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    };
+    match kind {
+        StreamKind::Packets => stream::Config {
+            description: Some("Every accepted audio packet, by call".into()),
+            max_age: settings.packets_max_age(),
+            max_bytes: settings.packets_max_bytes,
+            duplicate_window: Duration::from_secs(120),
+            ..base
+        },
+        StreamKind::Work => stream::Config {
+            description: Some("Completed calls waiting for the transcriber (work queue)".into()),
+            retention: RetentionPolicy::WorkQueue,
+            duplicate_window: Duration::from_secs(600),
+            ..base
+        },
+        StreamKind::Status => stream::Config {
+            description: Some("Every call state change".into()),
+            max_age: settings.status_retention(),
+            duplicate_window: Duration::from_secs(120),
+            ..base
+        },
+        StreamKind::DeadLetters => stream::Config {
+            description: Some("Calls the AI pipeline gave up on".into()),
+            max_age: settings.dlq_max_age(),
+            duplicate_window: Duration::from_secs(120),
+            ..base
+        },
+    }
+}
+
+/// Creates every stream, or updates it to the configuration above so that a changed setting
+/// takes effect on the next start. Safe to run from several processes at once.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> anyhow::Result<()> {
+    for kind in StreamKind::ALL {
+        let config = stream_config(kind, subjects, settings);
+        let name = config.name.clone();
+        match js.get_stream(&name).await {
+            Ok(_) => {
+                js.update_stream(config)
+                    .await
+                    .with_context(|| format!("updating stream {name}"))?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
+                        if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                match js.create_stream(config.clone()).await {
+                    Ok(_) => {}
+                    // Another process created it a moment ago.
+                    Err(_) if js.get_stream(&name).await.is_ok() => {}
+                    Err(e) => return Err(e).with_context(|| format!("creating stream {name}")),
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("looking up stream {name}")),
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `payload` with `Nats-Msg-Id: msg_id` and waits for JetStream's acknowledgement.
+/// A duplicate inside the stream's window is acknowledged without being stored again.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    payload: Bytes,
+    request_id: Option<&str>,
+) -> Result<(), PublishError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    if let Some(id) = request_id {
+        headers.insert(REQUEST_ID_HEADER, id);
+    }
+    let ack = js.publish_with_headers(subject, headers, payload).await?;
+    ack.await.map(|_| ())
+}
+
+/// Whether a publish error means "NATS is not there right now" (retry later) rather than a
+/// bug in what we sent.
+pub fn is_unavailable(e: &PublishError) -> bool {
+    matches!(
+        e.kind(),
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::Other
+    )
+}
+
+/// Whether the client is connected to a server right now.
+pub fn is_connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
+}

@@ -1,0 +1,285 @@
+//! Test helpers (feature `testing`): every test gets its own Postgres database and its own
+//! NATS prefix (so its own subjects and streams), against the real servers named by
+//! `DATABASE_URL` and `NATS_URL`. Tests therefore run in parallel without seeing each other.
+//! Both are removed when the [`TestEnv`] is dropped, even if the test panicked.
+
+use std::{future::Future, time::Duration};
+
+use async_nats::jetstream::{self, message::StreamMessage};
+use rand::{Rng, distr::Alphanumeric};
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use crate::{
+    config::{CommonConfig, LogFormat, StreamSettings},
+    db, nats,
+    subjects::{StreamKind, Subjects},
+};
+
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// One test's private database and NATS prefix.
+pub struct TestEnv {
+    pub config: CommonConfig,
+    pub pool: PgPool,
+    db_name: String,
+    admin_url: String,
+}
+
+impl TestEnv {
+    /// A fresh, migrated database `sb_test_<random>` and prefix `t<random>`, with streams
+    /// provisioned.
+    pub async fn new() -> Self {
+        Self::with_nats_url(&std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.into()))
+            .await
+    }
+
+    /// Like [`TestEnv::new`], against a NATS server of the test's own.
+    pub async fn with_nats_url(nats_url: &str) -> Self {
+        let base =
+            std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
+        let suffix = random_suffix();
+        let db_name = format!("sb_test_{suffix}");
+        let config = CommonConfig {
+            database_url: with_database(&base, &db_name),
+            database_max_connections: 8,
+            nats_url: nats_url.to_owned(),
+            prefix: format!("t{suffix}").parse().expect("valid prefix"),
+            log_format: LogFormat::Text,
+            streams: StreamSettings::default(),
+        };
+        let pool = db::connect(&config.database_url, 8)
+            .await
+            .expect("test database: is Postgres running? (scripts/test starts it)");
+        db::migrate(&pool).await.expect("migrations apply");
+        let env = Self {
+            admin_url: with_database(&base, "postgres"),
+            config,
+            pool,
+            db_name,
+        };
+        let js = env.jetstream().await;
+        nats::ensure_streams(&js, &env.subjects(), &env.config.streams)
+            .await
+            .expect("streams provisioned: is nats-server running with -js?");
+        env
+    }
+
+    pub fn database_name(&self) -> &str {
+        &self.db_name
+    }
+
+    /// A pool on the server's maintenance database, for what a test does to its own
+    /// database from outside (e.g. refusing connections to play an outage).
+    pub async fn admin_pool(&self) -> PgPool {
+        PgPool::connect(&self.admin_url)
+            .await
+            .expect("maintenance database")
+    }
+
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(self.config.prefix.clone())
+    }
+
+    pub async fn nats(&self) -> async_nats::Client {
+        nats::connect(&self.config.nats_url, "switchboard-test")
+            .await
+            .expect("NATS reachable")
+    }
+
+    pub async fn jetstream(&self) -> jetstream::Context {
+        nats::jetstream(self.nats().await)
+    }
+
+    /// Every message currently stored in one of this test's streams, oldest first.
+    pub async fn stream_messages(&self, kind: StreamKind) -> Vec<StreamMessage> {
+        let js = self.jetstream().await;
+        let mut stream = js
+            .get_stream(self.subjects().stream_name(kind))
+            .await
+            .expect("stream exists");
+        let state = stream.info().await.expect("stream info").state.clone();
+        let mut messages = Vec::new();
+        if state.messages == 0 {
+            return messages;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            // Gaps are messages removed by retention; skip them.
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                messages.push(message);
+            }
+        }
+        messages
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let db_name = self.db_name.clone();
+        let nats_url = self.config.nats_url.clone();
+        let subjects = self.subjects();
+        // Drop cannot await; clean up on a thread with its own runtime and wait for it. The
+        // pools stay alone: their sockets belong to the test's runtime, which is blocked
+        // here. `DROP DATABASE .. WITH (FORCE)` ends their sessions from the server side.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(admin) = PgPool::connect(&admin_url).await {
+                    let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&admin)
+                        .await
+                        .ok();
+                    admin.close().await;
+                }
+                let connect = nats::connect(&nats_url, "switchboard-test-cleanup");
+                if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(2), connect).await
+                {
+                    let js = nats::jetstream(client);
+                    for kind in StreamKind::ALL {
+                        js.delete_stream(subjects.stream_name(kind)).await.ok();
+                    }
+                }
+            });
+        });
+        cleanup.join().ok();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Ten random lowercase letters and digits.
+pub fn random_suffix() -> String {
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(10)
+        .map(|c| (c as char).to_ascii_lowercase())
+        .collect()
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, db_name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{db_name}?{q}"),
+        None => format!("{root}/{db_name}"),
+    }
+}
+
+/// A `nats-server -js` of the test's own, on a free port with its own store, that the test
+/// can stop and start again (same port, same store) to play a NATS outage.
+pub struct NatsServer {
+    port: u16,
+    store: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let store = std::env::temp_dir().join(format!("switchboard-nats-{}", random_suffix()));
+        let mut server = Self {
+            port,
+            store,
+            child: None,
+        };
+        server.resume();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    /// Starts it again on the same port and store, and waits until it accepts connections.
+    pub fn resume(&mut self) {
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server on PATH (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(&self.store).ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn with_database_replaces_only_the_database() {
+        use super::with_database as w;
+        assert_eq!(
+            w("postgres://u@h:5432/postgres", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(w("postgres://u@h", "x"), "postgres://u@h/x");
+        assert_eq!(
+            w("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+    }
+}

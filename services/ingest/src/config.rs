@@ -1,0 +1,95 @@
+//! Ingest's settings: environment variables first, each with a default that works on a laptop.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use common::config::CommonConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ingest",
+    version,
+    about = "Switchboard ingest: the HTTP API a PBX streams call audio packets to.",
+    long_about = "Switchboard ingest: the HTTP API a PBX streams call audio packets to.\n\n\
+        Stores every packet in Postgres, publishes it to NATS JetStream, tracks each call's \
+        state and hands finished calls to the transcriber. Every option can be set by the \
+        environment variable shown; RUST_LOG filters logs (default `info`)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: IngestConfig,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Apply the database migrations and exit (ingest also runs them at start-up).
+    Migrate,
+    /// Serve the API (the default).
+    Serve,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct IngestConfig {
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "INGEST_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: SocketAddr,
+
+    /// A call that receives no packet for this many seconds is completed automatically.
+    #[arg(long, env = "CALL_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub call_idle_timeout_secs: u64,
+
+    /// Largest `data` of one packet, in bytes; larger packets are refused with 413.
+    #[arg(long, env = "MAX_PACKET_BYTES", default_value_t = 65_536)]
+    pub max_packet_bytes: usize,
+
+    /// How often unpublished status events and work items are republished (milliseconds).
+    #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 2_000)]
+    pub outbox_relay_interval_ms: u64,
+
+    /// Most packets written to Postgres in one transaction.
+    #[arg(long, env = "INGEST_MAX_BATCH", default_value_t = 1_000)]
+    pub max_batch: usize,
+}
+
+impl IngestConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.common.validate()?;
+        anyhow::ensure!(
+            self.call_idle_timeout_secs >= 1,
+            "CALL_IDLE_TIMEOUT_SECS must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=16 * 1024 * 1024).contains(&self.max_packet_bytes),
+            "MAX_PACKET_BYTES must be between 1 and 16777216, got {}",
+            self.max_packet_bytes
+        );
+        anyhow::ensure!(
+            self.outbox_relay_interval_ms >= 50,
+            "OUTBOX_RELAY_INTERVAL_MS must be at least 50"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.max_batch),
+            "INGEST_MAX_BATCH must be between 1 and 10000"
+        );
+        Ok(())
+    }
+
+    pub fn call_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.call_idle_timeout_secs)
+    }
+
+    pub fn outbox_relay_interval(&self) -> Duration {
+        Duration::from_millis(self.outbox_relay_interval_ms)
+    }
+
+    /// Request bodies are capped at a bound derived from `MAX_PACKET_BYTES`: room for the
+    /// envelope and for JSON escapes in `data` (up to 6 bytes per character).
+    pub fn body_limit(&self) -> usize {
+        self.max_packet_bytes.saturating_mul(6).saturating_add(4096)
+    }
+}

@@ -1,0 +1,140 @@
+//! # ingest
+//!
+//! The HTTP API a PBX talks to. It takes audio packets in without ever slowing the PBX
+//! down, stores each one durably in Postgres, publishes it to JetStream, tracks every call's
+//! state, and hands finished calls to the transcriber.
+//!
+//! Consumes: HTTP from the PBX. Produces: rows in `calls`, `packets`, `call_transitions`;
+//! JetStream messages on `<prefix>.packets.<call_id>`, `<prefix>.calls.completed.<call_id>`
+//! and `<prefix>.calls.status.<call_id>`.
+//!
+//! # Layout
+//! - [`config`]: settings (`--help` lists them).
+//! - [`routes`]: the HTTP API; [`extract`] and [`error`] give every failure the same shape.
+//! - [`writer`]: the batching writer every packet goes through.
+//! - [`lifecycle`]: completing a call (endpoint and idle reaper alike).
+//! - [`reaper`]: completes calls that went quiet.
+//! - [`openapi`]: the OpenAPI document behind `/docs`.
+//!
+//! Background tasks started by [`App::run_until_stopped`]: the packet writer, the idle
+//! reaper and the outbox relay (`common::outbox`).
+
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod lifecycle;
+pub mod openapi;
+pub mod reaper;
+pub mod routes;
+pub mod writer;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use common::{
+    db, nats,
+    outbox::{Publisher, Relay},
+    subjects::Subjects,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::IngestConfig, routes::AppState, writer::PacketWriter};
+
+/// A built ingest service: connected, migrated, bound, not yet serving.
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    /// The packet writer task; it ends after the server stops and its queue drains.
+    writer_task: JoinHandle<()>,
+}
+
+impl App {
+    /// Connects to Postgres (creating and migrating the database) and NATS (provisioning
+    /// the streams), and binds the listener. Fails fast with a message saying what to fix.
+    pub async fn build(config: IngestConfig) -> anyhow::Result<App> {
+        config.validate()?;
+        // Installs the metrics recorder before anything records.
+        common::telemetry::prometheus();
+        let common = &config.common;
+        let pool = db::connect(&common.database_url, common.database_max_connections).await?;
+        db::migrate(&pool).await?;
+        let client = nats::connect(&common.nats_url, "switchboard-ingest").await?;
+        let js = nats::jetstream(client.clone());
+        let subjects = Subjects::new(common.prefix.clone());
+        nats::ensure_streams(&js, &subjects, &common.streams)
+            .await
+            .context("provisioning JetStream streams")?;
+        let publisher = Publisher::new(js, subjects, pool.clone());
+        let (writer, writer_task) =
+            PacketWriter::spawn(pool.clone(), publisher.clone(), config.max_batch);
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (INGEST_ADDR)", config.addr))?;
+        let state = AppState {
+            pool,
+            nats: client,
+            publisher,
+            writer,
+            config: Arc::new(config),
+        };
+        Ok(App {
+            router: routes::router(state.clone()),
+            listener,
+            state,
+            writer_task,
+        })
+    }
+
+    /// The port the API is bound to (useful with `INGEST_ADDR=127.0.0.1:0`).
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port()
+    }
+
+    /// Serves until `shutdown` fires, then stops accepting, finishes in-flight requests,
+    /// lets the writer drain its queue and stops the background tasks.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let App {
+            listener,
+            router,
+            state,
+            writer_task,
+        } = self;
+        let config = state.config.clone();
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            prefix = %config.common.prefix,
+            "ingest listening"
+        );
+        let background = shutdown.child_token();
+        let reaper = tokio::spawn(reaper::run(
+            state.publisher.clone(),
+            config.call_idle_timeout(),
+            background.clone(),
+        ));
+        let relay = tokio::spawn(
+            Relay {
+                publisher: state.publisher.clone(),
+                interval: config.outbox_relay_interval(),
+                grace: config.outbox_relay_interval(),
+            }
+            .run(background.clone()),
+        );
+        // The router holds the last writer handles besides `state`.
+        drop(state);
+        let served = common::http::serve(listener, router, shutdown.clone()).await;
+        // The server has dropped the router (and its writer handle): the writer finishes
+        // what is queued and stops.
+        writer_task.await.ok();
+        background.cancel();
+        reaper.await.ok();
+        relay.await.ok();
+        tracing::info!("ingest stopped");
+        served.context("serving HTTP")
+    }
+}

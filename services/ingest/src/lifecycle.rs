@@ -1,0 +1,114 @@
+//! Moving a call through the states ingest owns (`IN_PROGRESS -> COMPLETED`), shared by the
+//! completion endpoint and the idle reaper.
+
+use common::{
+    CallId, CallState,
+    events::WorkItem,
+    outbox::Publisher,
+    store::{self, CallRow, Changes, TransitionError},
+};
+
+use crate::error::ApiError;
+
+/// Why a call was completed, recorded in its history and status event.
+pub const COMPLETED_BY_PBX: &str = "completed_by_pbx";
+pub const IDLE_TIMEOUT: &str = "idle_timeout";
+
+#[derive(Debug)]
+pub enum Completion {
+    /// This request completed the call; its work item has been handed to JetStream (or, if
+    /// NATS is down, to the outbox relay).
+    Completed(CallRow),
+    /// The call had already left `IN_PROGRESS`: nothing changed, nothing was published.
+    AlreadyDone(CallRow),
+}
+
+/// `IN_PROGRESS -> COMPLETED`, idempotently, then the work item and the status event.
+pub async fn complete_call(
+    publisher: &Publisher,
+    call_id: &CallId,
+    total_packets: Option<i64>,
+    reason: &str,
+) -> Result<Completion, ApiError> {
+    let mut tx = publisher
+        .pool
+        .begin()
+        .await
+        .map_err(ApiError::database_connect)?;
+    // Waits for an in-flight packet batch of this call to commit: every packet accepted
+    // before the completion is in the call, every one after it gets 409.
+    let current: Option<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT state, last_sequence FROM calls WHERE call_id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(call_id.as_str())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(ApiError::database)?;
+    let Some((state, last_sequence)) = current else {
+        return Err(ApiError::CallNotFound(call_id.clone()));
+    };
+    if state != CallState::InProgress.as_str() {
+        tx.rollback().await.map_err(ApiError::database)?;
+        return already_done(publisher, call_id).await;
+    }
+    if let (Some(total), Some(last)) = (total_packets, last_sequence)
+        && total <= last
+    {
+        return Err(ApiError::invalid_field(
+            "total_packets",
+            format!(
+                "total_packets is {total}, but sequence {last} was received \
+                 (sequences count from 0, so total_packets must be at least {})",
+                last + 1
+            ),
+        ));
+    }
+    let changes = Changes {
+        total_packets,
+        ..Changes::default()
+    };
+    let recorded = store::transition(
+        &mut tx,
+        call_id,
+        CallState::InProgress,
+        CallState::Completed,
+        reason,
+        changes,
+    )
+    .await
+    .map_err(|e| match e {
+        TransitionError::Database(e) => ApiError::database(e),
+        TransitionError::Illegal(e) => ApiError::Internal(e.into()),
+    })?;
+    let Some(recorded) = recorded else {
+        // Unreachable while we hold the row lock, but never report a change we did not make.
+        tx.rollback().await.map_err(ApiError::database)?;
+        return already_done(publisher, call_id).await;
+    };
+    tx.commit().await.map_err(ApiError::database)?;
+
+    tracing::info!(call.id = %call_id, call.version = recorded.call.version, reason, "call completed");
+    metrics::counter!("switchboard_ingest_calls_completed_total", "reason" => reason.to_owned())
+        .increment(1);
+    let item = WorkItem {
+        call_id: call_id.clone(),
+        version: recorded.call.version,
+        completed_at: recorded
+            .call
+            .completed_at
+            .unwrap_or(recorded.call.updated_at),
+    };
+    tokio::join!(
+        publisher.work_item(&item),
+        publisher.recorded(std::slice::from_ref(&recorded))
+    );
+    Ok(Completion::Completed(recorded.call))
+}
+
+async fn already_done(publisher: &Publisher, call_id: &CallId) -> Result<Completion, ApiError> {
+    store::get_call(&publisher.pool, call_id)
+        .await
+        .map_err(ApiError::database)?
+        .map(Completion::AlreadyDone)
+        .ok_or_else(|| ApiError::CallNotFound(call_id.clone()))
+}

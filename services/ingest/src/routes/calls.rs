@@ -1,0 +1,306 @@
+//! Calls: read one, list them, complete one.
+
+use axum::{Json, extract::State};
+use common::{
+    CallState,
+    events::Sentiment,
+    store::{self, CallRow, ListCursor, MissingRange, TransitionRow},
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::{
+    error::ApiError,
+    extract::{CallIdPath, OptionalJson, QueryParams},
+    lifecycle::{self, COMPLETED_BY_PBX, Completion},
+};
+
+/// Most missing ranges listed by `GET /v1/call/{call_id}`.
+const MAX_MISSING_RANGES: i64 = 100_000;
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+/// A call, without its history.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CallSummary {
+    pub call_id: String,
+    pub state: CallState,
+    /// Number of transitions so far (creation is 1).
+    pub version: i64,
+    pub packets_received: i64,
+    pub first_sequence: Option<i64>,
+    pub last_sequence: Option<i64>,
+    /// As declared at completion, if it was.
+    pub total_packets: Option<i64>,
+    /// How many sequences are missing.
+    pub missing_packets: i64,
+    pub ai_attempts: i32,
+    pub transcript: Option<String>,
+    pub sentiment: Option<Sentiment>,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub last_packet_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub completed_at: Option<OffsetDateTime>,
+}
+
+impl From<CallRow> for CallSummary {
+    fn from(row: CallRow) -> Self {
+        Self {
+            sentiment: row.sentiment(),
+            call_id: row.call_id.to_string(),
+            state: row.state,
+            version: row.version,
+            packets_received: row.packets_received,
+            first_sequence: row.first_sequence,
+            last_sequence: row.last_sequence,
+            total_packets: row.total_packets,
+            missing_packets: row.missing_packets,
+            ai_attempts: row.ai_attempts,
+            transcript: row.transcript,
+            last_error: row.last_error,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            last_packet_at: row.last_packet_at,
+            completed_at: row.completed_at,
+        }
+    }
+}
+
+/// A call with its missing ranges and the history of its transitions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CallDetail {
+    #[serde(flatten)]
+    pub call: CallSummary,
+    /// Missing sequences as inclusive ranges, lowest first.
+    pub missing: Vec<MissingRange>,
+    /// Every transition, oldest first.
+    pub history: Vec<TransitionRowView>,
+}
+
+/// One transition in a call's history.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TransitionRowView {
+    pub version: i64,
+    pub from_state: Option<String>,
+    pub to_state: String,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+}
+
+impl From<TransitionRow> for TransitionRowView {
+    fn from(t: TransitionRow) -> Self {
+        Self {
+            version: t.version,
+            from_state: t.from_state,
+            to_state: t.to_state,
+            reason: t.reason,
+            at: t.at,
+        }
+    }
+}
+
+/// One call's state, counts, missing ranges, AI results and history.
+#[utoipa::path(get, path = "/v1/call/{call_id}", tag = "calls",
+    params(("call_id" = String, Path)),
+    responses(
+        (status = 200, body = CallDetail),
+        (status = 400, body = common::http::ErrorBody),
+        (status = 404, description = "`call_not_found`", body = common::http::ErrorBody),
+    ))]
+pub async fn get_call(
+    State(app): State<AppState>,
+    CallIdPath(call_id): CallIdPath,
+) -> Result<Json<CallDetail>, ApiError> {
+    let row = store::get_call(&app.pool, &call_id)
+        .await
+        .map_err(ApiError::database)?
+        .ok_or_else(|| ApiError::CallNotFound(call_id.clone()))?;
+    let (missing, history) = tokio::try_join!(
+        store::missing_ranges(&app.pool, &call_id, MAX_MISSING_RANGES),
+        store::history(&app.pool, &call_id),
+    )
+    .map_err(ApiError::database)?;
+    Ok(Json(CallDetail {
+        call: row.into(),
+        missing,
+        history: history.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Optional body of a completion.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteBody {
+    /// How many packets the PBX sent (sequences `0..total_packets`), so that packets lost
+    /// at the end of the call count as missing.
+    #[schema(minimum = 0)]
+    pub total_packets: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CompleteResponse {
+    /// `true` if this request completed the call; `false` if it had already left
+    /// `IN_PROGRESS` (nothing changed, nothing was published).
+    pub changed: bool,
+    #[serde(flatten)]
+    pub call: CallSummary,
+}
+
+/// End a call: `IN_PROGRESS -> COMPLETED`, and a work item for the transcriber.
+///
+/// Idempotent: repeating it answers with the current state and publishes nothing. The
+/// work item reaches JetStream even if NATS is down now (the call row is its outbox).
+#[utoipa::path(post, path = "/v1/call/{call_id}/complete", tag = "calls",
+    params(("call_id" = String, Path)),
+    request_body(content = Option<CompleteBody>, description = "Optional"),
+    responses(
+        (status = 200, body = CompleteResponse),
+        (status = 400, body = common::http::ErrorBody),
+        (status = 404, description = "`call_not_found`", body = common::http::ErrorBody),
+        (status = 422, description = "Invalid `total_packets`", body = common::http::ErrorBody),
+        (status = 503, body = common::http::ErrorBody),
+    ))]
+pub async fn complete_call(
+    State(app): State<AppState>,
+    CallIdPath(call_id): CallIdPath,
+    OptionalJson(body): OptionalJson<CompleteBody>,
+) -> Result<Json<CompleteResponse>, ApiError> {
+    let total_packets = body.and_then(|b| b.total_packets);
+    if let Some(total) = total_packets
+        && total < 0
+    {
+        return Err(ApiError::invalid_field(
+            "total_packets",
+            format!("total_packets must be a non-negative integer, got {total}"),
+        ));
+    }
+    let completion =
+        lifecycle::complete_call(&app.publisher, &call_id, total_packets, COMPLETED_BY_PBX).await?;
+    let (changed, row) = match completion {
+        Completion::Completed(row) => (true, row),
+        Completion::AlreadyDone(row) => (false, row),
+    };
+    Ok(Json(CompleteResponse {
+        changed,
+        call: row.into(),
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CallPage {
+    pub calls: Vec<CallSummary>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Calls, newest first, optionally in one state.
+#[utoipa::path(get, path = "/v1/calls", tag = "calls",
+    params(
+        ("state" = Option<CallState>, Query, description = "Only calls in this state"),
+        ("limit" = Option<i64>, Query, description = "1-500, default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = CallPage), (status = 400, body = common::http::ErrorBody)))]
+pub async fn list_calls(
+    State(app): State<AppState>,
+    QueryParams(params): QueryParams,
+) -> Result<Json<CallPage>, ApiError> {
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !["state", "limit", "cursor"].contains(&k.as_str()))
+    {
+        return Err(ApiError::InvalidParameter {
+            field: unknown.clone(),
+            message: format!(
+                "unknown query parameter `{unknown}`; expected state, limit or cursor"
+            ),
+        });
+    }
+    let state = params
+        .get("state")
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<CallState>())
+        .transpose()
+        .map_err(|e| ApiError::InvalidParameter {
+            field: "state".into(),
+            message: e.to_string(),
+        })?;
+    let limit = match params.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| ApiError::InvalidParameter {
+                field: "limit".into(),
+                message: format!("limit must be an integer from 1 to {MAX_PAGE}, got {raw:?}"),
+            })?,
+    };
+    let cursor = params
+        .get("cursor")
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            decode_cursor(c).ok_or_else(|| ApiError::InvalidParameter {
+                field: "cursor".into(),
+                message: "cursor is not one this server issued; start again without it".into(),
+            })
+        })
+        .transpose()?;
+    // One extra row tells whether there is a next page.
+    let mut rows = store::list_calls(&app.pool, state, limit + 1, cursor.as_ref())
+        .await
+        .map_err(ApiError::database)?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(encode_cursor)
+    } else {
+        None
+    };
+    Ok(Json(CallPage {
+        calls: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+/// `<created_at as Unix nanoseconds>.<call_id>`: `.` never occurs in a call id.
+fn encode_cursor(row: &CallRow) -> String {
+    format!("{}.{}", row.created_at.unix_timestamp_nanos(), row.call_id)
+}
+
+fn decode_cursor(raw: &str) -> Option<ListCursor> {
+    let (nanos, call_id) = raw.split_once('.')?;
+    let created_at = OffsetDateTime::from_unix_timestamp_nanos(nanos.parse().ok()?).ok()?;
+    common::CallId::parse(call_id).ok()?;
+    Some(ListCursor {
+        created_at,
+        call_id: call_id.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_cursors_are_refused() {
+        for raw in ["", "x", "12", "12.", "abc.call", "1.a b"] {
+            assert!(decode_cursor(raw).is_none(), "{raw:?}");
+        }
+        let c = decode_cursor("1764086400123456000.call-1").unwrap();
+        assert_eq!(c.call_id, "call-1");
+        assert_eq!(c.created_at.unix_timestamp_nanos(), 1764086400123456000);
+    }
+}

@@ -1,0 +1,92 @@
+//! The HTTP API: routes, the state they share, and the middleware around them.
+
+pub mod calls;
+pub mod ops;
+pub mod packets;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
+};
+use common::outbox::Publisher;
+use sqlx::PgPool;
+use tokio::time::Instant;
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::{config::IngestConfig, openapi::ApiDoc, writer::PacketWriter};
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    /// JetStream, subjects and the pool, for publishing.
+    pub publisher: Publisher,
+    pub writer: PacketWriter,
+    pub config: Arc<IngestConfig>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/call/stream/{call_id}", post(packets::stream_packet))
+        .route("/v1/call/stream/", post(packets::empty_call_id))
+        .route("/v1/call/{call_id}", get(calls::get_call))
+        .route("/v1/call/{call_id}/complete", post(calls::complete_call))
+        .route("/v1/calls", get(calls::list_calls))
+        .route("/readyz", get(ops::readyz))
+        .route_layer(middleware::from_fn(record_metrics));
+    Router::new()
+        .merge(api)
+        .merge(common::http::operational_routes())
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.body_limit()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or(req.uri().path(), MatchedPath::as_str);
+            let request_id = crate::extract::request_id(req.headers()).unwrap_or("");
+            tracing::info_span!(
+                "http",
+                http.method = %req.method(),
+                http.route = route,
+                request.id = request_id,
+            )
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// `switchboard_http_requests_total` and `switchboard_http_request_duration_seconds`, by
+/// route template (never the raw path, which would explode the label set).
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    let elapsed: Duration = started.elapsed();
+    metrics::counter!("switchboard_http_requests_total",
+        "route" => route.clone(), "method" => method.clone(), "status" => status)
+    .increment(1);
+    metrics::histogram!("switchboard_http_request_duration_seconds",
+        "route" => route, "method" => method)
+    .record(elapsed.as_secs_f64());
+    response
+}

@@ -1,0 +1,207 @@
+//! `POST /v1/call/stream/{call_id}`: one audio packet.
+
+use axum::{Json, extract::State, http::HeaderMap, http::StatusCode};
+use bytes::Bytes;
+use common::{CallId, call_id::InvalidCallId, events::PacketEvent, nats, store::MissingRange};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::{
+    error::ApiError,
+    extract::{AppJson, CallIdPath, request_id},
+    writer::{NewPacket, Outcome, WriteError},
+};
+
+/// One packet of a call's audio.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PacketBody {
+    /// Position in the call, counting from 0. Gaps, repeats and any order are allowed.
+    #[schema(minimum = 0, example = 0)]
+    pub sequence: i64,
+    /// The payload (base64 audio for real PBXs; words, for the simulator). At most
+    /// `MAX_PACKET_BYTES` bytes.
+    #[schema(example = "UklGRiQAAABXQVZF")]
+    pub data: String,
+    /// When the PBX captured it, in seconds since the Unix epoch (fractions allowed).
+    #[schema(minimum = 0, example = 1764086400.02)]
+    pub timestamp: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PacketStatus {
+    /// Stored now.
+    Accepted,
+    /// Already stored with the same data: nothing changed.
+    Duplicate,
+}
+
+/// The answer to a packet: stored in Postgres and acknowledged by JetStream.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PacketReceipt {
+    pub call_id: String,
+    pub sequence: i64,
+    pub status: PacketStatus,
+    /// Sequences not received yet below the highest one seen, as inclusive ranges, lowest
+    /// first (at most 1000 ranges; `GET /v1/call/{call_id}` has them all).
+    pub missing: Vec<MissingRange>,
+}
+
+/// Stream one packet.
+///
+/// `202` means the packet is committed in Postgres and its event is acknowledged by
+/// JetStream on `<prefix>.packets.<call_id>` (`Nats-Msg-Id: <call_id>:<sequence>`).
+/// The first packet of an unknown call creates the call. Retrying after a `503` or a
+/// timeout is always safe.
+#[utoipa::path(post, path = "/v1/call/stream/{call_id}", tag = "packets",
+    params(("call_id" = String, Path, description = "1-128 characters of [A-Za-z0-9_-]")),
+    request_body = PacketBody,
+    responses(
+        (status = 202, description = "Stored and published (or a duplicate of a stored packet)", body = PacketReceipt),
+        (status = 400, description = "Malformed JSON or invalid call_id", body = common::http::ErrorBody),
+        (status = 409, description = "`sequence_conflict` or `call_not_in_progress`", body = common::http::ErrorBody),
+        (status = 413, description = "`data` or the body is too large", body = common::http::ErrorBody),
+        (status = 415, description = "Not JSON", body = common::http::ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid", body = common::http::ErrorBody),
+        (status = 503, description = "Postgres or NATS unavailable; retry after `Retry-After`", body = common::http::ErrorBody),
+    ))]
+pub async fn stream_packet(
+    State(app): State<AppState>,
+    CallIdPath(call_id): CallIdPath,
+    headers: HeaderMap,
+    AppJson(body): AppJson<PacketBody>,
+) -> Result<(StatusCode, Json<PacketReceipt>), ApiError> {
+    let packet = validate(call_id, body, app.config.max_packet_bytes)?;
+    let call_id = packet.call_id.clone();
+    let sequence = packet.sequence;
+    let data = packet.data.clone();
+    let timestamp = packet.timestamp;
+
+    let stored = app.writer.write(packet).await.map_err(|e| {
+        metrics::counter!("switchboard_ingest_packets_total", "outcome" => outcome_label(&e))
+            .increment(1);
+        match e {
+            WriteError::Conflict => ApiError::SequenceConflict {
+                call_id: call_id.clone(),
+                sequence,
+            },
+            WriteError::NotInProgress(state) => ApiError::CallNotInProgress {
+                call_id: call_id.clone(),
+                state,
+            },
+            WriteError::Database {
+                unavailable: true,
+                message,
+            } => ApiError::Unavailable {
+                dependency: "postgres",
+                detail: message,
+            },
+            WriteError::Database { message, .. } => {
+                ApiError::Internal(anyhow::anyhow!(message).context("storing a packet batch"))
+            }
+            WriteError::Closed => ApiError::Unavailable {
+                dependency: "ingest",
+                detail: "shutting down".into(),
+            },
+        }
+    })?;
+
+    // Published for duplicates too: the first attempt may have been stored but not
+    // published. JetStream drops the copy by its Nats-Msg-Id.
+    let event = PacketEvent {
+        call_id: call_id.clone(),
+        sequence,
+        data,
+        timestamp,
+        received_at: stored.received_at,
+    };
+    let payload = Bytes::from(serde_json::to_vec(&event).map_err(anyhow::Error::from)?);
+    nats::publish(
+        &app.publisher.js,
+        app.publisher.subjects.packets(&call_id),
+        &PacketEvent::msg_id(&call_id, sequence),
+        payload,
+        request_id(&headers),
+    )
+    .await
+    .map_err(|e| ApiError::Unavailable {
+        dependency: "nats",
+        detail: e.to_string(),
+    })?;
+
+    let status = match stored.outcome {
+        Outcome::Accepted => PacketStatus::Accepted,
+        Outcome::Duplicate => PacketStatus::Duplicate,
+    };
+    let label = match status {
+        PacketStatus::Accepted => "accepted",
+        PacketStatus::Duplicate => "duplicate",
+    };
+    metrics::counter!("switchboard_ingest_packets_total", "outcome" => label).increment(1);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(PacketReceipt {
+            call_id: call_id.to_string(),
+            sequence,
+            status,
+            missing: stored.missing,
+        }),
+    ))
+}
+
+/// `POST /v1/call/stream/` with no call id.
+pub async fn empty_call_id() -> ApiError {
+    ApiError::InvalidCallId(InvalidCallId::Empty)
+}
+
+fn validate(call_id: CallId, body: PacketBody, max_bytes: usize) -> Result<NewPacket, ApiError> {
+    if body.sequence < 0 {
+        return Err(ApiError::invalid_field(
+            "sequence",
+            format!(
+                "sequence must be a non-negative integer, got {}",
+                body.sequence
+            ),
+        ));
+    }
+    if !body.timestamp.is_finite() || body.timestamp < 0.0 {
+        return Err(ApiError::invalid_field(
+            "timestamp",
+            format!(
+                "timestamp must be a finite, non-negative number of seconds since the Unix epoch, got {}",
+                body.timestamp
+            ),
+        ));
+    }
+    if body.data.len() > max_bytes {
+        return Err(ApiError::PayloadTooLarge {
+            field: Some("data"),
+            message: format!(
+                "data is {} bytes; the limit is {max_bytes} (MAX_PACKET_BYTES)",
+                body.data.len()
+            ),
+        });
+    }
+    if body.data.contains('\0') {
+        return Err(ApiError::invalid_field(
+            "data",
+            "data must not contain NUL characters (send binary audio as base64)",
+        ));
+    }
+    Ok(NewPacket {
+        call_id,
+        sequence: body.sequence,
+        data: body.data,
+        timestamp: body.timestamp,
+    })
+}
+
+fn outcome_label(e: &WriteError) -> &'static str {
+    match e {
+        WriteError::Conflict => "conflict",
+        WriteError::NotInProgress(_) => "not_in_progress",
+        WriteError::Database { .. } | WriteError::Closed => "unavailable",
+    }
+}

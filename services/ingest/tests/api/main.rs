@@ -1,0 +1,11 @@
+//! Ingest's integration tests: the real service against real Postgres and real NATS
+//! JetStream, each test with its own database and subject prefix. One test binary, so the
+//! suite links once.
+
+mod bad_input;
+mod completion;
+mod concurrency;
+mod helpers;
+mod operations;
+mod outages;
+mod packets;
