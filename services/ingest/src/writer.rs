@@ -218,22 +218,27 @@ async fn commit_batch(pool: &PgPool, packets: &[NewPacket]) -> Result<BatchOutco
     call_ids.sort_unstable();
     call_ids.dedup();
 
-    let created: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO calls (call_id, state) SELECT id, $2 FROM unnest($1::text[]) AS id \
-         ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
-    )
-    .bind(&call_ids)
-    .bind(CallState::INITIAL.as_str())
-    .fetch_all(&mut *tx)
-    .await?;
-
-    let locked: Vec<(String, String, Option<i64>)> = sqlx::query_as(
-        "SELECT call_id, state, last_sequence FROM calls WHERE call_id = ANY($1) \
-         ORDER BY call_id FOR NO KEY UPDATE",
-    )
-    .bind(&call_ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    // Lock the calls that exist, then create the others. Locking first keeps the common
+    // case (every call exists) free of INSERT .. ON CONFLICT's speculative insertions.
+    let mut locked: Vec<(String, String, Option<i64>)> = lock_calls(&mut tx, &call_ids).await?;
+    let mut created: Vec<String> = Vec::new();
+    if locked.len() < call_ids.len() {
+        let new_ids: Vec<&str> = call_ids
+            .iter()
+            .copied()
+            .filter(|id| !locked.iter().any(|(l, _, _)| l == id))
+            .collect();
+        created = sqlx::query_scalar(
+            "INSERT INTO calls (call_id, state) SELECT id, $2 FROM unnest($1::text[]) AS id \
+             ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
+        )
+        .bind(&new_ids)
+        .bind(CallState::INITIAL.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        // Those another replica created meanwhile exist now: lock them too.
+        locked.extend(lock_calls(&mut tx, &new_ids).await?);
+    }
     let mut calls: HashMap<&str, (CallState, Option<i64>)> = HashMap::with_capacity(locked.len());
     for (id, state, last) in &locked {
         let state = state
@@ -315,7 +320,7 @@ async fn commit_batch(pool: &PgPool, packets: &[NewPacket]) -> Result<BatchOutco
                  received = c.received + v.ranges, \
                  first_sequence = LEAST(c.first_sequence, v.lo), \
                  last_sequence = GREATEST(c.last_sequence, v.hi), \
-                 last_packet_at = now(), updated_at = now() \
+                 last_packet_at = now() \
              FROM (SELECT call_id, count(*) AS n, range_agg(int8range(seq, seq + 1)) AS ranges, \
                           min(seq) AS lo, max(seq) AS hi \
                    FROM UNNEST($1::text[], $2::int8[]) AS u(call_id, seq) GROUP BY call_id) v \
@@ -405,6 +410,21 @@ async fn commit_batch(pool: &PgPool, packets: &[NewPacket]) -> Result<BatchOutco
         results,
         created: recorded,
     })
+}
+
+/// Locks the calls among `ids` that exist (in id order: two writers never deadlock) and
+/// returns (call_id, state, last_sequence) for each.
+async fn lock_calls(
+    tx: &mut sqlx::PgConnection,
+    ids: &[&str],
+) -> Result<Vec<(String, String, Option<i64>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT call_id, state, last_sequence FROM calls WHERE call_id = ANY($1) \
+         ORDER BY call_id FOR NO KEY UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(tx)
+    .await
 }
 
 /// Logs a structured warning when a packet is not the one after the highest seen so far.

@@ -79,6 +79,7 @@ pub async fn stream_packet(
     let data = packet.data.clone();
     let timestamp = packet.timestamp;
 
+    let started = tokio::time::Instant::now();
     let stored = app.writer.write(packet).await.map_err(|e| {
         metrics::counter!("switchboard_ingest_packets_total", "outcome" => outcome_label(&e))
             .increment(1);
@@ -107,6 +108,8 @@ pub async fn stream_packet(
             },
         }
     })?;
+    metrics::histogram!("switchboard_ingest_store_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
 
     // Published for duplicates too: the first attempt may have been stored but not
     // published. JetStream drops the copy by its Nats-Msg-Id.
@@ -118,6 +121,7 @@ pub async fn stream_packet(
         received_at: stored.received_at,
     };
     let payload = Bytes::from(serde_json::to_vec(&event).map_err(anyhow::Error::from)?);
+    let started = tokio::time::Instant::now();
     nats::publish(
         &app.publisher.js,
         app.publisher.subjects.packets(&call_id),
@@ -130,6 +134,8 @@ pub async fn stream_packet(
         dependency: "nats",
         detail: e.to_string(),
     })?;
+    metrics::histogram!("switchboard_ingest_publish_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
 
     let status = match stored.outcome {
         Outcome::Accepted => PacketStatus::Accepted,
