@@ -76,10 +76,35 @@ pub struct StatusEvent {
     pub last_error: Option<String>,
     pub transcript: Option<String>,
     pub sentiment: Option<Sentiment>,
+    /// While `PROCESSING_AI` after a retryable AI failure: when the next attempt is due.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub next_attempt_at: Option<OffsetDateTime>,
 }
 
 impl StatusEvent {
     pub fn msg_id(&self) -> String {
         format!("{}:{}", self.call_id, self.version)
+    }
+}
+
+/// A call the AI pipeline gave up on, on `<prefix>.dlq.transcribe.<call_id>`, kept in its own
+/// stream for operators (re-drive with `POST /v1/call/{call_id}/retry`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub call_id: CallId,
+    /// The work item's version (the call's version when it became `COMPLETED`).
+    pub work_version: i64,
+    pub attempts: i32,
+    pub last_error: String,
+    /// `true` when the provider refused the call for good; `false` when attempts ran out.
+    pub permanent: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: OffsetDateTime,
+}
+
+impl DeadLetter {
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}", self.call_id, self.work_version)
     }
 }

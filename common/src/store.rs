@@ -33,7 +33,7 @@ macro_rules! call_columns_sql {
         concat!(
             "call_id, state, version, packets_received, first_sequence, last_sequence, ",
             "total_packets, ai_attempts, transcript, sentiment_label, sentiment_score, last_error, ",
-            "created_at, updated_at, last_packet_at, completed_at, ",
+            "created_at, updated_at, last_packet_at, completed_at, next_attempt_at, ",
             "(SELECT COALESCE(sum(upper(r) - lower(r)), 0) FROM unnest(",
             $crate::missing_ranges_sql!(),
             ") AS r)::int8 AS missing_packets"
@@ -63,6 +63,7 @@ pub struct CallRow {
     pub updated_at: OffsetDateTime,
     pub last_packet_at: OffsetDateTime,
     pub completed_at: Option<OffsetDateTime>,
+    pub next_attempt_at: Option<OffsetDateTime>,
 }
 
 impl CallRow {
@@ -88,6 +89,7 @@ impl CallRow {
             last_error: self.last_error.clone(),
             transcript: self.transcript.clone(),
             sentiment: self.sentiment(),
+            next_attempt_at: self.next_attempt_at,
         }
     }
 }
@@ -118,6 +120,8 @@ pub struct Changes {
     pub last_error: Option<Option<String>>,
     pub transcript: Option<String>,
     pub sentiment: Option<Sentiment>,
+    /// `None` keeps `next_attempt_at`; `Some(None)` clears it; `Some(Some(t))` sets it.
+    pub next_attempt_at: Option<Option<OffsetDateTime>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -150,6 +154,31 @@ pub async fn transition(
     changes: Changes,
 ) -> Result<Option<Recorded>, TransitionError> {
     from.check_transition(to)?;
+    Ok(apply(conn, call_id, from, to, reason, changes).await?)
+}
+
+/// Records a change that keeps the call in `state` (e.g. a retry scheduled while
+/// `PROCESSING_AI`) as an event in its history with its own status event and `version`, so
+/// that consumers see it and never take it for a stale one. `None` if the call is not in
+/// `state`.
+pub async fn note(
+    conn: &mut PgConnection,
+    call_id: &CallId,
+    state: CallState,
+    reason: &str,
+    changes: Changes,
+) -> Result<Option<Recorded>, sqlx::Error> {
+    apply(conn, call_id, state, state, reason, changes).await
+}
+
+async fn apply(
+    conn: &mut PgConnection,
+    call_id: &CallId,
+    from: CallState,
+    to: CallState,
+    reason: &str,
+    changes: Changes,
+) -> Result<Option<Recorded>, sqlx::Error> {
     let attempts = match changes.attempts {
         Attempts::Keep => "keep",
         Attempts::Increment => "increment",
@@ -158,6 +187,10 @@ pub async fn transition(
     let (set_error, error) = match changes.last_error {
         None => (false, None),
         Some(e) => (true, e),
+    };
+    let (set_next, next_attempt_at) = match changes.next_attempt_at {
+        None => (false, None),
+        Some(t) => (true, t),
     };
     let (label, score) = match changes.sentiment {
         Some(s) => (Some(s.label), Some(s.score)),
@@ -172,7 +205,8 @@ pub async fn transition(
         "last_error = CASE WHEN $6 THEN $7 ELSE last_error END, ",
         "transcript = COALESCE($8, transcript), ",
         "sentiment_label = COALESCE($9, sentiment_label), ",
-        "sentiment_score = COALESCE($10, sentiment_score) ",
+        "sentiment_score = COALESCE($10, sentiment_score), ",
+        "next_attempt_at = CASE WHEN $11 THEN $12 ELSE next_attempt_at END ",
         "WHERE call_id = $1 AND state = $2 RETURNING ",
         call_columns_sql!()
     ))
@@ -186,6 +220,8 @@ pub async fn transition(
     .bind(changes.transcript)
     .bind(label)
     .bind(score)
+    .bind(set_next)
+    .bind(next_attempt_at)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(call) = row else {

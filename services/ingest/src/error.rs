@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 409 `call_not_in_progress`.
     #[error("call {call_id} is {state}, not IN_PROGRESS: it no longer takes packets")]
     CallNotInProgress { call_id: CallId, state: CallState },
+    /// 409 `call_not_failed`: only a `FAILED` call can be retried.
+    #[error("call {call_id} is {state}, not FAILED: only failed calls can be retried")]
+    CallNotFailed { call_id: CallId, state: CallState },
     /// 503 `service_unavailable`, with `Retry-After`: a dependency is down; retrying is safe.
     #[error("{dependency} is unavailable; retry shortly (retries are safe)")]
     Unavailable {
@@ -105,6 +108,7 @@ impl ApiError {
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::SequenceConflict { .. } => (StatusCode::CONFLICT, "sequence_conflict"),
             ApiError::CallNotInProgress { .. } => (StatusCode::CONFLICT, "call_not_in_progress"),
+            ApiError::CallNotFailed { .. } => (StatusCode::CONFLICT, "call_not_failed"),
             ApiError::Unavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable")
             }
@@ -142,7 +146,9 @@ impl IntoResponse for ApiError {
             body = body.with_field(field);
         }
         let mut response = body.into_response_with(status);
-        if let ApiError::CallNotInProgress { state, .. } = &self {
+        if let ApiError::CallNotInProgress { state, .. } | ApiError::CallNotFailed { state, .. } =
+            &self
+        {
             // Name the state in a header too, for clients that only look at headers.
             if let Ok(v) = HeaderValue::from_str(state.as_str()) {
                 response.headers_mut().insert("x-call-state", v);

@@ -1,5 +1,6 @@
-//! Moving a call through the states ingest owns (`IN_PROGRESS -> COMPLETED`), shared by the
-//! completion endpoint and the idle reaper.
+//! Moving a call through the states ingest owns: `IN_PROGRESS -> COMPLETED` (completion
+//! endpoint and idle reaper) and `FAILED -> COMPLETED` (operator retry). Both end with a work
+//! item for the transcriber.
 
 use common::{
     CallId, CallState,
@@ -13,6 +14,7 @@ use crate::error::ApiError;
 /// Why a call was completed, recorded in its history and status event.
 pub const COMPLETED_BY_PBX: &str = "completed_by_pbx";
 pub const IDLE_TIMEOUT: &str = "idle_timeout";
+pub const OPERATOR_RETRY: &str = "operator_retry";
 
 #[derive(Debug)]
 pub enum Completion {
@@ -87,22 +89,66 @@ pub async fn complete_call(
     };
     tx.commit().await.map_err(ApiError::database)?;
 
-    tracing::info!(call.id = %call_id, call.version = recorded.call.version, reason, "call completed");
+    announce_completed(publisher, &recorded, reason).await;
+    Ok(Completion::Completed(recorded.call))
+}
+
+/// `FAILED -> COMPLETED` with the attempt counter reset: the transcriber gets a new work item
+/// and the call a fresh round of attempts. `Err(state)` if the call is not `FAILED`.
+pub async fn retry_call(
+    publisher: &Publisher,
+    call_id: &CallId,
+) -> Result<Result<CallRow, CallState>, ApiError> {
+    let mut tx = publisher
+        .pool
+        .begin()
+        .await
+        .map_err(ApiError::database_connect)?;
+    let changes = Changes {
+        attempts: store::Attempts::Reset,
+        next_attempt_at: Some(None),
+        ..Changes::default()
+    };
+    let recorded = store::transition(
+        &mut tx,
+        call_id,
+        CallState::Failed,
+        CallState::Completed,
+        OPERATOR_RETRY,
+        changes,
+    )
+    .await
+    .map_err(|e| match e {
+        TransitionError::Database(e) => ApiError::database(e),
+        TransitionError::Illegal(e) => ApiError::Internal(e.into()),
+    })?;
+    let Some(recorded) = recorded else {
+        tx.rollback().await.map_err(ApiError::database)?;
+        return match already_done(publisher, call_id).await? {
+            Completion::AlreadyDone(row) | Completion::Completed(row) => Ok(Err(row.state)),
+        };
+    };
+    tx.commit().await.map_err(ApiError::database)?;
+    announce_completed(publisher, &recorded, OPERATOR_RETRY).await;
+    Ok(Ok(recorded.call))
+}
+
+/// Publishes the work item and the status event of a call that just became `COMPLETED`.
+/// What JetStream does not acknowledge now, the outbox relay publishes later.
+async fn announce_completed(publisher: &Publisher, recorded: &store::Recorded, reason: &str) {
+    let call = &recorded.call;
+    tracing::info!(call.id = %call.call_id, call.version = call.version, reason, "call completed");
     metrics::counter!("switchboard_ingest_calls_completed_total", "reason" => reason.to_owned())
         .increment(1);
     let item = WorkItem {
-        call_id: call_id.clone(),
-        version: recorded.call.version,
-        completed_at: recorded
-            .call
-            .completed_at
-            .unwrap_or(recorded.call.updated_at),
+        call_id: call.call_id.clone(),
+        version: call.version,
+        completed_at: call.completed_at.unwrap_or(call.updated_at),
     };
     tokio::join!(
         publisher.work_item(&item),
-        publisher.recorded(std::slice::from_ref(&recorded))
+        publisher.recorded(std::slice::from_ref(recorded))
     );
-    Ok(Completion::Completed(recorded.call))
 }
 
 async fn already_done(publisher: &Publisher, call_id: &CallId) -> Result<Completion, ApiError> {

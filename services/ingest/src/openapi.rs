@@ -15,6 +15,7 @@ use crate::routes::{calls, ops, packets};
     paths(
         packets::stream_packet,
         calls::complete_call,
+        calls::retry_call,
         calls::get_call,
         calls::list_calls,
         ops::readyz,

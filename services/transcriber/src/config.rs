@@ -1,15 +1,19 @@
-//! The transcriber's settings: environment variables first, laptop-friendly defaults.
+//! The transcriber's settings: environment variables first, laptop-friendly defaults,
+//! checked at start-up with messages that say what to set.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, ops::RangeInclusive, str::FromStr, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use common::config::CommonConfig;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "transcriber",
     version,
-    about = "Switchboard transcriber: transcribes and scores every completed call."
+    about = "Switchboard transcriber: transcribes and scores every completed call.",
+    long_about = "Switchboard transcriber: transcribes and sentiment-scores every completed \
+        call through an AI provider, retrying through JetStream redelivery. Every option can \
+        be set by the environment variable shown; RUST_LOG filters logs (default `info`)."
 )]
 pub struct TranscriberConfig {
     #[command(flatten)]
@@ -18,4 +22,231 @@ pub struct TranscriberConfig {
     /// Address of the health, readiness and metrics endpoints.
     #[arg(long, env = "TRANSCRIBER_ADDR", default_value = "0.0.0.0:8081")]
     pub addr: SocketAddr,
+
+    /// Calls transcribed at once by this process.
+    #[arg(long, env = "TRANSCRIBE_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+
+    /// Durable name of the JetStream consumer the replicas share.
+    #[arg(long, env = "TRANSCRIBE_CONSUMER", default_value = "transcriber")]
+    pub consumer: String,
+
+    /// Seconds JetStream waits for an acknowledgement before redelivering. A worker sends
+    /// progress while it works, so this only bounds how long a dead worker's call waits.
+    #[arg(long, env = "TRANSCRIBE_ACK_WAIT_SECS", default_value_t = 60)]
+    pub ack_wait_secs: u64,
+
+    /// Attempts before a call is marked FAILED and dead-lettered.
+    #[arg(long, env = "TRANSCRIBE_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: i32,
+
+    /// Delay before the retry after attempt n: BASE x 2^(n-1) ms, capped, +-20% jitter.
+    #[arg(long, env = "TRANSCRIBE_BACKOFF_BASE_MS", default_value_t = 1_000)]
+    pub backoff_base_ms: u64,
+
+    /// Cap of the retry delay, in milliseconds.
+    #[arg(long, env = "TRANSCRIBE_BACKOFF_MAX_MS", default_value_t = 60_000)]
+    pub backoff_max_ms: u64,
+
+    /// On SIGTERM, how long in-flight calls may finish before they are handed back.
+    #[arg(long, env = "TRANSCRIBE_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+
+    /// Unacknowledged work items the consumer allows across all replicas (calls waiting for
+    /// a retry count too).
+    #[arg(long, env = "TRANSCRIBE_MAX_ACK_PENDING", default_value_t = 20_000)]
+    pub max_ack_pending: i64,
+
+    #[command(flatten)]
+    pub ai: AiConfig,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AiConfig {
+    /// `simulated` (the flaky test API) or `openai` (any OpenAI-compatible speech-to-text).
+    #[arg(long, env = "AI_PROVIDER", value_enum, default_value_t = ProviderKind::Simulated)]
+    pub provider: ProviderKind,
+
+    /// Simulated provider: probability that a request fails with a retryable 503.
+    #[arg(long, env = "AI_FAILURE_RATE", default_value_t = 0.25)]
+    pub failure_rate: f64,
+
+    /// Simulated provider: latency of each request, uniform in MIN-MAX milliseconds.
+    #[arg(long, env = "AI_LATENCY_MS", default_value = "1000-3000")]
+    pub latency_ms: LatencyRange,
+
+    /// Simulated provider: seed for reproducible failures and latencies (random if unset).
+    #[arg(long, env = "AI_SEED")]
+    pub seed: Option<u64>,
+
+    /// `openai` provider: base URL; requests go to {AI_BASE_URL}/v1/audio/transcriptions.
+    #[arg(long, env = "AI_BASE_URL", default_value = "https://api.openai.com")]
+    pub base_url: String,
+
+    /// `openai` provider: model name.
+    #[arg(long, env = "AI_MODEL", default_value = "whisper-1")]
+    pub model: String,
+
+    /// `openai` provider: API key, sent as a bearer token (keep it in a secret).
+    #[arg(long, env = "AI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// `openai` provider: what packet `data` holds, base64-encoded.
+    #[arg(long, env = "AI_AUDIO_ENCODING", value_enum, default_value_t = AudioEncoding::Mulaw)]
+    pub audio_encoding: AudioEncoding,
+
+    /// `openai` provider: sample rate of the audio, in Hz.
+    #[arg(long, env = "AI_SAMPLE_RATE", default_value_t = 8_000)]
+    pub sample_rate: u32,
+
+    /// Bound on every provider request, in milliseconds.
+    #[arg(long, env = "AI_TIMEOUT_MS", default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    Simulated,
+    Openai,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AudioEncoding {
+    /// G.711 mu-law, 8 bits per sample.
+    Mulaw,
+    /// Signed 16-bit little-endian PCM.
+    Pcm16,
+}
+
+/// `MIN-MAX` milliseconds (or a single value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyRange(pub RangeInclusive<u64>);
+
+impl FromStr for LatencyRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{s:?} is not MIN-MAX milliseconds, e.g. 1000-3000"))
+        };
+        let (lo, hi) = match s.split_once('-') {
+            Some((lo, hi)) => (parse(lo)?, parse(hi)?),
+            None => (parse(s)?, parse(s)?),
+        };
+        if lo > hi {
+            return Err(format!(
+                "AI_LATENCY_MS {s:?} is the wrong way round: write MIN-MAX, e.g. {hi}-{lo}"
+            ));
+        }
+        Ok(LatencyRange(lo..=hi))
+    }
+}
+
+impl TranscriberConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.common.validate()?;
+        let ai = &self.ai;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&ai.failure_rate),
+            "AI_FAILURE_RATE must be between 0 and 1, got {}",
+            ai.failure_rate
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.concurrency),
+            "TRANSCRIBE_CONCURRENCY must be between 1 and 10000, got {}",
+            self.concurrency
+        );
+        anyhow::ensure!(
+            self.max_attempts >= 1,
+            "TRANSCRIBE_MAX_ATTEMPTS must be at least 1, got {}",
+            self.max_attempts
+        );
+        anyhow::ensure!(
+            self.backoff_base_ms >= 1 && self.backoff_base_ms <= self.backoff_max_ms,
+            "TRANSCRIBE_BACKOFF_BASE_MS ({}) must be at least 1 and at most TRANSCRIBE_BACKOFF_MAX_MS ({})",
+            self.backoff_base_ms,
+            self.backoff_max_ms
+        );
+        anyhow::ensure!(ai.timeout_ms >= 1, "AI_TIMEOUT_MS must be at least 1");
+        anyhow::ensure!(
+            self.ack_wait() > self.ai_timeout(),
+            "TRANSCRIBE_ACK_WAIT_SECS ({} s) must be longer than AI_TIMEOUT_MS ({} ms), or \
+             JetStream would redeliver calls whose AI request is still allowed to run",
+            self.ack_wait_secs,
+            ai.timeout_ms
+        );
+        anyhow::ensure!(
+            self.max_ack_pending >= self.concurrency as i64,
+            "TRANSCRIBE_MAX_ACK_PENDING must be at least TRANSCRIBE_CONCURRENCY"
+        );
+        anyhow::ensure!(
+            !self.consumer.is_empty(),
+            "TRANSCRIBE_CONSUMER must not be empty"
+        );
+        if ai.provider == ProviderKind::Openai {
+            anyhow::ensure!(
+                ai.base_url.starts_with("http://") || ai.base_url.starts_with("https://"),
+                "AI_BASE_URL must start with http:// or https://, got {:?}",
+                ai.base_url
+            );
+            anyhow::ensure!(
+                ai.sample_rate >= 1000,
+                "AI_SAMPLE_RATE must be at least 1000 Hz"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs)
+    }
+
+    pub fn ai_timeout(&self) -> Duration {
+        Duration::from_millis(self.ai.timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> anyhow::Result<TranscriberConfig> {
+        let mut all = vec!["transcriber"];
+        all.extend_from_slice(args);
+        let config = TranscriberConfig::try_parse_from(all)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.ai.latency_ms, LatencyRange(1000..=3000));
+        assert_eq!(c.ai.failure_rate, 0.25);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_message_naming_them() {
+        for (args, names) in [
+            (vec!["--failure-rate", "1.5"], "AI_FAILURE_RATE"),
+            (vec!["--ack-wait-secs", "10"], "TRANSCRIBE_ACK_WAIT_SECS"),
+            (vec!["--max-attempts", "0"], "TRANSCRIBE_MAX_ATTEMPTS"),
+            (
+                vec!["--backoff-base-ms", "90000"],
+                "TRANSCRIBE_BACKOFF_BASE_MS",
+            ),
+        ] {
+            let err = config(&args).unwrap_err().to_string();
+            assert!(err.contains(names), "{args:?}: {err}");
+        }
+        let err = config(&["--latency-ms", "3000-1000"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wrong way round"), "{err}");
+    }
 }

@@ -1,27 +1,41 @@
 //! # transcriber
 //!
 //! Gets every completed call transcribed and sentiment-scored by a slow, flaky AI provider,
-//! with retries driven by JetStream redelivery.
+//! with no human retrying anything. Retries are JetStream redeliveries (nak with a delay);
+//! the attempt counter in Postgres decides when to give up.
 //!
-//! Consumes: work items on `<prefix>.calls.completed.<call_id>` (durable pull consumer
-//! `transcriber`). Produces: call transitions in Postgres and status events.
-//!
-//! This crate is the skeleton the transcriber issue fills in: it connects, provisions the
-//! streams and serves `/healthz`, `/readyz` and `/metrics`.
+//! Consumes: work items on `<prefix>.calls.completed.<call_id>` through the durable pull
+//! consumer `TRANSCRIBE_CONSUMER` (default `transcriber`), shared by all replicas.
+//! Produces: `COMPLETED -> PROCESSING_AI -> ARCHIVED | FAILED` in Postgres, status events on
+//! `<prefix>.calls.status.<call_id>`, dead letters on `<prefix>.dlq.transcribe.<call_id>`.
 //!
 //! # Layout
-//! - [`config`]: settings (`--help` lists them).
+//! - [`config`]: settings (`--help` lists them), validated at start-up.
+//! - [`worker`]: pulling, one attempt per delivery, ack / nak-with-delay / term.
+//! - [`claims`]: the Postgres side: claim with a lease, record each attempt's end.
+//! - [`providers`]: `simulated` (the flaky test API) and `openai` (OpenAI-compatible STT).
+//! - [`backoff`]: the retry schedule. [`sentiment`]: VADER scores.
 
+pub mod backoff;
+pub mod claims;
 pub mod config;
+pub mod providers;
+pub mod sentiment;
+pub mod worker;
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use axum::{Router, extract::State, response::Response, routing::get};
-use common::{db, http, nats, subjects::Subjects};
+use common::{db, http, nats, outbox::Publisher, subjects::Subjects};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TranscriberConfig;
+use crate::{
+    backoff::Backoff, claims::Claims, config::TranscriberConfig, providers::Provider,
+    worker::Worker,
+};
 
 #[derive(Clone)]
 struct OpsState {
@@ -29,23 +43,48 @@ struct OpsState {
     nats: async_nats::Client,
 }
 
-/// A built transcriber: connected, bound, not yet running.
+/// A built transcriber: connected, consumer in place, bound, not yet pulling.
 pub struct App {
     listener: TcpListener,
     router: Router,
+    worker: Arc<Worker>,
 }
 
 impl App {
     pub async fn build(config: TranscriberConfig) -> anyhow::Result<App> {
-        config.common.validate()?;
+        config.validate()?;
         common::telemetry::prometheus();
         let c = &config.common;
         let pool = db::connect(&c.database_url, c.database_max_connections).await?;
+        db::migrate(&pool).await?;
         let client = nats::connect(&c.nats_url, "switchboard-transcriber").await?;
         let js = nats::jetstream(client.clone());
-        nats::ensure_streams(&js, &Subjects::new(c.prefix.clone()), &c.streams)
+        let subjects = Subjects::new(c.prefix.clone());
+        nats::ensure_streams(&js, &subjects, &c.streams)
             .await
             .context("provisioning JetStream streams")?;
+        let consumer = worker::ensure_consumer(&js, &subjects, &config).await?;
+        let provider = Arc::new(Provider::from_config(&config.ai)?);
+        let worker = Arc::new(Worker {
+            consumer,
+            claims: Claims {
+                pool: pool.clone(),
+                worker: worker_name(),
+                lease: config.ack_wait(),
+                max_attempts: config.max_attempts,
+            },
+            provider,
+            publisher: Publisher::new(js, subjects, pool.clone()),
+            backoff: Backoff {
+                base: std::time::Duration::from_millis(config.backoff_base_ms),
+                max: std::time::Duration::from_millis(config.backoff_max_ms),
+            },
+            max_attempts: config.max_attempts,
+            concurrency: config.concurrency,
+            ai_timeout: config.ai_timeout(),
+            progress_every: config.ack_wait() / 3,
+            shutdown_grace: config.shutdown_grace(),
+        });
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on {} (TRANSCRIBER_ADDR)", config.addr))?;
@@ -53,19 +92,48 @@ impl App {
             .route("/readyz", get(readyz))
             .merge(http::operational_routes())
             .with_state(OpsState { pool, nats: client });
-        Ok(App { listener, router })
+        tracing::info!(
+            provider = worker.provider.name(),
+            concurrency = config.concurrency,
+            max_attempts = config.max_attempts,
+            "transcriber ready"
+        );
+        Ok(App {
+            listener,
+            router,
+            worker,
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.listener.local_addr().expect("bound").port()
     }
 
+    /// The provider in use (tests count its requests).
+    pub fn provider(&self) -> Arc<Provider> {
+        self.worker.provider.clone()
+    }
+
+    /// Pulls and serves until `shutdown` fires, then drains as [`Worker::run`] describes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "transcriber listening");
-        http::serve(self.listener, self.router, shutdown)
-            .await
-            .context("serving HTTP")
+        let worker = tokio::spawn(self.worker.clone().run(shutdown.clone()));
+        let served = http::serve(self.listener, self.router, shutdown).await;
+        worker.await.context("worker task")??;
+        tracing::info!("transcriber stopped");
+        served.context("serving HTTP")
     }
+}
+
+/// `<hostname>-<pid>`: names this process in the attempts table.
+fn worker_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "transcriber".into());
+    format!("{host}-{}", std::process::id())
 }
 
 async fn readyz(State(state): State<OpsState>) -> Response {

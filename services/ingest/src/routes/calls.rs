@@ -52,6 +52,10 @@ pub struct CallSummary {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub completed_at: Option<OffsetDateTime>,
+    /// While the AI is being retried: when the next attempt is due.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub next_attempt_at: Option<OffsetDateTime>,
 }
 
 impl From<CallRow> for CallSummary {
@@ -73,6 +77,7 @@ impl From<CallRow> for CallSummary {
             updated_at: row.updated_at,
             last_packet_at: row.last_packet_at,
             completed_at: row.completed_at,
+            next_attempt_at: row.next_attempt_at,
         }
     }
 }
@@ -197,6 +202,26 @@ pub async fn complete_call(
         changed,
         call: row.into(),
     }))
+}
+
+/// Re-drive a failed call: `FAILED -> COMPLETED`, attempts reset, a new work item.
+#[utoipa::path(post, path = "/v1/call/{call_id}/retry", tag = "calls",
+    params(("call_id" = String, Path)),
+    responses(
+        (status = 200, body = CallSummary),
+        (status = 400, body = common::http::ErrorBody),
+        (status = 404, description = "`call_not_found`", body = common::http::ErrorBody),
+        (status = 409, description = "`call_not_failed`", body = common::http::ErrorBody),
+        (status = 503, body = common::http::ErrorBody),
+    ))]
+pub async fn retry_call(
+    State(app): State<AppState>,
+    CallIdPath(call_id): CallIdPath,
+) -> Result<Json<CallSummary>, ApiError> {
+    match lifecycle::retry_call(&app.publisher, &call_id).await? {
+        Ok(row) => Ok(Json(row.into())),
+        Err(state) => Err(ApiError::CallNotFailed { call_id, state }),
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/call/stream/", post(packets::empty_call_id))
         .route("/v1/call/{call_id}", get(calls::get_call))
         .route("/v1/call/{call_id}/complete", post(calls::complete_call))
+        .route("/v1/call/{call_id}/retry", post(calls::retry_call))
         .route("/v1/calls", get(calls::list_calls))
         .route("/readyz", get(ops::readyz))
         .route_layer(middleware::from_fn(record_metrics));

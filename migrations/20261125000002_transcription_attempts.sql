@@ -1,0 +1,24 @@
+-- The transcriber's bookkeeping: who holds a call's AI work right now, when the next try is
+-- due, and one row per attempt (the attempt counter in calls is the authority; these rows are
+-- its history, with timings and errors).
+
+ALTER TABLE calls
+    -- While in the future, a transcriber is working on the call; a redelivery that finds it
+    -- held waits. Cleared when the attempt ends; expires if the worker dies.
+    ADD COLUMN ai_lease_until TIMESTAMPTZ,
+    -- When the next AI attempt is due after a retryable failure.
+    ADD COLUMN next_attempt_at TIMESTAMPTZ;
+
+CREATE TABLE transcription_attempts (
+    call_id         TEXT NOT NULL REFERENCES calls (call_id) ON DELETE CASCADE,
+    -- The call's version when it became COMPLETED: an operator retry starts a new round.
+    work_version    BIGINT NOT NULL,
+    attempt         INTEGER NOT NULL CHECK (attempt >= 1),
+    worker          TEXT NOT NULL,
+    started_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at     TIMESTAMPTZ,
+    outcome         TEXT CHECK (outcome IN ('succeeded', 'retry', 'failed', 'abandoned')),
+    error           TEXT,
+    next_attempt_at TIMESTAMPTZ,
+    PRIMARY KEY (call_id, work_version, attempt)
+);

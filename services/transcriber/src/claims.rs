@@ -1,0 +1,339 @@
+//! The transcriber's side of a call in Postgres: claiming it, holding it while the AI works,
+//! and recording how each attempt ended. Every state change goes through
+//! `common::store` (compare-and-set + history + status event).
+//!
+//! Who holds a call is a lease (`calls.ai_lease_until`): set at the claim, renewed with every
+//! progress acknowledgement, cleared when the attempt ends. A second delivery of the same work
+//! (a duplicate message, or a redelivery racing a slow worker) finds the lease and waits
+//! instead of sending a second AI request; a dead worker's lease simply expires, and the
+//! redelivery takes the call over.
+
+use std::time::Duration;
+
+use common::{
+    CallState,
+    events::{Sentiment, WorkItem},
+    store::{self, Attempts, Changes, Recorded, TransitionError},
+};
+use sqlx::{PgConnection, PgPool};
+use time::OffsetDateTime;
+
+use crate::providers::CallAudio;
+
+pub const CLAIMED: &str = "ai_claimed";
+pub const RETRY_SCHEDULED: &str = "ai_retry_scheduled";
+pub const SUCCEEDED: &str = "ai_succeeded";
+pub const GAVE_UP: &str = "ai_gave_up";
+pub const PERMANENT_ERROR: &str = "ai_permanent_error";
+
+#[derive(Debug)]
+pub enum Claim {
+    /// Ours: this is attempt `attempt`. `recorded` is the `COMPLETED -> PROCESSING_AI`
+    /// transition when this claim made it (its status event is still to publish).
+    Claimed {
+        attempt: i32,
+        recorded: Option<Recorded>,
+    },
+    /// Already `ARCHIVED` or `FAILED` (or not finished streaming): a duplicate, skip it.
+    Skip(CallState),
+    /// Another worker holds the call; look again after this long.
+    Busy { retry_in: Duration },
+    /// No attempts left (an earlier give-up did not finish): give up now.
+    Exhausted { attempts: i32, last_error: String },
+    /// No such call.
+    Unknown,
+}
+
+#[derive(Clone)]
+pub struct Claims {
+    pub pool: PgPool,
+    /// Names this process in the attempts table.
+    pub worker: String,
+    /// How long a claim holds without renewal (the consumer's ack wait).
+    pub lease: Duration,
+    pub max_attempts: i32,
+}
+
+impl Claims {
+    pub async fn claim(&self, item: &WorkItem) -> Result<Claim, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(String, i32, Option<f64>, Option<String>)> = sqlx::query_as(
+            "SELECT state, ai_attempts, \
+                    (EXTRACT(EPOCH FROM (ai_lease_until - now())) * 1000)::float8, last_error \
+             FROM calls WHERE call_id = $1 FOR UPDATE",
+        )
+        .bind(item.call_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, attempts, lease_left_ms, last_error)) = row else {
+            return Ok(Claim::Unknown);
+        };
+        let state: CallState = state
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        let (attempt, recorded) = match state {
+            CallState::Archived | CallState::Failed | CallState::InProgress => {
+                return Ok(Claim::Skip(state));
+            }
+            CallState::Completed => {
+                let changes = Changes {
+                    attempts: Attempts::Increment,
+                    next_attempt_at: Some(None),
+                    ..Changes::default()
+                };
+                let recorded = store::transition(
+                    &mut tx,
+                    &item.call_id,
+                    CallState::Completed,
+                    CallState::ProcessingAi,
+                    CLAIMED,
+                    changes,
+                )
+                .await
+                .map_err(into_sqlx)?
+                .expect("the row is locked in COMPLETED");
+                (recorded.call.ai_attempts, Some(recorded))
+            }
+            CallState::ProcessingAi => {
+                if let Some(ms) = lease_left_ms.filter(|ms| *ms > 0.0) {
+                    // A little past the lease, so the next look finds it expired.
+                    let retry_in = Duration::from_millis(ms as u64 + 250);
+                    return Ok(Claim::Busy { retry_in });
+                }
+                if attempts >= self.max_attempts {
+                    return Ok(Claim::Exhausted {
+                        attempts,
+                        last_error: last_error.unwrap_or_else(|| "attempts exhausted".into()),
+                    });
+                }
+                let attempt: i32 = sqlx::query_scalar(
+                    "UPDATE calls SET ai_attempts = ai_attempts + 1, next_attempt_at = NULL \
+                     WHERE call_id = $1 RETURNING ai_attempts",
+                )
+                .bind(item.call_id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+                (attempt, None)
+            }
+        };
+        sqlx::query(
+            "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) WHERE call_id = $1",
+        )
+        .bind(item.call_id.as_str())
+        .bind(self.lease.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO transcription_attempts (call_id, work_version, attempt, worker) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (call_id, work_version, attempt) DO UPDATE SET worker = $4, \
+                started_at = now(), finished_at = NULL, outcome = NULL, error = NULL, \
+                next_attempt_at = NULL",
+        )
+        .bind(item.call_id.as_str())
+        .bind(item.version)
+        .bind(attempt)
+        .bind(&self.worker)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed { attempt, recorded })
+    }
+
+    /// The call's packets in order, and how many it should have.
+    pub async fn load_audio(&self, item: &WorkItem) -> Result<CallAudio, sqlx::Error> {
+        let packets: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT sequence, data FROM packets WHERE call_id = $1 ORDER BY sequence",
+        )
+        .bind(item.call_id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let expected: Option<i64> = sqlx::query_scalar(
+            "SELECT GREATEST(COALESCE(total_packets, 0), COALESCE(last_sequence + 1, 0)) \
+             FROM calls WHERE call_id = $1",
+        )
+        .bind(item.call_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(CallAudio {
+            packets,
+            expected: expected.unwrap_or(0),
+        })
+    }
+
+    /// Extends the lease while the AI works.
+    pub async fn renew(&self, item: &WorkItem) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) \
+             WHERE call_id = $1 AND state = 'PROCESSING_AI'",
+        )
+        .bind(item.call_id.as_str())
+        .bind(self.lease.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `PROCESSING_AI -> ARCHIVED` with the results.
+    pub async fn archive(
+        &self,
+        item: &WorkItem,
+        attempt: i32,
+        transcript: String,
+        sentiment: Sentiment,
+    ) -> Result<Option<Recorded>, sqlx::Error> {
+        let changes = Changes {
+            transcript: Some(transcript),
+            sentiment: Some(sentiment),
+            last_error: Some(None),
+            next_attempt_at: Some(None),
+            ..Changes::default()
+        };
+        let end = End {
+            outcome: "succeeded",
+            error: None,
+            next_attempt_at: None,
+        };
+        self.finish(item, attempt, end, CallState::Archived, SUCCEEDED, changes)
+            .await
+    }
+
+    /// Stays `PROCESSING_AI`, with the error and when the next attempt is due.
+    pub async fn schedule_retry(
+        &self,
+        item: &WorkItem,
+        attempt: i32,
+        error: &str,
+        delay: Duration,
+    ) -> Result<Option<Recorded>, sqlx::Error> {
+        let next = OffsetDateTime::now_utc() + delay;
+        let changes = Changes {
+            last_error: Some(Some(error.to_owned())),
+            next_attempt_at: Some(Some(next)),
+            ..Changes::default()
+        };
+        let end = End {
+            outcome: "retry",
+            error: Some(error),
+            next_attempt_at: Some(next),
+        };
+        self.finish(
+            item,
+            attempt,
+            end,
+            CallState::ProcessingAi,
+            RETRY_SCHEDULED,
+            changes,
+        )
+        .await
+    }
+
+    /// `PROCESSING_AI -> FAILED` with the last error.
+    pub async fn fail(
+        &self,
+        item: &WorkItem,
+        attempt: i32,
+        error: &str,
+        permanent: bool,
+    ) -> Result<Option<Recorded>, sqlx::Error> {
+        let changes = Changes {
+            last_error: Some(Some(error.to_owned())),
+            next_attempt_at: Some(None),
+            ..Changes::default()
+        };
+        let reason = if permanent { PERMANENT_ERROR } else { GAVE_UP };
+        let end = End {
+            outcome: "failed",
+            error: Some(error),
+            next_attempt_at: None,
+        };
+        self.finish(item, attempt, end, CallState::Failed, reason, changes)
+            .await
+    }
+
+    /// Hands an unfinished attempt back (shutdown): it does not count, the lease is cleared
+    /// so the redelivery can start at once.
+    pub async fn abandon(&self, item: &WorkItem, attempt: i32) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE calls SET ai_attempts = GREATEST(ai_attempts - 1, 0), ai_lease_until = NULL \
+             WHERE call_id = $1 AND state = 'PROCESSING_AI'",
+        )
+        .bind(item.call_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let end = End {
+            outcome: "abandoned",
+            error: None,
+            next_attempt_at: None,
+        };
+        end_attempt(&mut tx, item, attempt, &end).await?;
+        tx.commit().await
+    }
+
+    /// Moves the call from `PROCESSING_AI` to `to` (or records an event in place when `to`
+    /// is `PROCESSING_AI`), closes the attempt and releases the lease, in one transaction.
+    async fn finish(
+        &self,
+        item: &WorkItem,
+        attempt: i32,
+        end: End<'_>,
+        to: CallState,
+        reason: &str,
+        changes: Changes,
+    ) -> Result<Option<Recorded>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let from = CallState::ProcessingAi;
+        let recorded = if to == from {
+            store::note(&mut tx, &item.call_id, from, reason, changes).await?
+        } else {
+            store::transition(&mut tx, &item.call_id, from, to, reason, changes)
+                .await
+                .map_err(into_sqlx)?
+        };
+        sqlx::query("UPDATE calls SET ai_lease_until = NULL WHERE call_id = $1")
+            .bind(item.call_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        end_attempt(&mut tx, item, attempt, &end).await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+}
+
+/// How an attempt ended, for its row in `transcription_attempts`.
+struct End<'a> {
+    outcome: &'static str,
+    error: Option<&'a str>,
+    next_attempt_at: Option<OffsetDateTime>,
+}
+
+async fn end_attempt(
+    tx: &mut PgConnection,
+    item: &WorkItem,
+    attempt: i32,
+    end: &End<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE transcription_attempts SET finished_at = now(), outcome = $4, error = $5, \
+             next_attempt_at = $6 \
+         WHERE call_id = $1 AND work_version = $2 AND attempt = $3",
+    )
+    .bind(item.call_id.as_str())
+    .bind(item.version)
+    .bind(attempt)
+    .bind(end.outcome)
+    .bind(end.error)
+    .bind(end.next_attempt_at)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+fn into_sqlx(e: TransitionError) -> sqlx::Error {
+    match e {
+        TransitionError::Database(e) => e,
+        // The transitions used here are all allowed; reaching this is a bug in this module.
+        TransitionError::Illegal(e) => sqlx::Error::Protocol(e.to_string()),
+    }
+}

@@ -1,0 +1,459 @@
+//! The JetStream side: pulling work items, running one attempt per delivery, and answering
+//! JetStream with the outcome. Retries are redeliveries: a failed attempt naks its message
+//! with the backoff delay and JetStream brings it back; nothing sleeps inside a delivery.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, PullConsumer, pull},
+};
+use bytes::Bytes;
+use common::{
+    events::{DeadLetter, WorkItem},
+    nats,
+    outbox::Publisher,
+    subjects::{StreamKind, Subjects},
+};
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    backoff::Backoff,
+    claims::{Claim, Claims},
+    config::TranscriberConfig,
+    providers::{Provider, ProviderError},
+    sentiment,
+};
+
+/// How long to wait before looking again when our own infrastructure (Postgres, NATS)
+/// failed mid-delivery. Not an AI attempt: the counter does not move.
+const INFRA_RETRY: Duration = Duration::from_secs(5);
+
+/// How long one pull request waits for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// What JetStream is told about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done with it (success, or a duplicate of finished work).
+    Ack,
+    /// Bring it back after this delay (`None`: at once).
+    Retry(Option<Duration>),
+    /// Never deliver it again (the call was dead-lettered, or the message is unusable).
+    Term,
+}
+
+pub struct Worker {
+    pub consumer: PullConsumer,
+    pub claims: Claims,
+    pub provider: Arc<Provider>,
+    pub publisher: Publisher,
+    pub backoff: Backoff,
+    pub max_attempts: i32,
+    pub concurrency: usize,
+    pub ai_timeout: Duration,
+    /// How often a worker tells JetStream (and Postgres) it is still on a call.
+    pub progress_every: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Creates the durable consumer, or updates it so that changed settings take effect.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    config: &TranscriberConfig,
+) -> anyhow::Result<PullConsumer> {
+    let stream = js
+        .get_stream(subjects.stream_name(StreamKind::Work))
+        .await
+        .context("looking up the work stream")?;
+    let consumer_config = pull::Config {
+        durable_name: Some(config.consumer.clone()),
+        description: Some("Switchboard transcriber: completed calls to transcribe".into()),
+        filter_subject: subjects.stream_subjects(StreamKind::Work),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: config.ack_wait(),
+        // The attempt counter in Postgres decides when to give up, not the delivery count.
+        max_deliver: -1,
+        max_ack_pending: config.max_ack_pending,
+        ..Default::default()
+    };
+    // nats-server 2.9 treats a create with a changed (editable) configuration as an update.
+    stream
+        .create_consumer(consumer_config)
+        .await
+        .with_context(|| format!("creating or updating consumer {}", config.consumer))
+}
+
+impl Worker {
+    /// Pulls and processes work until `shutdown` fires; then stops pulling, lets in-flight
+    /// calls finish for `shutdown_grace`, and hands the rest back to JetStream.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let tasks = TaskTracker::new();
+        // Fired when the grace period is over: unfinished attempts are handed back.
+        let hand_back = CancellationToken::new();
+        'pull: loop {
+            // Pull only as many messages as there are free slots, so every message pulled
+            // starts at once (none waits out its ack wait in a local queue).
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+            };
+            let mut permits = vec![first];
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            let batch = self
+                .consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "pull request failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'pull,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    next = batch.next() => next,
+                };
+                match next {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error.message = %e, "pull batch error");
+                        break;
+                    }
+                    Some(Ok(message)) => {
+                        let permit = permits.pop().expect("one permit per message pulled");
+                        let worker = self.clone();
+                        let hand_back = hand_back.clone();
+                        tasks.spawn(async move {
+                            worker.deliver(message, hand_back).await;
+                            drop(permit);
+                        });
+                    }
+                }
+            }
+        }
+        tasks.close();
+        tracing::info!(
+            in_flight = tasks.len(),
+            "transcriber stopping: no more pulls"
+        );
+        if tokio::time::timeout(self.shutdown_grace, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = tasks.len(),
+                "grace period over; handing unfinished calls back to JetStream"
+            );
+            hand_back.cancel();
+            tasks.wait().await;
+        }
+        Ok(())
+    }
+
+    /// One delivery, in its own span, answered to JetStream.
+    async fn deliver(&self, message: jetstream::Message, hand_back: CancellationToken) {
+        let (delivered, stream_sequence) = message
+            .info()
+            .map(|i| (i.delivered, i.stream_sequence))
+            .unwrap_or_default();
+        let call_id = message
+            .subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let span = tracing::info_span!(
+            "delivery",
+            call.id = %call_id,
+            delivery.attempt = delivered,
+            stream.sequence = stream_sequence,
+            ai.attempt = tracing::field::Empty,
+        );
+        async {
+            let outcome = self.process(&message, &hand_back).await;
+            let kind = match outcome {
+                Outcome::Ack => AckKind::Ack,
+                Outcome::Retry(delay) => AckKind::Nak(delay),
+                Outcome::Term => AckKind::Term,
+            };
+            if let Err(e) = message.ack_with(kind).await {
+                // JetStream will redeliver after the ack wait; the claim logic copes.
+                tracing::warn!(error.message = %e, ?outcome, "cannot answer JetStream");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    pub async fn process(
+        &self,
+        message: &jetstream::Message,
+        hand_back: &CancellationToken,
+    ) -> Outcome {
+        let item: WorkItem = match serde_json::from_slice(&message.payload) {
+            Ok(item) => item,
+            Err(e) => {
+                tracing::error!(error.message = %e, "unreadable work item; terminating it");
+                return Outcome::Term;
+            }
+        };
+        let claim = match self.claims.claim(&item).await {
+            Ok(claim) => claim,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot claim the call; will look again");
+                return Outcome::Retry(Some(INFRA_RETRY));
+            }
+        };
+        match claim {
+            Claim::Unknown => {
+                tracing::error!("work item for a call that does not exist; terminating it");
+                Outcome::Term
+            }
+            Claim::Skip(state) => {
+                tracing::info!(call.state = %state, "call already handled; skipping duplicate work item");
+                metrics::counter!("switchboard_transcriber_duplicates_total").increment(1);
+                Outcome::Ack
+            }
+            Claim::Busy { retry_in } => {
+                tracing::info!(
+                    retry_in_ms = retry_in.as_millis() as u64,
+                    "call held by another worker"
+                );
+                Outcome::Retry(Some(retry_in))
+            }
+            Claim::Exhausted {
+                attempts,
+                last_error,
+            } => self.give_up(&item, attempts, &last_error, false).await,
+            Claim::Claimed { attempt, recorded } => {
+                tracing::Span::current().record("ai.attempt", attempt);
+                if let Some(recorded) = recorded {
+                    self.publisher
+                        .recorded(std::slice::from_ref(&recorded))
+                        .await;
+                }
+                self.attempt(message, &item, attempt, hand_back).await
+            }
+        }
+    }
+
+    /// One AI attempt on a claimed call.
+    async fn attempt(
+        &self,
+        message: &jetstream::Message,
+        item: &WorkItem,
+        attempt: i32,
+        hand_back: &CancellationToken,
+    ) -> Outcome {
+        metrics::counter!("switchboard_transcriber_attempts_total").increment(1);
+        let audio = match self.claims.load_audio(item).await {
+            Ok(audio) => audio,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot load the call's packets");
+                return self.hand_back(item, attempt, Some(INFRA_RETRY)).await;
+            }
+        };
+        let in_flight = metrics::gauge!("switchboard_transcriber_calls_in_flight");
+        in_flight.increment(1.0);
+        let started = Instant::now();
+        let request = async {
+            tokio::time::timeout(self.ai_timeout, self.provider.transcribe(&audio))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProviderError::Retryable {
+                        message: format!("timed out after {} ms", self.ai_timeout.as_millis()),
+                        retry_after: None,
+                    })
+                })
+        };
+        let result = tokio::select! {
+            result = self.with_progress(message, item, request) => Some(result),
+            _ = hand_back.cancelled() => None,
+        };
+        in_flight.decrement(1.0);
+        metrics::histogram!("switchboard_transcriber_ai_latency_seconds", "provider" => self.provider.name())
+            .record(started.elapsed().as_secs_f64());
+
+        match result {
+            None => self.hand_back(item, attempt, None).await,
+            Some(Ok(transcript)) => self.succeed(item, attempt, transcript).await,
+            Some(Err(ProviderError::Permanent(error))) => {
+                tracing::warn!(error.message = %error, "permanent AI error");
+                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "permanent")
+                    .increment(1);
+                self.give_up(item, attempt, &error, true).await
+            }
+            Some(Err(ProviderError::Retryable { message, .. })) if attempt >= self.max_attempts => {
+                tracing::warn!(error.message = %message, attempt, "AI failed; no attempts left");
+                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "retryable")
+                    .increment(1);
+                self.give_up(item, attempt, &message, false).await
+            }
+            Some(Err(ProviderError::Retryable {
+                message,
+                retry_after,
+            })) => {
+                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "retryable")
+                    .increment(1);
+                let scheduled = self.backoff.delay(attempt, &mut rand::rng());
+                let delay = retry_after.map_or(scheduled, |hint| hint.max(scheduled));
+                tracing::info!(
+                    error.message = %message, attempt, retry_in_ms = delay.as_millis() as u64,
+                    "AI failed; retrying by redelivery"
+                );
+                match self
+                    .claims
+                    .schedule_retry(item, attempt, &message, delay)
+                    .await
+                {
+                    Ok(recorded) => {
+                        if let Some(recorded) = recorded {
+                            self.publisher
+                                .recorded(std::slice::from_ref(&recorded))
+                                .await;
+                        }
+                        metrics::counter!("switchboard_transcriber_retries_total").increment(1);
+                        Outcome::Retry(Some(delay))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error.message = %e, "cannot record the retry");
+                        self.hand_back(item, attempt, Some(INFRA_RETRY)).await
+                    }
+                }
+            }
+        }
+    }
+
+    async fn succeed(&self, item: &WorkItem, attempt: i32, transcript: String) -> Outcome {
+        let sentiment = sentiment::analyse(&transcript);
+        match self
+            .claims
+            .archive(item, attempt, transcript, sentiment)
+            .await
+        {
+            Ok(recorded) => {
+                if let Some(recorded) = recorded {
+                    self.publisher
+                        .recorded(std::slice::from_ref(&recorded))
+                        .await;
+                }
+                tracing::info!(attempt, "call archived");
+                metrics::counter!("switchboard_transcriber_successes_total").increment(1);
+                Outcome::Ack
+            }
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot store the transcript; will retry");
+                self.hand_back(item, attempt, Some(INFRA_RETRY)).await
+            }
+        }
+    }
+
+    /// Dead letter first, then `FAILED`, then (only then) terminate the message. If any step
+    /// fails the message comes back and, attempts being exhausted, lands here again.
+    async fn give_up(
+        &self,
+        item: &WorkItem,
+        attempts: i32,
+        error: &str,
+        permanent: bool,
+    ) -> Outcome {
+        let letter = DeadLetter {
+            call_id: item.call_id.clone(),
+            work_version: item.version,
+            attempts,
+            last_error: error.to_owned(),
+            permanent,
+            failed_at: OffsetDateTime::now_utc(),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&letter).expect("serializable"));
+        let subject = self.publisher.subjects.dlq_transcribe(&item.call_id);
+        if let Err(e) =
+            nats::publish(&self.publisher.js, subject, &letter.msg_id(), payload, None).await
+        {
+            tracing::warn!(error.message = %e, "cannot publish the dead letter; will retry");
+            self.release(item).await;
+            return Outcome::Retry(Some(INFRA_RETRY));
+        }
+        metrics::counter!("switchboard_transcriber_dead_letters_total").increment(1);
+        match self.claims.fail(item, attempts, error, permanent).await {
+            Ok(recorded) => {
+                if let Some(recorded) = recorded {
+                    self.publisher
+                        .recorded(std::slice::from_ref(&recorded))
+                        .await;
+                }
+                tracing::warn!(attempts, permanent, error.message = %error, "call FAILED and dead-lettered");
+                Outcome::Term
+            }
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot mark the call FAILED; will retry");
+                self.release(item).await;
+                Outcome::Retry(Some(INFRA_RETRY))
+            }
+        }
+    }
+
+    /// Hands the attempt back uncounted, for redelivery after `delay`: at once on shutdown,
+    /// after a short wait when our own infrastructure failed.
+    async fn hand_back(&self, item: &WorkItem, attempt: i32, delay: Option<Duration>) -> Outcome {
+        if let Err(e) = self.claims.abandon(item, attempt).await {
+            tracing::warn!(error.message = %e, "cannot hand the attempt back; its lease will expire");
+            return Outcome::Retry(Some(INFRA_RETRY));
+        }
+        Outcome::Retry(delay)
+    }
+
+    async fn release(&self, item: &WorkItem) {
+        let result = sqlx::query("UPDATE calls SET ai_lease_until = NULL WHERE call_id = $1")
+            .bind(item.call_id.as_str())
+            .execute(&self.claims.pool)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error.message = %e, "cannot release the lease; it will expire");
+        }
+    }
+
+    /// Runs `work`, telling JetStream and Postgres every `progress_every` that this worker
+    /// is still on the call, so a long AI request is not redelivered while it runs.
+    async fn with_progress<T>(
+        &self,
+        message: &jetstream::Message,
+        item: &WorkItem,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let mut work = std::pin::pin!(work);
+        let mut tick =
+            tokio::time::interval_at(Instant::now() + self.progress_every, self.progress_every);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                        tracing::warn!(error.message = %e, "cannot send progress");
+                    }
+                    if let Err(e) = self.claims.renew(item).await {
+                        tracing::warn!(error.message = %e, "cannot renew the lease");
+                    }
+                }
+            }
+        }
+    }
+}
