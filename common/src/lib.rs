@@ -17,6 +17,7 @@
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
 //! - [`outbox`]: publishes the events the database has recorded, now and after outages.
 //! - [`http`]: the error body, health/readiness/metrics routes and graceful serving.
+//! - [`tls`]: the rustls crypto provider for outgoing HTTPS.
 //! - `testing` (feature `testing`): a throwaway database and NATS prefix per test.
 
 pub mod call_id;
@@ -33,6 +34,7 @@ pub mod subjects;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 
 pub use call_id::CallId;
 pub use call_state::CallState;

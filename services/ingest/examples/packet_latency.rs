@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let requests: usize = args.next().map_or(Ok(5000), |s| s.parse())?;
     let concurrency: usize = args.next().map_or(Ok(1), |s| s.parse())?;
+    common::tls::install_crypto_provider();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;

@@ -32,7 +32,7 @@ pub enum Claim {
     /// transition when this claim made it (its status event is still to publish).
     Claimed {
         attempt: i32,
-        recorded: Option<Recorded>,
+        recorded: Option<Box<Recorded>>,
     },
     /// Already `ARCHIVED` or `FAILED` (or not finished streaming): a duplicate, skip it.
     Skip(CallState),
@@ -92,7 +92,7 @@ impl Claims {
                 .await
                 .map_err(into_sqlx)?
                 .expect("the row is locked in COMPLETED");
-                (recorded.call.ai_attempts, Some(recorded))
+                (recorded.call.ai_attempts, Some(Box::new(recorded)))
             }
             CallState::ProcessingAi => {
                 if let Some(ms) = lease_left_ms.filter(|ms| *ms > 0.0) {

@@ -41,7 +41,7 @@ mod tests {
             analyse("This is terrible. I am furious and I hate waiting, worst service ever.");
         assert_eq!(angry.label, "negative");
         assert!(angry.score < -0.5);
-        let flat = analyse("I would like to change the address on my account.");
+        let flat = analyse("I need to update my billing address.");
         assert_eq!(flat.label, "neutral");
         assert_eq!(analyse("").label, "neutral");
     }

@@ -33,7 +33,10 @@ pub async fn spawn_app_with(env: TestEnv, customize: impl FnOnce(&mut IngestConf
     TestApp {
         env,
         address,
-        client: reqwest::Client::new(),
+        client: {
+            common::tls::install_crypto_provider();
+            reqwest::Client::new()
+        },
         shutdown,
         server: Some(server),
     }

@@ -49,7 +49,7 @@ fn decode(bytes: &[u8], encoding: AudioEncoding) -> Result<Vec<i16>, String> {
     match encoding {
         AudioEncoding::Mulaw => Ok(bytes.iter().map(|&b| mulaw_to_linear(b)).collect()),
         AudioEncoding::Pcm16 => {
-            if bytes.len() % 2 != 0 {
+            if !bytes.len().is_multiple_of(2) {
                 return Err(format!(
                     "a pcm16 packet has an odd number of bytes ({})",
                     bytes.len()

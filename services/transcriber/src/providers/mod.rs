@@ -64,14 +64,14 @@ impl ProviderError {
 /// The configured provider. An enum rather than a trait object: there are two, and `match`
 /// keeps the calls plain `async fn`s.
 pub enum Provider {
-    Simulated(simulated::Simulated),
+    Simulated(Box<simulated::Simulated>),
     OpenAi(openai::OpenAi),
 }
 
 impl Provider {
     pub fn from_config(ai: &AiConfig) -> anyhow::Result<Self> {
         Ok(match ai.provider {
-            ProviderKind::Simulated => Provider::Simulated(simulated::Simulated::new(ai)),
+            ProviderKind::Simulated => Provider::Simulated(Box::new(simulated::Simulated::new(ai))),
             ProviderKind::Openai => Provider::OpenAi(openai::OpenAi::new(ai)?),
         })
     }

@@ -32,9 +32,7 @@ struct Transcription {
 
 impl OpenAi {
     pub fn new(ai: &AiConfig) -> anyhow::Result<Self> {
-        // reqwest is built without a default TLS crypto provider; use ring, like async-nats.
-        // Fails only if one is installed already, which is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        common::tls::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(ai.timeout_ms))
             .connect_timeout(Duration::from_millis(ai.timeout_ms.min(10_000)))

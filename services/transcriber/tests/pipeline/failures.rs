@@ -1,0 +1,173 @@
+use std::time::Duration;
+
+use common::{CallState, subjects::StreamKind, testing::eventually};
+use futures::future::join_all;
+use time::OffsetDateTime;
+
+use crate::helpers::{ingest_only, stack};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_request_fails_the_call_fails_after_max_attempts_with_growing_gaps() {
+    let stack = stack(|c| {
+        c.ai.failure_rate = 1.0;
+        c.max_attempts = 5;
+        c.backoff_base_ms = 100;
+        c.backoff_max_ms = 10_000;
+    })
+    .await;
+
+    stack.call("doomed-1", &["hello"]).await;
+    let call = stack
+        .wait_for("doomed-1", CallState::Failed, Duration::from_secs(30))
+        .await;
+
+    assert_eq!(call["ai_attempts"], 5);
+    assert_eq!(call["last_error"], "503 Service Unavailable");
+    let attempts: Vec<(i32, OffsetDateTime, Option<String>)> = sqlx::query_as(
+        "SELECT attempt, started_at, outcome FROM transcription_attempts \
+         WHERE call_id = 'doomed-1' ORDER BY attempt",
+    )
+    .fetch_all(&stack.env.pool)
+    .await
+    .unwrap();
+    let outcomes: Vec<&str> = attempts.iter().map(|a| a.2.as_deref().unwrap()).collect();
+    assert_eq!(outcomes, ["retry", "retry", "retry", "retry", "failed"]);
+    // The gap before attempt n+1 is the backoff after attempt n: 100 ms x 2^(n-1), +-20%,
+    // plus the time an attempt takes (1-5 ms here) and JetStream's redelivery.
+    for (n, pair) in attempts.windows(2).enumerate() {
+        let gap = (pair[1].1 - pair[0].1).as_seconds_f64();
+        let nominal = 0.1 * 2f64.powi(n as i32);
+        assert!(
+            gap >= nominal * 0.8 && gap <= nominal * 1.2 + 0.5,
+            "gap after attempt {} was {gap:.3} s, scheduled {nominal:.3} s +-20%",
+            n + 1
+        );
+    }
+    // Retries were announced, each with a new version and the next attempt's time.
+    let history = call["history"].as_array().unwrap();
+    let retries = history
+        .iter()
+        .filter(|h| h["reason"] == "ai_retry_scheduled")
+        .count();
+    assert_eq!(retries, 4);
+    let dead = eventually("the dead letter", Duration::from_secs(5), || async {
+        let m = stack.env.stream_messages(StreamKind::DeadLetters).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    let letter: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(letter["call_id"], "doomed-1");
+    assert_eq!(letter["attempts"], 5);
+    assert_eq!(letter["permanent"], false);
+    assert_eq!(
+        dead[0].subject.as_str(),
+        format!("{}.dlq.transcribe.doomed-1", stack.env.config.prefix)
+    );
+    // Terminated: the work queue is empty, nothing will redeliver it.
+    eventually(
+        "the work queue to empty",
+        Duration::from_secs(5),
+        || async {
+            stack
+                .env
+                .stream_messages(StreamKind::Work)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_quarter_of_requests_failing_every_call_is_archived_exactly_once() {
+    const CALLS: usize = 300;
+    let stack = stack(|c| {
+        c.ai.failure_rate = 0.25;
+        c.ai.seed = Some(7);
+        c.concurrency = 16;
+        c.max_attempts = 12;
+        c.backoff_base_ms = 10;
+        c.backoff_max_ms = 100;
+    })
+    .await;
+
+    let ids: Vec<String> = (0..CALLS).map(|i| format!("bulk-{i}")).collect();
+    for chunk in ids.chunks(50) {
+        join_all(chunk.iter().map(|id| stack.call(id, &["hello", "there"]))).await;
+    }
+
+    eventually("every call archived", Duration::from_secs(120), || async {
+        let archived: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM calls WHERE state = 'ARCHIVED'")
+                .fetch_one(&stack.env.pool)
+                .await
+                .unwrap();
+        (archived == CALLS as i64).then_some(())
+    })
+    .await;
+    let archivals: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM call_transitions WHERE to_state = 'ARCHIVED'")
+            .fetch_one(&stack.env.pool)
+            .await
+            .unwrap();
+    assert_eq!(archivals, CALLS as i64, "each call archived exactly once");
+    let successes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transcription_attempts WHERE outcome = 'succeeded'",
+    )
+    .fetch_one(&stack.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        successes, CALLS as i64,
+        "one successful AI request per call"
+    );
+    let retries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transcription_attempts WHERE outcome = 'retry'")
+            .fetch_one(&stack.env.pool)
+            .await
+            .unwrap();
+    assert!(retries > 0, "a 25% failure rate produced retries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_retried_by_an_operator_is_archived() {
+    let mut stack = ingest_only().await;
+    let failing = stack
+        .add_transcriber(|c| {
+            c.ai.failure_rate = 1.0;
+            c.max_attempts = 2;
+        })
+        .await;
+    stack.call("redrive-1", &["please", "work"]).await;
+    stack
+        .wait_for("redrive-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+    let (status, body) = stack.post("/v1/call/redrive-1/complete").await;
+    assert_eq!((status, body["changed"].as_bool()), (200, Some(false)));
+
+    // The AI recovers; the operator re-drives the call.
+    stack.transcribers[failing].terminate().await;
+    stack.add_transcriber(|_| {}).await;
+    let (status, body) = stack.post("/v1/call/redrive-1/retry").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "COMPLETED");
+    assert_eq!(body["ai_attempts"], 0);
+
+    let call = stack
+        .wait_for("redrive-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+    assert_eq!(call["transcript"], "please work");
+    assert_eq!(call["ai_attempts"], 1);
+    assert_eq!(call["last_error"], serde_json::Value::Null);
+
+    let (status, body) = stack.post("/v1/call/redrive-1/retry").await;
+    assert_eq!(status, 409);
+    assert_eq!(body["error"]["code"], "call_not_failed");
+    let (status, body) = stack.post("/v1/call/nobody/retry").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("call_not_found"))
+    );
+}

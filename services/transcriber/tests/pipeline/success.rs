@@ -1,0 +1,70 @@
+use std::time::Duration;
+
+use common::{CallState, subjects::StreamKind};
+
+use crate::helpers::stack;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_call_is_archived_with_its_transcript_and_sentiment() {
+    let stack = stack(|_| {}).await;
+    let words = ["thank", "you", "so", "much,", "this", "was", "wonderful!"];
+
+    stack.call("happy-1", &words).await;
+    let call = stack
+        .wait_for("happy-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(call["transcript"], "thank you so much, this was wonderful!");
+    assert_eq!(call["sentiment"]["label"], "positive");
+    assert!(call["sentiment"]["score"].as_f64().unwrap() > 0.5);
+    assert_eq!(call["ai_attempts"], 1);
+    assert_eq!(call["last_error"], serde_json::Value::Null);
+    let states: Vec<&str> = call["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["to_state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["IN_PROGRESS", "COMPLETED", "PROCESSING_AI", "ARCHIVED"]
+    );
+    // The work item is acknowledged (a work-queue stream then drops it) and every state was
+    // announced.
+    common::testing::eventually(
+        "the work queue to empty",
+        Duration::from_secs(5),
+        || async {
+            stack
+                .env
+                .stream_messages(StreamKind::Work)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let announced =
+        common::testing::eventually("four status events", Duration::from_secs(5), || async {
+            let m = stack.env.stream_messages(StreamKind::Status).await;
+            (m.len() == 4).then_some(m)
+        })
+        .await;
+    let last: serde_json::Value = serde_json::from_slice(&announced[3].payload).unwrap();
+    assert_eq!(last["state"], "ARCHIVED");
+    assert_eq!(last["sentiment"]["label"], "positive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_packets_are_marked_in_the_simulated_transcript() {
+    let stack = stack(|_| {}).await;
+    stack.packet("gaps-1", 0, "hello").await;
+    stack.packet("gaps-1", 2, "world").await;
+    stack.complete("gaps-1").await;
+
+    let call = stack
+        .wait_for("gaps-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(call["transcript"], "hello […] world");
+}

@@ -1,0 +1,174 @@
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use bytes::Bytes;
+use common::{CallState, nats, subjects::StreamKind, testing::eventually};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{ingest_only, stack, transcriber_config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_work_item_delivered_twice_makes_one_ai_request() {
+    let stack = stack(|c| c.ai.latency_ms = "300-300".parse().unwrap()).await;
+    stack.call("twice-1", &["once", "only"]).await;
+    // The same work item again, past JetStream's dedup (as after the dedup window).
+    let original = eventually("the work item", Duration::from_secs(5), || async {
+        stack
+            .env
+            .stream_messages(StreamKind::Work)
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let js = stack.env.jetstream().await;
+    nats::publish(
+        &js,
+        original.subject.to_string(),
+        "a-different-msg-id",
+        Bytes::from(original.payload.to_vec()),
+        None,
+    )
+    .await
+    .unwrap();
+
+    stack
+        .wait_for("twice-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+    eventually(
+        "both deliveries to be settled",
+        Duration::from_secs(20),
+        || async {
+            stack
+                .env
+                .stream_messages(StreamKind::Work)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+
+    assert_eq!(stack.transcribers[0].requests(), 1, "one AI request");
+    assert_eq!(
+        stack.scalar("SELECT count(*) FROM call_transitions WHERE call_id = $1 AND to_state = 'ARCHIVED'", "twice-1").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_mid_call_is_replaced_and_the_call_is_transcribed_once() {
+    let mut stack = ingest_only().await;
+    // Worker A runs in a runtime of its own, so the test can kill it like a crashed process:
+    // its tasks are dropped mid-call, nothing is acknowledged or handed back.
+    let mut config = transcriber_config(&stack.env);
+    config.ai.latency_ms = "60000-60000".parse().unwrap();
+    config.ai.timeout_ms = 1_500;
+    let killed = CancellationToken::new();
+    let kill = killed.clone();
+    let worker_a = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = transcriber::App::build(config).await.unwrap();
+            tokio::select! {
+                _ = app.run_until_stopped(CancellationToken::new()) => {}
+                _ = kill.cancelled() => {}
+            }
+        });
+        runtime.shutdown_background();
+    });
+    stack.call("crash-1", &["still", "here"]).await;
+    stack
+        .wait_for("crash-1", CallState::ProcessingAi, Duration::from_secs(10))
+        .await;
+    killed.cancel();
+    worker_a.join().unwrap();
+
+    stack.add_transcriber(|_| {}).await;
+    let call = stack
+        .wait_for("crash-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(call["transcript"], "still here");
+    assert_eq!(call["ai_attempts"], 2, "A's unfinished attempt, then B's");
+    assert_eq!(
+        stack.scalar("SELECT count(*) FROM call_transitions WHERE call_id = $1 AND to_state = 'ARCHIVED'", "crash-1").await,
+        1
+    );
+    let outcomes: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT outcome FROM transcription_attempts WHERE call_id = 'crash-1' ORDER BY attempt",
+    )
+    .fetch_all(&stack.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(outcomes, [None, Some("succeeded".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_a_call_past_the_grace_period_is_handed_back_and_finished_elsewhere() {
+    let mut stack = stack(|c| {
+        c.ai.latency_ms = "60000-60000".parse().unwrap();
+        c.ai.timeout_ms = 90_000;
+        c.ack_wait_secs = 120;
+        c.shutdown_grace_secs = 1;
+    })
+    .await;
+    stack.call("handback-1", &["hand", "back"]).await;
+    stack
+        .wait_for(
+            "handback-1",
+            CallState::ProcessingAi,
+            Duration::from_secs(10),
+        )
+        .await;
+
+    let took = stack.transcribers[0].terminate().await;
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM"
+    );
+
+    // Handed back: the next worker starts at once instead of waiting out the 120 s ack wait.
+    stack.add_transcriber(|_| {}).await;
+    let call = stack
+        .wait_for("handback-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        call["ai_attempts"], 1,
+        "the handed-back attempt does not count"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_in_flight_calls_finish_within_the_grace_period() {
+    let mut stack = stack(|c| c.ai.latency_ms = "800-800".parse().unwrap()).await;
+    stack.call("finish-1", &["almost", "done"]).await;
+    stack
+        .wait_for("finish-1", CallState::ProcessingAi, Duration::from_secs(10))
+        .await;
+
+    stack.transcribers[0].terminate().await;
+
+    let call = stack.get_call("finish-1").await;
+    assert_eq!(call["state"], "ARCHIVED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_ack_wait_updates_the_existing_consumer() {
+    let mut stack = stack(|c| c.ack_wait_secs = 2).await;
+    stack.add_transcriber(|c| c.ack_wait_secs = 7).await;
+
+    let js = stack.env.jetstream().await;
+    let stream = js
+        .get_stream(stack.env.subjects().stream_name(StreamKind::Work))
+        .await
+        .unwrap();
+    let mut consumer: PullConsumer = stream.get_consumer("transcriber").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+    assert_eq!(info.config.max_deliver, -1);
+}
