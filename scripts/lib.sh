@@ -107,3 +107,8 @@ stop_throwaways() {
     rm -f "$RUN_DIR/postgres/port"
   fi
 }
+
+# The dashboard test drives Debian's headless Chromium.
+ensure_chromium() {
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || apt_install chromium
+}

@@ -27,6 +27,9 @@ pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// (backpressure) rather than fail.
 const MAX_ACKS_IN_FLIGHT: usize = 50_000;
 
+/// Status events the status stream keeps per call.
+pub const STATUS_EVENTS_PER_CALL: i64 = 64;
+
 /// The header that carries a request id from ingest through JetStream to the workers.
 pub const REQUEST_ID_HEADER: &str = "X-Request-Id";
 
@@ -84,6 +87,9 @@ pub fn stream_config(
         StreamKind::Status => stream::Config {
             description: Some("Every call state change".into()),
             max_age: settings.status_retention(),
+            // The latest events of each call (a call has a dozen at most, retries included),
+            // so the stream answers "the state of every call" and "what changed since N".
+            max_messages_per_subject: STATUS_EVENTS_PER_CALL,
             duplicate_window: Duration::from_secs(120),
             ..base
         },

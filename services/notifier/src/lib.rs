@@ -1,35 +1,60 @@
 //! # notifier
 //!
-//! The supervisors' live view: follows every call's status events and serves them over
-//! WebSockets and a dashboard page.
+//! The supervisors' live view. Follows every call's status events through one JetStream
+//! subscription per process and fans them out to WebSockets and the dashboard page.
 //!
-//! Consumes: `<prefix>.calls.status.*`. Produces: WebSocket frames.
-//!
-//! This crate is the skeleton the notifier issue fills in: it connects, provisions the
-//! streams and serves `/healthz`, `/readyz` and `/metrics`.
+//! Consumes: `<prefix>.calls.status.*`, through an ordered consumer on `<PREFIX>_STATUS` (which
+//! keeps each call's latest events for `STATUS_RETENTION_SECS`). Produces: WebSocket frames.
+//! Several replicas behind a load balancer all work: each reads the same stream, and stream
+//! sequence numbers (what clients resume from) are the same everywhere.
 //!
 //! # Layout
 //! - [`config`]: settings (`--help` lists them).
+//! - [`hub`]: the subscription, the latest state of every call, recent events, fan-out.
+//! - [`ws`]: one task per socket: snapshot / resume, filters, pings, slow clients.
+//! - [`dashboard`]: the self-contained supervisor page served at `/`.
 
 pub mod config;
+pub mod dashboard;
+pub mod hub;
+pub mod ws;
+
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{Router, extract::State, response::Response, routing::get};
 use common::{http, nats, subjects::Subjects};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::config::NotifierConfig;
+use crate::{config::NotifierConfig, hub::Hub};
 
-/// A built notifier: connected, bound, not yet running.
+/// What the routes and socket tasks share.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub nats: async_nats::Client,
+    /// Socket tasks, so shutdown can wait for their close frames (axum does not track
+    /// upgraded connections).
+    pub sockets: TaskTracker,
+    /// The root shutdown token; every socket watches it.
+    pub shutdown: CancellationToken,
+    pub ping_interval: Duration,
+    pub send_timeout: Duration,
+}
+
+/// A built notifier: connected, bound, not yet following or serving.
 pub struct App {
     listener: TcpListener,
-    router: Router,
+    config: NotifierConfig,
+    js: async_nats::jetstream::Context,
+    client: async_nats::Client,
+    hub: Arc<Hub>,
 }
 
 impl App {
     pub async fn build(config: NotifierConfig) -> anyhow::Result<App> {
-        config.common.validate()?;
+        config.validate()?;
         common::telemetry::prometheus();
         let c = &config.common;
         let client = nats::connect(&c.nats_url, "switchboard-notifier").await?;
@@ -40,25 +65,84 @@ impl App {
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on {} (NOTIFIER_ADDR)", config.addr))?;
-        let router = Router::new()
-            .route("/readyz", get(readyz))
-            .merge(http::operational_routes())
-            .with_state(client);
-        Ok(App { listener, router })
+        let hub = Hub::new(config.client_queue, config.replay_events);
+        Ok(App {
+            listener,
+            config,
+            js,
+            client,
+            hub,
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.listener.local_addr().expect("bound").port()
     }
 
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
+    /// Follows the status stream and serves until `shutdown`; then every socket gets a close
+    /// frame (1001) and the process waits up to `NOTIFIER_SHUTDOWN_GRACE_SECS` for them.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.listener.local_addr()?, "notifier listening");
-        http::serve(self.listener, self.router, shutdown)
+        let App {
+            listener,
+            config,
+            js,
+            client,
+            hub,
+        } = self;
+        let subjects = Subjects::new(config.common.prefix.clone());
+        let follower = tokio::spawn(hub.clone().follow(
+            js,
+            subjects,
+            config.common.streams.status_retention(),
+            shutdown.clone(),
+        ));
+        let state = AppState {
+            hub,
+            nats: client,
+            sockets: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            ping_interval: config.ping_interval(),
+            send_timeout: config.send_timeout(),
+        };
+        let sockets = state.sockets.clone();
+        let router = Router::new()
+            .route("/", get(dashboard::page))
+            .route("/ws", get(ws::upgrade))
+            .route("/readyz", get(readyz))
+            .merge(http::operational_routes())
+            .with_state(state);
+        tracing::info!(addr = %listener.local_addr()?, "notifier listening");
+        let served = http::serve(listener, router, shutdown.clone()).await;
+        sockets.close();
+        if tokio::time::timeout(config.shutdown_grace(), sockets.wait())
             .await
-            .context("serving HTTP")
+            .is_err()
+        {
+            tracing::warn!(sockets = sockets.len(), "sockets still open after the grace period");
+        }
+        match follower.await {
+            Ok(Err(e)) => tracing::warn!(error.message = %e, "status follower ended with an error"),
+            Err(e) => tracing::warn!(error.message = %e, "status follower panicked"),
+            Ok(Ok(())) => {}
+        }
+        tracing::info!("notifier stopped");
+        served.context("serving HTTP")
     }
 }
 
-async fn readyz(State(client): State<async_nats::Client>) -> Response {
-    http::readiness(vec![http::check_nats(&client)])
+/// Ready when NATS is connected and the hub has caught up with the status stream.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let hub = if state.hub.is_ready() {
+        Ok(())
+    } else {
+        Err("still reading the status stream".to_owned())
+    };
+    http::readiness(vec![
+        http::check_nats(&state.nats),
+        http::Check::new("status_stream", hub),
+    ])
 }

@@ -1,0 +1,329 @@
+//! The hub: one JetStream subscription per process, fanned out to every socket.
+//!
+//! An ordered consumer reads `<PREFIX>_STATUS` from its first retained event, then live. The
+//! hub keeps, in memory, the latest event of every call (the snapshot), the most recent events
+//! (for exact resumes after a reconnect) and a broadcast channel to the sockets. Every event is
+//! serialised once, not once per socket.
+//!
+//! Consistency: the feeder applies an event and broadcasts it under the write lock; a socket
+//! takes its snapshot (or replay) and subscribes under the read lock. So a socket sees every
+//! event exactly once: those up to its start in the snapshot or replay, the rest live.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context;
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull::OrderedConfig},
+};
+use common::{
+    CallId,
+    events::StatusEvent,
+    subjects::{StreamKind, Subjects},
+};
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+/// One status event as the sockets send it.
+#[derive(Debug)]
+pub struct Update {
+    /// Its sequence in the status stream: what clients resume from.
+    pub seq: u64,
+    pub call_id: CallId,
+    pub version: i64,
+    pub at: OffsetDateTime,
+    /// The event with its `seq`, as a JSON object (a snapshot entry).
+    pub json: String,
+    /// `{"type":"status", ...}`: the frame sent live.
+    pub frame: String,
+}
+
+impl Update {
+    fn new(seq: u64, event: StatusEvent) -> Self {
+        let mut value = serde_json::to_value(&event).expect("a status event serialises");
+        value["seq"] = seq.into();
+        let json = value.to_string();
+        let frame = format!("{{\"type\":\"status\",{}", &json[1..]);
+        Self {
+            seq,
+            call_id: event.call_id,
+            version: event.version,
+            at: event.at,
+            json,
+            frame,
+        }
+    }
+}
+
+/// Which calls a socket follows: all of them, or a set.
+#[derive(Debug, Clone, Default)]
+pub enum Filter {
+    #[default]
+    All,
+    Only(HashSet<CallId>),
+}
+
+impl Filter {
+    pub fn matches(&self, call_id: &CallId) -> bool {
+        match self {
+            Filter::All => true,
+            Filter::Only(ids) => ids.contains(call_id),
+        }
+    }
+}
+
+/// How a socket starts.
+#[derive(Debug)]
+pub enum Start {
+    /// The current state of every (filtered) call, at `seq`.
+    Snapshot {
+        seq: u64,
+        calls: Vec<Arc<Update>>,
+        reset: bool,
+    },
+    /// Exactly the (filtered) events after the client's `since`.
+    Replay(Vec<Arc<Update>>),
+}
+
+#[derive(Default)]
+struct State {
+    latest: HashMap<CallId, Arc<Update>>,
+    recent: VecDeque<Arc<Update>>,
+    /// The oldest sequence a resume can start after: every event from `floor` on is in
+    /// `recent` (or was dropped as stale, which a client would drop too).
+    floor: u64,
+    last_seq: u64,
+}
+
+pub struct Hub {
+    state: RwLock<State>,
+    tx: broadcast::Sender<Arc<Update>>,
+    replay_capacity: usize,
+    ready: watch::Sender<bool>,
+}
+
+impl Hub {
+    /// `client_queue`: how far (in events) a socket may fall behind before it lags.
+    pub fn new(client_queue: usize, replay_capacity: usize) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(client_queue);
+        Arc::new(Self {
+            state: RwLock::default(),
+            tx,
+            replay_capacity,
+            ready: watch::Sender::new(false),
+        })
+    }
+
+    /// Whether the hub has caught up with the stream as it was at start-up.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits until the hub has caught up (snapshots before that would be incomplete).
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        ready.wait_for(|r| *r).await.ok();
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.state.read().expect("hub lock").last_seq
+    }
+
+    /// Applies one event from the stream. An event whose version is not newer than the one
+    /// already known for its call (late or repeated) is dropped, never moving a call back.
+    pub fn apply(&self, seq: u64, event: StatusEvent) {
+        let mut state = self.state.write().expect("hub lock");
+        state.last_seq = state.last_seq.max(seq);
+        if state
+            .latest
+            .get(&event.call_id)
+            .is_some_and(|known| known.version >= event.version)
+        {
+            metrics::counter!("switchboard_notifier_stale_events_total").increment(1);
+            return;
+        }
+        let update = Arc::new(Update::new(seq, event));
+        state.latest.insert(update.call_id.clone(), update.clone());
+        state.recent.push_back(update.clone());
+        while state.recent.len() > self.replay_capacity {
+            if let Some(evicted) = state.recent.pop_front() {
+                state.floor = evicted.seq + 1;
+            }
+        }
+        // No receivers is fine: nobody is connected.
+        let _ = self.tx.send(update);
+        metrics::counter!("switchboard_notifier_events_total").increment(1);
+    }
+
+    /// Where a new socket starts, and its subscription to what follows.
+    pub fn join(&self, filter: &Filter, since: Option<u64>) -> (Start, broadcast::Receiver<Arc<Update>>) {
+        let state = self.state.read().expect("hub lock");
+        let rx = self.tx.subscribe();
+        let start = match since {
+            Some(n) if n <= state.last_seq && n + 1 >= state.floor => Start::Replay(
+                state
+                    .recent
+                    .iter()
+                    .filter(|u| u.seq > n && filter.matches(&u.call_id))
+                    .cloned()
+                    .collect(),
+            ),
+            since => Start::Snapshot {
+                seq: state.last_seq,
+                calls: snapshot_of(&state, filter),
+                reset: since.is_some(),
+            },
+        };
+        (start, rx)
+    }
+
+    /// A fresh snapshot (after a lag or a change of subscriptions) and its sequence.
+    pub fn snapshot(&self, filter: &Filter) -> (u64, Vec<Arc<Update>>) {
+        let state = self.state.read().expect("hub lock");
+        (state.last_seq, snapshot_of(&state, filter))
+    }
+
+    /// Forgets calls whose latest event is older than `retention` (the stream forgets them too).
+    pub fn prune(&self, retention: Duration) {
+        let cutoff = OffsetDateTime::now_utc() - retention;
+        let mut state = self.state.write().expect("hub lock");
+        state.latest.retain(|_, u| u.at >= cutoff);
+    }
+
+    /// Follows the status stream until `shutdown`: the process's one subscription.
+    pub async fn follow(
+        self: Arc<Self>,
+        js: jetstream::Context,
+        subjects: Subjects,
+        retention: Duration,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut stream = js
+            .get_stream(subjects.stream_name(StreamKind::Status))
+            .await
+            .context("looking up the status stream")?;
+        let stream_state = stream.info().await.context("status stream info")?.state.clone();
+        let caught_up_at = stream_state.last_sequence;
+        {
+            let mut state = self.state.write().expect("hub lock");
+            state.floor = stream_state.first_sequence;
+            state.last_seq = state.last_seq.max(stream_state.first_sequence.saturating_sub(1));
+        }
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: subjects.all_status(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .context("creating the ordered consumer on the status stream")?;
+        let mut messages = consumer.messages().await.context("subscribing to status events")?;
+        if caught_up_at == 0 || stream_state.messages == 0 {
+            self.ready.send_replace(true);
+        }
+        let mut prune = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = prune.tick() => { self.prune(retention); continue; }
+                message = messages.next() => message,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    // The ordered consumer recreates itself and resumes where it was.
+                    tracing::warn!(error.message = %e, "status subscription hiccup");
+                    continue;
+                }
+                None => anyhow::bail!("the status subscription ended"),
+            };
+            let Ok(info) = message.info() else { continue };
+            let seq = info.stream_sequence;
+            match serde_json::from_slice::<StatusEvent>(&message.payload) {
+                Ok(event) => self.apply(seq, event),
+                Err(e) => {
+                    tracing::warn!(stream.sequence = seq, error.message = %e, "unreadable status event skipped");
+                }
+            }
+            if seq >= caught_up_at && !self.is_ready() {
+                tracing::info!(stream.sequence = seq, "caught up with the status stream");
+                self.ready.send_replace(true);
+            }
+        }
+    }
+}
+
+fn snapshot_of(state: &State, filter: &Filter) -> Vec<Arc<Update>> {
+    let mut calls: Vec<Arc<Update>> = match filter {
+        Filter::All => state.latest.values().cloned().collect(),
+        Filter::Only(ids) => ids.iter().filter_map(|id| state.latest.get(id).cloned()).collect(),
+    };
+    calls.sort_by_key(|u| u.seq);
+    calls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::CallState;
+
+    fn event(call: &str, version: i64, state: CallState) -> StatusEvent {
+        StatusEvent {
+            call_id: CallId::parse(call).unwrap(),
+            state,
+            previous_state: None,
+            version,
+            at: OffsetDateTime::now_utc(),
+            reason: "test".into(),
+            packets_received: 0,
+            missing_packets: 0,
+            ai_attempts: 0,
+            last_error: None,
+            transcript: None,
+            sentiment: None,
+            next_attempt_at: None,
+        }
+    }
+
+    #[test]
+    fn a_late_or_repeated_event_never_moves_a_call_back() {
+        let hub = Hub::new(16, 100);
+        hub.apply(1, event("a", 1, CallState::InProgress));
+        hub.apply(2, event("a", 2, CallState::Completed));
+        hub.apply(3, event("a", 1, CallState::InProgress));
+        hub.apply(4, event("a", 2, CallState::Completed));
+        let (seq, calls) = hub.snapshot(&Filter::All);
+        assert_eq!(seq, 4);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].version, 2);
+        assert!(calls[0].json.contains("\"state\":\"COMPLETED\""));
+        assert!(calls[0].frame.starts_with("{\"type\":\"status\","));
+    }
+
+    #[test]
+    fn resumes_replay_exactly_what_followed_or_reset_when_too_old() {
+        let hub = Hub::new(16, 3);
+        for (seq, call) in [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e")] {
+            hub.apply(seq, event(call, 1, CallState::InProgress));
+        }
+        // Only events 3..=5 are kept: resuming after 2 is exact, after 1 is not.
+        match hub.join(&Filter::All, Some(2)).0 {
+            Start::Replay(updates) => {
+                assert_eq!(updates.iter().map(|u| u.seq).collect::<Vec<_>>(), [3, 4, 5])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(hub.join(&Filter::All, Some(1)).0, Start::Snapshot { reset: true, .. }));
+        assert!(matches!(hub.join(&Filter::All, Some(99)).0, Start::Snapshot { reset: true, .. }));
+        match hub.join(&Filter::All, Some(5)).0 {
+            Start::Replay(updates) => assert!(updates.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+use std::time::Duration;
+
+use common::{CallState, testing::eventually};
+use futures::StreamExt;
+use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+
+use crate::helpers::{event, next, notifier, send};
+
+#[tokio::test]
+async fn a_socket_gets_a_snapshot_then_every_change_in_order() {
+    let n = notifier(|_| {}).await;
+    n.publish(&event("c1", 1, CallState::InProgress)).await;
+    n.publish(&event("other", 1, CallState::InProgress)).await;
+    n.wait_applied(2).await;
+    let mut ws = n.connect("").await;
+
+    let snapshot = next(&mut ws).await;
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(snapshot["reset"], false);
+    assert_eq!(snapshot["calls"].as_array().unwrap().len(), 2);
+    let c1 = snapshot["calls"].as_array().unwrap().iter().find(|c| c["call_id"] == "c1").unwrap();
+    assert_eq!(c1["state"], "IN_PROGRESS");
+    let mut seq = snapshot["seq"].as_u64().unwrap();
+
+    for (version, state) in [(2, CallState::Completed), (3, CallState::ProcessingAi), (4, CallState::Archived)] {
+        n.publish(&event("c1", version, state)).await;
+        let frame = next(&mut ws).await;
+        assert_eq!(frame["type"], "status");
+        assert_eq!(frame["call_id"], "c1");
+        assert_eq!(frame["state"], state.as_str());
+        assert_eq!(frame["version"], version);
+        let frame_seq = frame["seq"].as_u64().unwrap();
+        assert!(frame_seq > seq, "sequences grow");
+        seq = frame_seq;
+    }
+    // A late, older event never moves the call back.
+    n.publish(&event("c1", 2, CallState::Completed)).await;
+    n.publish(&event("c1", 5, CallState::Failed)).await;
+    let frame = next(&mut ws).await;
+    assert_eq!((frame["version"].as_i64(), frame["state"].as_str()), (Some(5), Some("FAILED")));
+}
+
+#[tokio::test]
+async fn sockets_can_be_limited_by_query_and_by_subscribe_messages() {
+    let n = notifier(|_| {}).await;
+    n.publish(&event("a", 1, CallState::InProgress)).await;
+    n.publish(&event("b", 1, CallState::InProgress)).await;
+    n.wait_applied(2).await;
+
+    let mut only_a = n.connect("?call_id=a").await;
+    let snapshot = next(&mut only_a).await;
+    let ids: Vec<&str> = snapshot["calls"].as_array().unwrap().iter().map(|c| c["call_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a"]);
+
+    let mut switcher = n.connect("").await;
+    assert_eq!(next(&mut switcher).await["calls"].as_array().unwrap().len(), 2);
+    send(&mut switcher, r#"{"type":"subscribe","call_ids":["b"]}"#).await;
+    let view = next(&mut switcher).await;
+    assert_eq!(view["type"], "snapshot");
+    assert_eq!(view["reset"], true);
+    assert_eq!(view["calls"].as_array().unwrap().len(), 1);
+    assert_eq!(view["calls"][0]["call_id"], "b");
+
+    // Unknown messages get an error frame; the connection stays.
+    send(&mut switcher, r#"{"type":"dance"}"#).await;
+    let error = next(&mut switcher).await;
+    assert_eq!(error["type"], "error");
+    assert!(error["message"].as_str().unwrap().contains("subscribe"));
+
+    n.publish(&event("a", 2, CallState::Completed)).await;
+    n.publish(&event("b", 2, CallState::Completed)).await;
+    let to_a = next(&mut only_a).await;
+    assert_eq!(to_a["call_id"], "a");
+    let to_switcher = next(&mut switcher).await;
+    assert_eq!(to_switcher["call_id"], "b");
+
+    send(&mut switcher, r#"{"type":"unsubscribe","call_ids":["b"]}"#).await;
+    assert_eq!(next(&mut switcher).await["calls"].as_array().unwrap().len(), 0);
+    n.publish(&event("b", 3, CallState::ProcessingAi)).await;
+    n.publish(&event("a", 3, CallState::ProcessingAi)).await;
+    assert_eq!(next(&mut only_a).await["version"], 3);
+    // The switcher follows nothing now: the only thing it could get is a ping.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), switcher.next()).await;
+    assert!(quiet.is_err(), "nothing for a socket that follows no call: {quiet:?}");
+}
+
+#[tokio::test]
+async fn a_resume_with_since_gets_exactly_the_changes_it_missed() {
+    let n = notifier(|_| {}).await;
+    n.publish(&event("r1", 1, CallState::InProgress)).await;
+    n.wait_applied(1).await;
+    let mut ws = n.connect("").await;
+    next(&mut ws).await;
+    n.publish(&event("r1", 2, CallState::Completed)).await;
+    let seen = next(&mut ws).await["seq"].as_u64().unwrap();
+    drop(ws);
+
+    // While the client is away:
+    n.publish(&event("r1", 3, CallState::ProcessingAi)).await;
+    n.publish(&event("r2", 1, CallState::InProgress)).await;
+    n.publish(&event("r1", 4, CallState::Archived)).await;
+
+    let mut ws = n.connect(&format!("?since={seen}")).await;
+    let missed: Vec<(String, i64)> = {
+        let mut frames = Vec::new();
+        for _ in 0..3 {
+            let f = next(&mut ws).await;
+            assert_eq!(f["type"], "status", "a replay, not a snapshot: {f}");
+            frames.push((f["call_id"].as_str().unwrap().to_owned(), f["version"].as_i64().unwrap()));
+        }
+        frames
+    };
+    assert_eq!(missed, [("r1".into(), 3), ("r2".into(), 1), ("r1".into(), 4)]);
+    // Then live, with nothing repeated.
+    n.publish(&event("r2", 2, CallState::Completed)).await;
+    let live = next(&mut ws).await;
+    assert_eq!((live["call_id"].as_str(), live["version"].as_i64()), (Some("r2"), Some(2)));
+}
+
+#[tokio::test]
+async fn a_resume_from_too_long_ago_gets_a_fresh_snapshot_marked_reset() {
+    let n = notifier(|c| c.replay_events = 2).await;
+    for i in 0..5 {
+        n.publish(&event(&format!("old-{i}"), 1, CallState::InProgress)).await;
+    }
+    n.wait_applied(5).await;
+
+    let mut ws = n.connect("?since=1").await;
+    let frame = next(&mut ws).await;
+
+    assert_eq!(frame["type"], "snapshot");
+    assert_eq!(frame["reset"], true);
+    assert_eq!(frame["calls"].as_array().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn bad_query_parameters_are_refused_with_a_json_error() {
+    let n = notifier(|_| {}).await;
+    for query in ["?since=abc", "?call_id=a.b", "?colour=red"] {
+        let response = reqwest::get(format!("http://{}/ws{query}", n.url)).await.unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_parameter", "{query}");
+    }
+    let plain = reqwest::get(format!("http://{}/ws", n.url)).await.unwrap();
+    assert_eq!(plain.status(), 426);
+    let body: serde_json::Value = plain.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "websocket_required");
+}
+
+#[tokio::test]
+async fn sigterm_sends_every_socket_a_going_away_close_and_exits_in_time() {
+    let mut n = notifier(|_| {}).await;
+    let mut ws = n.connect("").await;
+    next(&mut ws).await;
+
+    n.stop.cancel();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a close frame") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.unwrap().code, CloseCode::Away);
+    tokio::time::timeout(Duration::from_secs(10), n.task.take().unwrap())
+        .await
+        .expect("the notifier exits within its deadline")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_closed() {
+    let n = notifier(|c| c.ping_interval_secs = 1).await;
+    // Reads nothing, so never answers a ping.
+    let mute = n.connect("").await;
+    // Reads, and so answers pings (tungstenite replies to them).
+    let mut alive = n.connect("").await;
+    next(&mut alive).await;
+    eventually("two clients connected", Duration::from_secs(5), || async {
+        (n.metric("switchboard_notifier_clients").await == 2.0).then_some(())
+    })
+    .await;
+
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(_)) = alive.next().await {}
+        "closed"
+    });
+    eventually("the mute peer to be closed", Duration::from_secs(10), || async {
+        (n.metric("switchboard_notifier_clients").await == 1.0).then_some(())
+    })
+    .await;
+    assert!(!reader.is_finished(), "the answering peer stays connected");
+    drop(mute);
+}
