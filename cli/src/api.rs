@@ -1,0 +1,142 @@
+//! A thin client of the ingest API whose errors are one clear line.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+#[derive(Clone)]
+pub struct Ingest {
+    client: reqwest::Client,
+    base: String,
+}
+
+/// What ingest said about one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketOutcome {
+    Accepted,
+    Duplicate,
+}
+
+impl Ingest {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        if e.is_connect() || e.is_timeout() {
+            anyhow::anyhow!(
+                "cannot reach ingest at {}: is it running? try ./scripts/up",
+                self.base
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("talking to ingest at {}", self.base))
+        }
+    }
+
+    /// Turns an API error body into one line: `409 call_not_failed: ...`.
+    async fn check(response: reqwest::Response) -> anyhow::Result<Value> {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let code = body["error"]["code"].as_str().unwrap_or("error");
+        let message = body["error"]["message"].as_str().unwrap_or("(no message)");
+        anyhow::bail!("{} {code}: {message}", status.as_u16())
+    }
+
+    /// Sends one packet, retrying 503s as a PBX should; returns the outcome and the time
+    /// the successful request took.
+    pub async fn packet(
+        &self,
+        call_id: &str,
+        sequence: i64,
+        data: &str,
+        timestamp: f64,
+    ) -> anyhow::Result<(PacketOutcome, Duration)> {
+        let body = json!({"sequence": sequence, "data": data, "timestamp": timestamp});
+        let url = format!("{}/v1/call/stream/{call_id}", self.base);
+        for attempt in 1.. {
+            let started = Instant::now();
+            let response = self
+                .client
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            if response.status() == 503 && attempt < 20 {
+                let wait = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            let elapsed = started.elapsed();
+            let body = Self::check(response)
+                .await
+                .with_context(|| format!("packet {sequence} of {call_id}"))?;
+            let outcome = match body["status"].as_str() {
+                Some("duplicate") => PacketOutcome::Duplicate,
+                _ => PacketOutcome::Accepted,
+            };
+            return Ok((outcome, elapsed));
+        }
+        unreachable!("the loop returns")
+    }
+
+    pub async fn complete(&self, call_id: &str, total_packets: i64) -> anyhow::Result<Value> {
+        let response = self
+            .client
+            .post(format!("{}/v1/call/{call_id}/complete", self.base))
+            .json(&json!({"total_packets": total_packets}))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(response)
+            .await
+            .with_context(|| format!("completing {call_id}"))
+    }
+
+    pub async fn call(&self, call_id: &str) -> anyhow::Result<Value> {
+        let response = self
+            .client
+            .get(format!("{}/v1/call/{call_id}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(response).await
+    }
+
+    pub async fn calls(&self, state: Option<&str>, limit: u32) -> anyhow::Result<Value> {
+        let mut request = self
+            .client
+            .get(format!("{}/v1/calls", self.base))
+            .query(&[("limit", limit.to_string())]);
+        if let Some(state) = state {
+            request = request.query(&[("state", state.to_ascii_uppercase())]);
+        }
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        Self::check(response).await
+    }
+
+    pub async fn retry(&self, call_id: &str) -> anyhow::Result<Value> {
+        let response = self
+            .client
+            .post(format!("{}/v1/call/{call_id}/retry", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(response).await
+    }
+}
