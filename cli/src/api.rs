@@ -119,14 +119,21 @@ impl Ingest {
     }
 
     pub async fn calls(&self, state: Option<&str>, limit: u32) -> anyhow::Result<Value> {
-        let mut request = self
-            .client
-            .get(format!("{}/v1/calls", self.base))
-            .query(&[("limit", limit.to_string())]);
+        // States are plain words and limit a number: nothing here needs escaping.
+        let mut url = format!("{}/v1/calls?limit={limit}", self.base);
         if let Some(state) = state {
-            request = request.query(&[("state", state.to_ascii_uppercase())]);
+            anyhow::ensure!(
+                state.chars().all(|c| c.is_ascii_alphabetic() || c == '_'),
+                "--state takes a state name such as ARCHIVED, got {state:?}"
+            );
+            url.push_str(&format!("&state={}", state.to_ascii_uppercase()));
         }
-        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
         Self::check(response).await
     }
 

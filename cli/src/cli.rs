@@ -26,10 +26,20 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Endpoints {
     /// Base URL of the ingest API.
-    #[arg(long, global = true, env = "PBX_INGEST_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "PBX_INGEST_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub ingest_url: String,
     /// Base URL of the notifier (http:// or ws://).
-    #[arg(long, global = true, env = "PBX_NOTIFIER_URL", default_value = "http://127.0.0.1:8082")]
+    #[arg(
+        long,
+        global = true,
+        env = "PBX_NOTIFIER_URL",
+        default_value = "http://127.0.0.1:8082"
+    )]
     pub notifier_url: String,
 }
 

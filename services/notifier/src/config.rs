@@ -49,13 +49,22 @@ pub struct NotifierConfig {
 impl NotifierConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.common.validate()?;
-        anyhow::ensure!(self.ping_interval_secs >= 1, "NOTIFIER_PING_INTERVAL_SECS must be at least 1");
+        anyhow::ensure!(
+            self.ping_interval_secs >= 1,
+            "NOTIFIER_PING_INTERVAL_SECS must be at least 1"
+        );
         anyhow::ensure!(
             (16..=1_000_000).contains(&self.client_queue),
             "NOTIFIER_CLIENT_QUEUE must be between 16 and 1000000"
         );
-        anyhow::ensure!(self.send_timeout_secs >= 1, "NOTIFIER_SEND_TIMEOUT_SECS must be at least 1");
-        anyhow::ensure!(self.replay_events >= 1, "NOTIFIER_REPLAY_EVENTS must be at least 1");
+        anyhow::ensure!(
+            self.send_timeout_secs >= 1,
+            "NOTIFIER_SEND_TIMEOUT_SECS must be at least 1"
+        );
+        anyhow::ensure!(
+            self.replay_events >= 1,
+            "NOTIFIER_REPLAY_EVENTS must be at least 1"
+        );
         Ok(())
     }
 

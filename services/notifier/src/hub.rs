@@ -162,7 +162,11 @@ impl Hub {
     }
 
     /// Where a new socket starts, and its subscription to what follows.
-    pub fn join(&self, filter: &Filter, since: Option<u64>) -> (Start, broadcast::Receiver<Arc<Update>>) {
+    pub fn join(
+        &self,
+        filter: &Filter,
+        since: Option<u64>,
+    ) -> (Start, broadcast::Receiver<Arc<Update>>) {
         let state = self.state.read().expect("hub lock");
         let rx = self.tx.subscribe();
         let start = match since {
@@ -208,12 +212,19 @@ impl Hub {
             .get_stream(subjects.stream_name(StreamKind::Status))
             .await
             .context("looking up the status stream")?;
-        let stream_state = stream.info().await.context("status stream info")?.state.clone();
+        let stream_state = stream
+            .info()
+            .await
+            .context("status stream info")?
+            .state
+            .clone();
         let caught_up_at = stream_state.last_sequence;
         {
             let mut state = self.state.write().expect("hub lock");
             state.floor = stream_state.first_sequence;
-            state.last_seq = state.last_seq.max(stream_state.first_sequence.saturating_sub(1));
+            state.last_seq = state
+                .last_seq
+                .max(stream_state.first_sequence.saturating_sub(1));
         }
         let consumer = stream
             .create_consumer(OrderedConfig {
@@ -223,7 +234,10 @@ impl Hub {
             })
             .await
             .context("creating the ordered consumer on the status stream")?;
-        let mut messages = consumer.messages().await.context("subscribing to status events")?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .context("subscribing to status events")?;
         if caught_up_at == 0 || stream_state.messages == 0 {
             self.ready.send_replace(true);
         }
@@ -262,7 +276,10 @@ impl Hub {
 fn snapshot_of(state: &State, filter: &Filter) -> Vec<Arc<Update>> {
     let mut calls: Vec<Arc<Update>> = match filter {
         Filter::All => state.latest.values().cloned().collect(),
-        Filter::Only(ids) => ids.iter().filter_map(|id| state.latest.get(id).cloned()).collect(),
+        Filter::Only(ids) => ids
+            .iter()
+            .filter_map(|id| state.latest.get(id).cloned())
+            .collect(),
     };
     calls.sort_by_key(|u| u.seq);
     calls
@@ -319,8 +336,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(hub.join(&Filter::All, Some(1)).0, Start::Snapshot { reset: true, .. }));
-        assert!(matches!(hub.join(&Filter::All, Some(99)).0, Start::Snapshot { reset: true, .. }));
+        assert!(matches!(
+            hub.join(&Filter::All, Some(1)).0,
+            Start::Snapshot { reset: true, .. }
+        ));
+        assert!(matches!(
+            hub.join(&Filter::All, Some(99)).0,
+            Start::Snapshot { reset: true, .. }
+        ));
         match hub.join(&Filter::All, Some(5)).0 {
             Start::Replay(updates) => assert!(updates.is_empty()),
             other => panic!("{other:?}"),

@@ -122,7 +122,10 @@ impl App {
             .await
             .is_err()
         {
-            tracing::warn!(sockets = sockets.len(), "sockets still open after the grace period");
+            tracing::warn!(
+                sockets = sockets.len(),
+                "sockets still open after the grace period"
+            );
         }
         match follower.await {
             Ok(Err(e)) => tracing::warn!(error.message = %e, "status follower ended with an error"),

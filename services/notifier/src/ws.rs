@@ -56,13 +56,15 @@ fn parse_params(raw: &[(String, String)]) -> Result<Params, String> {
                 params.call_ids.get_or_insert_with(HashSet::new).insert(id);
             }
             "since" => {
-                params.since = Some(
-                    value
-                        .parse()
-                        .map_err(|_| format!("since must be a stream sequence number, got {value:?}"))?,
-                );
+                params.since = Some(value.parse().map_err(|_| {
+                    format!("since must be a stream sequence number, got {value:?}")
+                })?);
             }
-            other => return Err(format!("unknown parameter `{other}`; expected call_id or since")),
+            other => {
+                return Err(format!(
+                    "unknown parameter `{other}`; expected call_id or since"
+                ));
+            }
         }
     }
     Ok(params)
@@ -77,8 +79,9 @@ pub async fn upgrade(
         .map_err(|e| e.body_text())
         .and_then(|Query(raw)| parse_params(&raw));
     match (params, ws) {
-        (Err(message), _) => ErrorBody::new("invalid_parameter", message)
-            .into_response_with(StatusCode::BAD_REQUEST),
+        (Err(message), _) => {
+            ErrorBody::new("invalid_parameter", message).into_response_with(StatusCode::BAD_REQUEST)
+        }
         (Ok(_), Err(rejection)) => ErrorBody::new(
             "websocket_required",
             format!("/ws speaks WebSocket only: {}", rejection.body_text()),
@@ -109,7 +112,12 @@ enum Gone {
 
 impl Socket {
     async fn send(&mut self, text: String) -> Result<(), Gone> {
-        match timeout(self.send_timeout, self.sink.send(Message::Text(Utf8Bytes::from(text)))).await {
+        match timeout(
+            self.send_timeout,
+            self.sink.send(Message::Text(Utf8Bytes::from(text))),
+        )
+        .await
+        {
             Ok(Ok(())) => {
                 metrics::counter!("switchboard_notifier_frames_sent_total").increment(1);
                 Ok(())
@@ -120,7 +128,8 @@ impl Socket {
     }
 
     async fn snapshot(&mut self, seq: u64, calls: &[Arc<Update>], reset: bool) -> Result<(), Gone> {
-        let mut text = format!("{{\"type\":\"snapshot\",\"seq\":{seq},\"reset\":{reset},\"calls\":[");
+        let mut text =
+            format!("{{\"type\":\"snapshot\",\"seq\":{seq},\"reset\":{reset},\"calls\":[");
         for (i, call) in calls.iter().enumerate() {
             if i > 0 {
                 text.push(',');
@@ -267,7 +276,12 @@ async fn run(socket: WebSocket, app: AppState, params: Params) {
     if let Err(Gone::TooSlow) = outcome {
         tracing::info!("closing a client that could not keep up");
         metrics::counter!("switchboard_notifier_slow_clients_closed_total").increment(1);
-        socket.close(close_code::POLICY, "too slow: could not keep up with the event stream").await;
+        socket
+            .close(
+                close_code::POLICY,
+                "too slow: could not keep up with the event stream",
+            )
+            .await;
     }
     clients.decrement(1.0);
 }
@@ -300,7 +314,9 @@ fn handle_client_message(text: &str, filter: &mut Filter) -> Result<(), String> 
                     set.remove(id);
                 }
             } else {
-                return Err("unsubscribe needs a subscription: this socket follows every call".into());
+                return Err(
+                    "unsubscribe needs a subscription: this socket follows every call".into(),
+                );
             }
         }
     }
@@ -313,7 +329,12 @@ mod tests {
 
     #[test]
     fn query_parameters_are_checked() {
-        let p = parse_params(&[("call_id".into(), "a".into()), ("call_id".into(), "b".into()), ("since".into(), "7".into())]).unwrap();
+        let p = parse_params(&[
+            ("call_id".into(), "a".into()),
+            ("call_id".into(), "b".into()),
+            ("since".into(), "7".into()),
+        ])
+        .unwrap();
         assert_eq!(p.call_ids.unwrap().len(), 2);
         assert_eq!(p.since, Some(7));
         assert!(parse_params(&[("since".into(), "-1".into())]).is_err());

@@ -44,13 +44,21 @@ pub struct Page {
 fn chromium_binary() -> &'static str {
     ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
-        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .expect("a Chromium on PATH (scripts/test installs Debian's `chromium`)")
 }
 
 impl Browser {
     pub async fn launch() -> Browser {
-        let profile = std::env::temp_dir().join(format!("switchboard-chromium-{}", common::testing::random_suffix()));
+        let profile = std::env::temp_dir().join(format!(
+            "switchboard-chromium-{}",
+            common::testing::random_suffix()
+        ));
         let mut child = Command::new(chromium_binary())
             .args([
                 "--headless=new",
@@ -84,8 +92,12 @@ impl Browser {
                 }
             }
         });
-        let ws_url = rx.recv_timeout(Duration::from_secs(30)).expect("chromium's DevTools address");
-        let (socket, _) = tokio_tungstenite::connect_async(ws_url).await.expect("DevTools connects");
+        let ws_url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("chromium's DevTools address");
+        let (socket, _) = tokio_tungstenite::connect_async(ws_url)
+            .await
+            .expect("DevTools connects");
         let (sink, mut stream) = socket.split();
         let connection = Arc::new(Connection {
             sink: tokio::sync::Mutex::new(sink),
@@ -115,7 +127,9 @@ impl Browser {
 
     pub async fn open(&self, url: &str) -> Page {
         let c = &self.connection;
-        let target = c.call("Target.createTarget", json!({"url": "about:blank"}), None).await;
+        let target = c
+            .call("Target.createTarget", json!({"url": "about:blank"}), None)
+            .await;
         let attached = c
             .call(
                 "Target.attachToTarget",
@@ -167,7 +181,11 @@ impl Connection {
             .await
             .unwrap_or_else(|_| panic!("no DevTools reply to {method}"))
             .expect("reply");
-        assert!(reply["error"].is_null(), "{method} failed: {}", reply["error"]);
+        assert!(
+            reply["error"].is_null(),
+            "{method} failed: {}",
+            reply["error"]
+        );
         reply["result"].clone()
     }
 
@@ -178,7 +196,9 @@ impl Connection {
             Some("Runtime.consoleAPICalled") if params["type"] == "error" => {
                 Some(format!("console.error: {}", params["args"]))
             }
-            Some("Runtime.exceptionThrown") => Some(format!("exception: {}", params["exceptionDetails"])),
+            Some("Runtime.exceptionThrown") => {
+                Some(format!("exception: {}", params["exceptionDetails"]))
+            }
             Some("Log.entryAdded") if params["entry"]["level"] == "error" => {
                 Some(format!("log: {}", params["entry"]["text"]))
             }
@@ -192,19 +212,26 @@ impl Connection {
 
 impl Page {
     async fn call(&self, method: &str, params: Value) -> Value {
-        self.connection.call(method, params, Some(&self.session)).await
+        self.connection
+            .call(method, params, Some(&self.session))
+            .await
     }
 
     /// Evaluates a JavaScript expression in the page; its value (`null` if undefined).
     pub async fn eval(&self, expression: &str) -> Value {
         let result = self
-            .call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true}))
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true}),
+            )
             .await;
         result["result"]["value"].clone()
     }
 
     pub async fn screenshot(&self, path: &Path) {
-        let shot = self.call("Page.captureScreenshot", json!({"format": "png"})).await;
+        let shot = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
         let png = STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();

@@ -20,7 +20,9 @@ async fn a_client_that_never_reads_is_dealt_with_while_a_fast_client_gets_every_
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(n.url.parse().unwrap()).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", n.url), stream).await.unwrap();
+    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", n.url), stream)
+        .await
+        .unwrap();
     let mut fast = n.connect("").await;
     assert_eq!(next(&mut fast).await["type"], "snapshot");
 
@@ -32,13 +34,21 @@ async fn a_client_that_never_reads_is_dealt_with_while_a_fast_client_gets_every_
     let mut last_seq = 0;
     for batch in 0..EVENTS / BATCH {
         for i in 0..BATCH {
-            let mut e = event(&format!("call-{}", batch * BATCH + i), 1, CallState::Archived);
+            let mut e = event(
+                &format!("call-{}", batch * BATCH + i),
+                1,
+                CallState::Archived,
+            );
             e.transcript = Some(padding.clone());
             n.publish(&e).await;
         }
         while received < (batch + 1) * BATCH {
             let frame = next(&mut fast).await;
-            assert_eq!(frame["type"], "status", "the fast client never lags: {}", frame["type"]);
+            assert_eq!(
+                frame["type"], "status",
+                "the fast client never lags: {}",
+                frame["type"]
+            );
             let seq = frame["seq"].as_u64().unwrap();
             assert!(seq > last_seq, "in order");
             last_seq = seq;
@@ -48,11 +58,17 @@ async fn a_client_that_never_reads_is_dealt_with_while_a_fast_client_gets_every_
     assert_eq!(received, EVENTS);
 
     // The slow client was told it lagged or was closed; it did not get 12 MB queued for it.
-    eventually("the slow client to be dealt with", Duration::from_secs(15), || async {
-        let lagged = n.metric("switchboard_notifier_lagged_total").await;
-        let closed = n.metric("switchboard_notifier_slow_clients_closed_total").await;
-        (lagged + closed >= 1.0).then_some(())
-    })
+    eventually(
+        "the slow client to be dealt with",
+        Duration::from_secs(15),
+        || async {
+            let lagged = n.metric("switchboard_notifier_lagged_total").await;
+            let closed = n
+                .metric("switchboard_notifier_slow_clients_closed_total")
+                .await;
+            (lagged + closed >= 1.0).then_some(())
+        },
+    )
     .await;
     let mut statuses = 0;
     let mut dealt_with = false;
@@ -67,8 +83,14 @@ async fn a_client_that_never_reads_is_dealt_with_while_a_fast_client_gets_every_
             Ok(_) => {}
         }
     }
-    assert!(dealt_with, "the slow client was neither told it lagged nor closed");
-    assert!(statuses < EVENTS, "the slow client cannot have been sent everything");
+    assert!(
+        dealt_with,
+        "the slow client was neither told it lagged nor closed"
+    );
+    assert!(
+        statuses < EVENTS,
+        "the slow client cannot have been sent everything"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,10 +101,16 @@ async fn a_thousand_sockets_each_receive_an_event() {
     for _ in 0..SOCKETS / 100 {
         sockets.extend(join_all((0..100).map(|_| n.connect(""))).await);
     }
-    join_all(sockets.iter_mut().map(|ws| async move { assert_eq!(next(ws).await["type"], "snapshot") })).await;
+    join_all(
+        sockets
+            .iter_mut()
+            .map(|ws| async move { assert_eq!(next(ws).await["type"], "snapshot") }),
+    )
+    .await;
 
     let published = Instant::now();
-    n.publish(&event("fanout-1", 1, CallState::InProgress)).await;
+    n.publish(&event("fanout-1", 1, CallState::InProgress))
+        .await;
     let latencies = join_all(sockets.iter_mut().map(|ws| async move {
         let frame = next(ws).await;
         assert_eq!(frame["call_id"], "fanout-1");

@@ -43,7 +43,13 @@ pub async fn start(env: TestEnv, customize: impl FnOnce(&mut NotifierConfig)) ->
     let stop = CancellationToken::new();
     let task = Some(tokio::spawn(app.run_until_stopped(stop.clone())));
     let js = env.jetstream().await;
-    Notifier { env, url, stop, task, js }
+    Notifier {
+        env,
+        url,
+        stop,
+        task,
+        js,
+    }
 }
 
 impl Drop for Notifier {
@@ -87,9 +93,14 @@ impl Notifier {
     /// Waits until the hub has applied `count` events (a connection made before that gets a
     /// snapshot without them, and the events right after it, live).
     pub async fn wait_applied(&self, count: usize) {
-        common::testing::eventually("the hub to apply the events", Duration::from_secs(10), || async {
-            (self.metric("switchboard_notifier_events_total").await >= count as f64).then_some(())
-        })
+        common::testing::eventually(
+            "the hub to apply the events",
+            Duration::from_secs(10),
+            || async {
+                (self.metric("switchboard_notifier_events_total").await >= count as f64)
+                    .then_some(())
+            },
+        )
         .await;
     }
 
@@ -101,7 +112,12 @@ impl Notifier {
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.url)).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(format!("http://{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())

@@ -18,11 +18,20 @@ async fn a_socket_gets_a_snapshot_then_every_change_in_order() {
     assert_eq!(snapshot["type"], "snapshot");
     assert_eq!(snapshot["reset"], false);
     assert_eq!(snapshot["calls"].as_array().unwrap().len(), 2);
-    let c1 = snapshot["calls"].as_array().unwrap().iter().find(|c| c["call_id"] == "c1").unwrap();
+    let c1 = snapshot["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["call_id"] == "c1")
+        .unwrap();
     assert_eq!(c1["state"], "IN_PROGRESS");
     let mut seq = snapshot["seq"].as_u64().unwrap();
 
-    for (version, state) in [(2, CallState::Completed), (3, CallState::ProcessingAi), (4, CallState::Archived)] {
+    for (version, state) in [
+        (2, CallState::Completed),
+        (3, CallState::ProcessingAi),
+        (4, CallState::Archived),
+    ] {
         n.publish(&event("c1", version, state)).await;
         let frame = next(&mut ws).await;
         assert_eq!(frame["type"], "status");
@@ -37,7 +46,10 @@ async fn a_socket_gets_a_snapshot_then_every_change_in_order() {
     n.publish(&event("c1", 2, CallState::Completed)).await;
     n.publish(&event("c1", 5, CallState::Failed)).await;
     let frame = next(&mut ws).await;
-    assert_eq!((frame["version"].as_i64(), frame["state"].as_str()), (Some(5), Some("FAILED")));
+    assert_eq!(
+        (frame["version"].as_i64(), frame["state"].as_str()),
+        (Some(5), Some("FAILED"))
+    );
 }
 
 #[tokio::test]
@@ -49,11 +61,19 @@ async fn sockets_can_be_limited_by_query_and_by_subscribe_messages() {
 
     let mut only_a = n.connect("?call_id=a").await;
     let snapshot = next(&mut only_a).await;
-    let ids: Vec<&str> = snapshot["calls"].as_array().unwrap().iter().map(|c| c["call_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = snapshot["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["call_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["a"]);
 
     let mut switcher = n.connect("").await;
-    assert_eq!(next(&mut switcher).await["calls"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        next(&mut switcher).await["calls"].as_array().unwrap().len(),
+        2
+    );
     send(&mut switcher, r#"{"type":"subscribe","call_ids":["b"]}"#).await;
     let view = next(&mut switcher).await;
     assert_eq!(view["type"], "snapshot");
@@ -75,13 +95,19 @@ async fn sockets_can_be_limited_by_query_and_by_subscribe_messages() {
     assert_eq!(to_switcher["call_id"], "b");
 
     send(&mut switcher, r#"{"type":"unsubscribe","call_ids":["b"]}"#).await;
-    assert_eq!(next(&mut switcher).await["calls"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        next(&mut switcher).await["calls"].as_array().unwrap().len(),
+        0
+    );
     n.publish(&event("b", 3, CallState::ProcessingAi)).await;
     n.publish(&event("a", 3, CallState::ProcessingAi)).await;
     assert_eq!(next(&mut only_a).await["version"], 3);
     // The switcher follows nothing now: the only thing it could get is a ping.
     let quiet = tokio::time::timeout(Duration::from_millis(300), switcher.next()).await;
-    assert!(quiet.is_err(), "nothing for a socket that follows no call: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "nothing for a socket that follows no call: {quiet:?}"
+    );
 }
 
 #[tokio::test]
@@ -106,22 +132,32 @@ async fn a_resume_with_since_gets_exactly_the_changes_it_missed() {
         for _ in 0..3 {
             let f = next(&mut ws).await;
             assert_eq!(f["type"], "status", "a replay, not a snapshot: {f}");
-            frames.push((f["call_id"].as_str().unwrap().to_owned(), f["version"].as_i64().unwrap()));
+            frames.push((
+                f["call_id"].as_str().unwrap().to_owned(),
+                f["version"].as_i64().unwrap(),
+            ));
         }
         frames
     };
-    assert_eq!(missed, [("r1".into(), 3), ("r2".into(), 1), ("r1".into(), 4)]);
+    assert_eq!(
+        missed,
+        [("r1".into(), 3), ("r2".into(), 1), ("r1".into(), 4)]
+    );
     // Then live, with nothing repeated.
     n.publish(&event("r2", 2, CallState::Completed)).await;
     let live = next(&mut ws).await;
-    assert_eq!((live["call_id"].as_str(), live["version"].as_i64()), (Some("r2"), Some(2)));
+    assert_eq!(
+        (live["call_id"].as_str(), live["version"].as_i64()),
+        (Some("r2"), Some(2))
+    );
 }
 
 #[tokio::test]
 async fn a_resume_from_too_long_ago_gets_a_fresh_snapshot_marked_reset() {
     let n = notifier(|c| c.replay_events = 2).await;
     for i in 0..5 {
-        n.publish(&event(&format!("old-{i}"), 1, CallState::InProgress)).await;
+        n.publish(&event(&format!("old-{i}"), 1, CallState::InProgress))
+            .await;
     }
     n.wait_applied(5).await;
 
@@ -137,7 +173,9 @@ async fn a_resume_from_too_long_ago_gets_a_fresh_snapshot_marked_reset() {
 async fn bad_query_parameters_are_refused_with_a_json_error() {
     let n = notifier(|_| {}).await;
     for query in ["?since=abc", "?call_id=a.b", "?colour=red"] {
-        let response = reqwest::get(format!("http://{}/ws{query}", n.url)).await.unwrap();
+        let response = reqwest::get(format!("http://{}/ws{query}", n.url))
+            .await
+            .unwrap();
         assert_eq!(response.status(), 400, "{query}");
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_parameter", "{query}");
@@ -156,7 +194,10 @@ async fn sigterm_sends_every_socket_a_going_away_close_and_exits_in_time() {
 
     n.stop.cancel();
     let close = loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a close frame") {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a close frame")
+        {
             Some(Ok(Message::Close(frame))) => break frame,
             Some(Ok(_)) => continue,
             other => panic!("expected a close frame, got {other:?}"),
@@ -187,9 +228,11 @@ async fn a_peer_that_stops_answering_pings_is_closed() {
         while let Some(Ok(_)) = alive.next().await {}
         "closed"
     });
-    eventually("the mute peer to be closed", Duration::from_secs(10), || async {
-        (n.metric("switchboard_notifier_clients").await == 1.0).then_some(())
-    })
+    eventually(
+        "the mute peer to be closed",
+        Duration::from_secs(10),
+        || async { (n.metric("switchboard_notifier_clients").await == 1.0).then_some(()) },
+    )
     .await;
     assert!(!reader.is_finished(), "the answering peer stays connected");
     drop(mute);

@@ -1,0 +1,248 @@
+//! The main job end to end: ingest, transcriber and notifier as separate OS processes (the
+//! real binaries) against real Postgres and NATS with a unique prefix, the simulated AI at its
+//! default 25% failure rate with short latencies, and `pbx simulate` over 100 calls with loss,
+//! duplicates and reordering. Then SIGTERM to all three: each exits cleanly within its deadline.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::testing::{TestEnv, eventually};
+
+/// The workspace's binaries live next to this test's `deps/` folder.
+fn binary(name: &str) -> PathBuf {
+    if name == "pbx" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_pbx"));
+    }
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --bins`; scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Service {
+    name: &'static str,
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Service {
+    fn start(
+        name: &'static str,
+        env: &TestEnv,
+        extra: &[(&str, String)],
+        log_dir: &std::path::Path,
+    ) -> Self {
+        let port = free_port();
+        let log = log_dir.join(format!("{name}.log"));
+        let mut command = Command::new(binary(name));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &env.config.database_url)
+            .env("NATS_URL", &env.config.nats_url)
+            .env("SWITCHBOARD_PREFIX", env.config.prefix.as_str())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env(
+                format!("{}_ADDR", name.to_ascii_uppercase()),
+                format!("127.0.0.1:{port}"),
+            )
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit());
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} starts: {e}"));
+        Service {
+            name,
+            child,
+            port,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM, then the time it took to exit and whether it exited cleanly.
+    fn terminate(&mut self) -> (Duration, bool) {
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {}", self.name);
+        loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                return (started.elapsed(), exit.success());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} ignored SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+async fn wait_ready(service: &Service, client: &reqwest::Client) {
+    eventually(
+        &format!("{} to be ready", service.name),
+        Duration::from_secs(60),
+        || async {
+            let ready = client.get(format!("{}/readyz", service.url())).send().await;
+            ready.is_ok_and(|r| r.status() == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lost() {
+    common::tls::install_crypto_provider();
+    let env = TestEnv::new().await;
+    let log_dir = std::env::temp_dir().join(format!("switchboard-e2e-{}", env.config.prefix));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let mut ingest = Service::start("ingest", &env, &[], &log_dir);
+    let mut transcriber = Service::start(
+        "transcriber",
+        &env,
+        &[
+            ("AI_LATENCY_MS", "5-30".into()),
+            ("TRANSCRIBE_BACKOFF_BASE_MS", "20".into()),
+            ("TRANSCRIBE_BACKOFF_MAX_MS", "200".into()),
+            ("TRANSCRIBE_MAX_ATTEMPTS", "15".into()),
+        ],
+        &log_dir,
+    );
+    let mut notifier = Service::start("notifier", &env, &[], &log_dir);
+    let client = reqwest::Client::new();
+    for service in [&ingest, &transcriber, &notifier] {
+        wait_ready(service, &client).await;
+    }
+
+    let output = tokio::process::Command::new(binary("pbx"))
+        .args([
+            "--ingest-url",
+            &ingest.url(),
+            "--notifier-url",
+            &notifier.url(),
+            "simulate",
+            "--calls",
+            "100",
+            "--packets",
+            "40",
+            "--concurrency",
+            "20",
+            "--rate",
+            "0",
+            "--loss",
+            "0.05",
+            "--duplicates",
+            "0.05",
+            "--reorder",
+            "0.05",
+            "--seed",
+            "42",
+            "--timeout-secs",
+            "120",
+            "--json",
+        ])
+        .output()
+        .await
+        .expect("pbx runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pbx simulate failed ({}): {stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    assert_eq!(summary["calls"], 100);
+    assert_eq!(
+        summary["final_states"],
+        serde_json::json!({"ARCHIVED": 100}),
+        "{summary}"
+    );
+    assert_eq!(summary["unfinished"], 0);
+    assert_eq!(summary["lost_packets"], 0);
+    assert_eq!(
+        summary["missing_mismatches"], 0,
+        "reported missing ranges match the drops"
+    );
+    assert!(
+        summary["packets_dropped_by_simulator"].as_u64().unwrap() > 0,
+        "the run had losses"
+    );
+    assert!(
+        summary["duplicates_reported"].as_u64().unwrap() > 0,
+        "the run had duplicates"
+    );
+    // Every accepted packet is in Postgres.
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM packets")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored as u64, summary["packets_accepted"].as_u64().unwrap());
+    let retried: i64 = sqlx::query_scalar("SELECT count(*) FROM calls WHERE ai_attempts > 1")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(retried > 0, "a 25% failure rate made some calls retry");
+
+    // SIGTERM: each exits cleanly within its deadline.
+    for (service, deadline) in [
+        (&mut ingest, Duration::from_secs(10)),
+        (&mut transcriber, Duration::from_secs(25)),
+        (&mut notifier, Duration::from_secs(10)),
+    ] {
+        let (took, clean) = service.terminate();
+        let log = std::fs::read_to_string(&service.log).unwrap_or_default();
+        assert!(
+            clean,
+            "{} exited with an error; its log:\n{log}",
+            service.name
+        );
+        assert!(took < deadline, "{} took {took:?} to stop", service.name);
+        assert!(
+            log.contains("stopped"),
+            "{} logged its clean stop",
+            service.name
+        );
+    }
+    std::fs::remove_dir_all(&log_dir).ok();
+}
