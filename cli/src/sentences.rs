@@ -57,7 +57,7 @@ pub fn packet_data(words: &[&'static str], sequence: usize, packets: usize) -> &
         return words.get(sequence).copied().unwrap_or("");
     }
     let spacing = packets / words.len();
-    if sequence % spacing == 0 {
+    if sequence.is_multiple_of(spacing) {
         words.get(sequence / spacing).copied().unwrap_or("")
     } else {
         ""

@@ -254,7 +254,8 @@ pub async fn run(
     follower.abort();
     calls_bar.finish();
 
-    let summary = summarise(ingest, &calls, &finals.lock().unwrap(), planned, started).await?;
+    let finals = finals.lock().unwrap().clone();
+    let summary = summarise(ingest, &calls, &finals, planned, started).await?;
     if options.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -28,6 +28,8 @@ pub enum Command {
     Migrate,
     /// Serve the API (the default).
     Serve,
+    /// Exit 0 if the ingest on INGEST_ADDR answers /healthz (for container health checks).
+    Healthcheck,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 use ingest::{
     App,
@@ -5,8 +7,13 @@ use ingest::{
 };
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if let Some(Command::Healthcheck) = cli.command {
+        return Ok(common::http::exit_code(
+            common::http::probe_health(cli.config.addr).await,
+        ));
+    }
     common::telemetry::init(cli.config.common.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
@@ -18,14 +25,16 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             common::db::migrate(&pool).await?;
             tracing::info!("migrations applied");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Serve => {
             let shutdown = common::shutdown::on_signal();
             App::build(cli.config)
                 .await?
                 .run_until_stopped(shutdown)
-                .await
+                .await?;
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Healthcheck => unreachable!("answered before logging starts"),
     }
 }
