@@ -237,3 +237,45 @@ async fn a_peer_that_stops_answering_pings_is_closed() {
     assert!(!reader.is_finished(), "the answering peer stays connected");
     drop(mute);
 }
+
+#[tokio::test]
+async fn a_client_resumes_exactly_on_another_replica() {
+    let first = notifier(|_| {}).await;
+    // A second replica behind the same load balancer: same NATS, same prefix.
+    let config = first.env.config.clone();
+    let second =
+        crate::helpers::start(common::testing::TestEnv::new().await, |c| c.common = config).await;
+    first
+        .publish(&event("lb-1", 1, CallState::InProgress))
+        .await;
+    first.wait_applied(1).await;
+    let mut ws = first.connect("").await;
+    let seen = next(&mut ws).await["seq"].as_u64().unwrap();
+    drop(ws);
+
+    first.publish(&event("lb-1", 2, CallState::Completed)).await;
+    first
+        .publish(&event("lb-2", 1, CallState::InProgress))
+        .await;
+    second.wait_applied(3).await;
+    let mut ws = second.connect(&format!("?since={seen}")).await;
+
+    let a = next(&mut ws).await;
+    let b = next(&mut ws).await;
+    assert_eq!(
+        (
+            a["type"].as_str(),
+            a["call_id"].as_str(),
+            a["version"].as_i64()
+        ),
+        (Some("status"), Some("lb-1"), Some(2))
+    );
+    assert_eq!(
+        (
+            b["type"].as_str(),
+            b["call_id"].as_str(),
+            b["version"].as_i64()
+        ),
+        (Some("status"), Some("lb-2"), Some(1))
+    );
+}
