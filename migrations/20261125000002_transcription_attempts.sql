@@ -7,7 +7,11 @@ ALTER TABLE calls
     -- held waits. Cleared when the attempt ends; expires if the worker dies.
     ADD COLUMN ai_lease_until TIMESTAMPTZ,
     -- When the next AI attempt is due after a retryable failure.
-    ADD COLUMN next_attempt_at TIMESTAMPTZ;
+    ADD COLUMN next_attempt_at TIMESTAMPTZ,
+    -- Set once a transcriber has decided to give up ('permanent' error or attempts
+    -- 'exhausted') and before it dead-letters the call, so that a redelivery finishes the
+    -- give-up instead of calling the AI again. Cleared when the call becomes FAILED.
+    ADD COLUMN ai_give_up TEXT CHECK (ai_give_up IN ('permanent', 'exhausted'));
 
 CREATE TABLE transcription_attempts (
     call_id         TEXT NOT NULL REFERENCES calls (call_id) ON DELETE CASCADE,

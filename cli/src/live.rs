@@ -1,19 +1,32 @@
-//! Following the notifier's WebSocket: frames as they come, and a resume with `since` after
-//! a disconnect.
+//! Following the notifier's WebSocket: frames as they come, and a resume with `since` (and the
+//! stream it belongs to) after a disconnect.
 
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{Message, protocol::WebSocketConfig},
+};
+
+/// More calls than this are subscribed to by message rather than in the URL.
+const IDS_IN_URL: usize = 50;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 pub struct Live {
     base: String,
     socket: Option<WebSocketStream<MaybeTlsStream<TcpStream>>>,
     /// The last stream sequence seen: where a reconnect resumes.
     last_seq: Option<u64>,
+    /// The stream those sequences belong to (from the last snapshot).
+    stream: Option<String>,
+    /// The calls followed (all when empty).
+    call_ids: Vec<String>,
+    /// Grows while reconnects fail or end at once; reset by a frame.
+    backoff: Duration,
 }
 
 impl Live {
@@ -27,40 +40,83 @@ impl Live {
             base,
             socket: None,
             last_seq: None,
+            stream: None,
+            call_ids: Vec::new(),
+            backoff: FIRST_BACKOFF,
         }
     }
 
+    /// Connects, following `call_ids` (every call when empty), resuming after the last
+    /// sequence seen if there is one.
     pub async fn connect(&mut self, call_ids: &[String]) -> anyhow::Result<()> {
-        let mut query: Vec<String> = call_ids.iter().map(|id| format!("call_id={id}")).collect();
+        self.call_ids = call_ids.to_vec();
+        let in_url = if call_ids.len() > IDS_IN_URL {
+            &call_ids[..1]
+        } else {
+            call_ids
+        };
+        let mut query: Vec<String> = in_url.iter().map(|id| format!("call_id={id}")).collect();
         if let Some(seq) = self.last_seq {
             query.push(format!("since={seq}"));
+            if let Some(stream) = &self.stream {
+                query.push(format!("stream={stream}"));
+            }
         }
         let url = if query.is_empty() {
             format!("{}/ws", self.base)
         } else {
             format!("{}/ws?{}", self.base, query.join("&"))
         };
-        let (socket, _) = tokio_tungstenite::connect_async(&url)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the notifier at {}: is it running? try ./scripts/up",
-                    self.base
-                )
-            })?;
+        // A snapshot of every call in the retention window can be large.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(512 << 20))
+            .max_frame_size(Some(512 << 20));
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_with_config(&url, Some(config), false)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot reach the notifier at {}: is it running? try ./scripts/up",
+                        self.base
+                    )
+                })?;
+        if call_ids.len() > IDS_IN_URL {
+            // Too many for a URL: subscribe by message (the answer is a snapshot of them).
+            let subscribe = serde_json::json!({"type": "subscribe", "call_ids": call_ids});
+            socket
+                .send(Message::Text(subscribe.to_string().into()))
+                .await
+                .context("subscribing to the calls")?;
+        }
         self.socket = Some(socket);
         Ok(())
     }
 
-    /// The next snapshot, status or lagged frame; `None` if the connection ended.
+    /// The next snapshot, status, lagged or error frame; `None` if the connection ended.
     pub async fn next(&mut self) -> Option<Value> {
         let socket = self.socket.as_mut()?;
         loop {
             match socket.next().await {
                 Some(Ok(Message::Text(text))) => {
-                    let frame: Value = serde_json::from_str(&text).ok()?;
-                    if let Some(seq) = frame["seq"].as_u64() {
-                        self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
+                    let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                        continue;
+                    };
+                    self.backoff = FIRST_BACKOFF;
+                    let seq = frame["seq"].as_u64();
+                    match frame["type"].as_str() {
+                        // A snapshot replaces the view: its sequence (and stream) is where we
+                        // are now, even if lower than before (another replica, a new stream).
+                        Some("snapshot") => {
+                            self.last_seq = seq;
+                            self.stream = frame["stream"].as_str().map(str::to_owned);
+                        }
+                        Some("status") => {
+                            if let Some(seq) = seq {
+                                self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
+                            }
+                        }
+                        Some("heartbeat") => continue,
+                        _ => {}
                     }
                     return Some(frame);
                 }
@@ -73,22 +129,19 @@ impl Live {
         }
     }
 
-    /// Reconnects (resuming after the last sequence seen), trying for up to `patience`.
-    pub async fn reconnect(
-        &mut self,
-        call_ids: &[String],
-        patience: Duration,
-    ) -> anyhow::Result<()> {
+    /// Reconnects to the same calls (resuming after the last sequence seen), with a growing
+    /// pause between tries (also when connections end as soon as they open), for up to
+    /// `patience`.
+    pub async fn reconnect(&mut self, patience: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + patience;
-        let mut wait = Duration::from_millis(200);
+        let call_ids = self.call_ids.clone();
         loop {
-            match self.connect(call_ids).await {
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+            match self.connect(&call_ids).await {
                 Ok(()) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() + wait > deadline => return Err(e),
-                Err(_) => {
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
+                Err(e) if tokio::time::Instant::now() + self.backoff > deadline => return Err(e),
+                Err(_) => {}
             }
         }
     }

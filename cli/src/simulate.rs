@@ -100,6 +100,13 @@ fn plan(call_id: String, options: &Options, rng: &mut StdRng) -> Plan {
         }
         sends.push((seq as i64, data, rng.random_bool(options.duplicates)));
     }
+    if sends.is_empty()
+        && let Some(last) = dropped.pop_last()
+    {
+        // A call needs one packet to exist: keep the last one.
+        let data = sentences::packet_data(&words, last as usize, options.packets);
+        sends.push((last, data, false));
+    }
     let mut i = 0;
     while i + 1 < sends.len() {
         if rng.random_bool(options.reorder) {
@@ -188,7 +195,8 @@ pub async fn run(
     // Follow the notifier first, so no change is missed.
     let finals: Arc<Mutex<HashMap<String, Final>>> = Arc::default();
     let mut live = Live::new(&endpoints.notifier_url);
-    live.connect(&[]).await?;
+    let ids: Vec<String> = plans.iter().map(|p| p.call_id.clone()).collect();
+    live.connect(&ids).await?;
     let bars =
         MultiProgress::with_draw_target(if std::io::stderr().is_terminal() && !options.json {
             ProgressDrawTarget::stderr()
@@ -216,7 +224,7 @@ pub async fn run(
                 match live.next().await {
                     Some(frame) => record(&frame, &prefix, &finals, &calls_bar),
                     None => {
-                        if live.reconnect(&[], Duration::from_secs(60)).await.is_err() {
+                        if live.reconnect(Duration::from_secs(60)).await.is_err() {
                             return;
                         }
                     }
@@ -249,6 +257,11 @@ pub async fn run(
     // Wait for every call to be final.
     let deadline = Instant::now() + Duration::from_secs(options.timeout_secs);
     while finals.lock().unwrap().len() < options.calls && Instant::now() < deadline {
+        anyhow::ensure!(
+            !follower.is_finished(),
+            "lost the notifier at {} and could not reconnect for 60 s",
+            endpoints.notifier_url
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     follower.abort();
@@ -286,17 +299,15 @@ fn record(frame: &Value, prefix: &str, finals: &Mutex<HashMap<String, Final>>, b
         }
         let mut finals = finals.lock().unwrap();
         if matches!(state, "ARCHIVED" | "FAILED") {
-            if !finals.contains_key(id) {
+            // The first time only: a later snapshot repeats it and must not move the time.
+            finals.entry(id.to_owned()).or_insert_with(|| {
                 bar.inc(1);
-            }
-            finals.insert(
-                id.to_owned(),
                 Final {
                     state: state.to_owned(),
                     attempts: call["ai_attempts"].as_i64().unwrap_or(0),
                     seen_at: Instant::now(),
-                },
-            );
+                }
+            });
         } else if finals.remove(id).is_some() {
             // Re-driven after FAILED: not final any more.
             bar.set_position(bar.position().saturating_sub(1));
@@ -502,6 +513,14 @@ mod tests {
             .collect();
         all.sort();
         assert_eq!(all, (0..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_call_always_sends_at_least_one_packet() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let p = plan("c".into(), &options(1.0, 0.0, 0.0), &mut rng);
+        assert_eq!(p.sends.len(), 1);
+        assert_eq!(p.dropped.len(), 199);
     }
 
     #[test]

@@ -23,8 +23,7 @@ pub async fn run(endpoints: &Endpoints, options: Options) -> anyhow::Result<Exit
     loop {
         let Some(frame) = live.next().await else {
             eprintln!("pbx: the notifier went away; reconnecting…");
-            live.reconnect(&options.calls, Duration::from_secs(300))
-                .await?;
+            live.reconnect(Duration::from_secs(300)).await?;
             continue;
         };
         if options.json {

@@ -23,14 +23,19 @@ pub enum Completion {
     Completed(CallRow),
     /// The call had already left `IN_PROGRESS`: nothing changed, nothing was published.
     AlreadyDone(CallRow),
+    /// Asked to complete an idle call, but a packet arrived since: it keeps streaming.
+    NoLongerIdle,
 }
 
-/// `IN_PROGRESS -> COMPLETED`, idempotently, then the work item and the status event.
+/// `IN_PROGRESS -> COMPLETED`, idempotently, then the work item and the status event. With
+/// `only_if_idle`, only if no packet arrived for that long (checked under the row lock: the
+/// idle reaper's list may be stale by the time it gets to a call).
 pub async fn complete_call(
     publisher: &Publisher,
     call_id: &CallId,
     total_packets: Option<i64>,
     reason: &str,
+    only_if_idle: Option<std::time::Duration>,
 ) -> Result<Completion, ApiError> {
     let mut tx = publisher
         .pool
@@ -39,16 +44,23 @@ pub async fn complete_call(
         .map_err(ApiError::database_connect)?;
     // Waits for an in-flight packet batch of this call to commit: every packet accepted
     // before the completion is in the call, every one after it gets 409.
-    let current: Option<(String, Option<i64>)> = sqlx::query_as(
-        "SELECT state, last_sequence FROM calls WHERE call_id = $1 FOR NO KEY UPDATE",
+    let current: Option<(String, Option<i64>, bool)> = sqlx::query_as(
+        "SELECT state, last_sequence, \
+                ($2::float8 IS NULL OR last_packet_at < now() - make_interval(secs => $2)) \
+         FROM calls WHERE call_id = $1 FOR NO KEY UPDATE",
     )
     .bind(call_id.as_str())
+    .bind(only_if_idle.map(|d| d.as_secs_f64()))
     .fetch_optional(&mut *tx)
     .await
     .map_err(ApiError::database)?;
-    let Some((state, last_sequence)) = current else {
+    let Some((state, last_sequence, idle_enough)) = current else {
         return Err(ApiError::CallNotFound(call_id.clone()));
     };
+    if !idle_enough && state == CallState::InProgress.as_str() {
+        tx.rollback().await.map_err(ApiError::database)?;
+        return Ok(Completion::NoLongerIdle);
+    }
     if state != CallState::InProgress.as_str() {
         tx.rollback().await.map_err(ApiError::database)?;
         return already_done(publisher, call_id).await;
@@ -126,6 +138,7 @@ pub async fn retry_call(
         tx.rollback().await.map_err(ApiError::database)?;
         return match already_done(publisher, call_id).await? {
             Completion::AlreadyDone(row) | Completion::Completed(row) => Ok(Err(row.state)),
+            Completion::NoLongerIdle => unreachable!("already_done never answers NoLongerIdle"),
         };
     };
     tx.commit().await.map_err(ApiError::database)?;

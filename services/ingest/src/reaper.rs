@@ -43,9 +43,11 @@ pub async fn reap_once(publisher: &Publisher, idle_timeout: Duration) -> anyhow:
     let mut completed = 0;
     for id in idle {
         let call_id = CallId::parse(id)?;
-        match lifecycle::complete_call(publisher, &call_id, None, IDLE_TIMEOUT).await {
+        match lifecycle::complete_call(publisher, &call_id, None, IDLE_TIMEOUT, Some(idle_timeout))
+            .await
+        {
             Ok(lifecycle::Completion::Completed(_)) => completed += 1,
-            Ok(lifecycle::Completion::AlreadyDone(_)) => {}
+            Ok(lifecycle::Completion::AlreadyDone(_) | lifecycle::Completion::NoLongerIdle) => {}
             Err(e) => {
                 tracing::warn!(call.id = %call_id, error.message = %e, "cannot complete idle call")
             }

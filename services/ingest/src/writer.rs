@@ -10,10 +10,11 @@
 //!
 //! Correctness under races comes from Postgres, not from this task: calls are created with
 //! `INSERT .. ON CONFLICT DO NOTHING` (concurrent first packets, even on several replicas,
-//! create one call), the batch locks its calls (`FOR NO KEY UPDATE`, in call-id order so two
-//! replicas cannot deadlock) before checking they are `IN_PROGRESS`, so a completion either
-//! commits before the batch (its packets get 409) or waits for it (its packets are in), and
-//! packets are unique per (call, sequence).
+//! create one call), the batch locks its calls (`FOR NO KEY UPDATE`, existing calls in call-id
+//! order) before checking they are `IN_PROGRESS`, so a completion either commits before the
+//! batch (its packets get 409) or waits for it (its packets are in), and packets are unique per
+//! (call, sequence). Calls created concurrently by two replicas can still be locked in
+//! opposite orders; Postgres then aborts one batch as a deadlock and the writer runs it again.
 
 use std::collections::HashMap;
 
@@ -35,6 +36,11 @@ use crate::error::is_database_unavailable;
 /// Most missing ranges returned with one packet's answer (the full list is on
 /// `GET /v1/call/{id}`); bounds the response size of a call with heavy loss.
 pub const MAX_MISSING_RANGES_IN_RESPONSE: i64 = 1000;
+
+/// Highest sequence (and `total_packets`) accepted: 50 packets a second for over three weeks.
+/// Far below `i64::MAX`, so sequence arithmetic never overflows and a call's audio stays a
+/// size the transcriber can assemble.
+pub const MAX_SEQUENCE: i64 = 100_000_000;
 
 /// Packets queued for the writer at most; beyond that, requests wait (backpressure).
 const QUEUE_CAPACITY: usize = 16_384;
@@ -100,6 +106,11 @@ impl BatchFailure {
     fn is_unavailable(&self) -> bool {
         self.connecting || is_database_unavailable(&self.error)
     }
+
+    /// A deadlock (40P01) or serialization failure (40001): running it again will do.
+    fn is_conflict(&self) -> bool {
+        matches!(&self.error, sqlx::Error::Database(e) if matches!(e.code().as_deref(), Some("40P01") | Some("40001")))
+    }
 }
 
 impl From<sqlx::Error> for BatchFailure {
@@ -154,7 +165,7 @@ async fn write_batch(pool: &PgPool, publisher: &Publisher, jobs: Vec<Job>) {
     let started = Instant::now();
     let (packets, replies): (Vec<NewPacket>, Vec<_>) =
         jobs.into_iter().map(|job| (job.packet, job.reply)).unzip();
-    let results = match commit_batch(pool, &packets).await {
+    let results = match commit_with_retry(pool, &packets).await {
         Ok(batch) => {
             announce(publisher, batch.created);
             batch.results
@@ -205,6 +216,25 @@ struct BatchOutcome {
     results: Vec<Result<Stored, WriteError>>,
     /// Calls this batch created, with their status events to publish.
     created: Vec<Recorded>,
+}
+
+/// A batch that loses a deadlock (two replicas creating the same new calls in opposite
+/// orders, which Postgres resolves by aborting one of them) is simply run again.
+async fn commit_with_retry(
+    pool: &PgPool,
+    packets: &[NewPacket],
+) -> Result<BatchOutcome, BatchFailure> {
+    let mut tries = 0;
+    loop {
+        match commit_batch(pool, packets).await {
+            Err(failure) if tries < 3 && failure.is_conflict() => {
+                tries += 1;
+                metrics::counter!("switchboard_ingest_batch_retries_total").increment(1);
+                tracing::info!(error.message = %failure.error, "packet batch lost a lock conflict; running it again");
+            }
+            result => return result,
+        }
+    }
 }
 
 async fn commit_batch(pool: &PgPool, packets: &[NewPacket]) -> Result<BatchOutcome, BatchFailure> {

@@ -99,6 +99,9 @@ struct State {
     /// `recent` (or was dropped as stale, which a client would drop too).
     floor: u64,
     last_seq: u64,
+    /// Identifies the stream the sequences belong to (its creation time): a client resuming
+    /// with sequences of another stream gets a fresh snapshot.
+    stream_id: String,
 }
 
 pub struct Hub {
@@ -161,16 +164,19 @@ impl Hub {
         metrics::counter!("switchboard_notifier_events_total").increment(1);
     }
 
-    /// Where a new socket starts, and its subscription to what follows.
+    /// Where a new socket starts, and its subscription to what follows. `stream` is the
+    /// stream identity the client's `since` belongs to, when it knows it.
     pub fn join(
         &self,
         filter: &Filter,
         since: Option<u64>,
+        stream: Option<&str>,
     ) -> (Start, broadcast::Receiver<Arc<Update>>) {
         let state = self.state.read().expect("hub lock");
         let rx = self.tx.subscribe();
+        let same_stream = stream.is_none_or(|id| id == state.stream_id);
         let start = match since {
-            Some(n) if n <= state.last_seq && n + 1 >= state.floor => Start::Replay(
+            Some(n) if same_stream && n <= state.last_seq && n + 1 >= state.floor => Start::Replay(
                 state
                     .recent
                     .iter()
@@ -187,6 +193,11 @@ impl Hub {
         (start, rx)
     }
 
+    /// The identity of the stream the sequences belong to.
+    pub fn stream_id(&self) -> String {
+        self.state.read().expect("hub lock").stream_id.clone()
+    }
+
     /// A fresh snapshot (after a lag or a change of subscriptions) and its sequence.
     pub fn snapshot(&self, filter: &Filter) -> (u64, Vec<Arc<Update>>) {
         let state = self.state.read().expect("hub lock");
@@ -200,7 +211,9 @@ impl Hub {
         state.latest.retain(|_, u| u.at >= cutoff);
     }
 
-    /// Follows the status stream until `shutdown`: the process's one subscription.
+    /// Follows the status stream until `shutdown`: the process's one subscription. If the
+    /// subscription fails it is set up again (with backoff) and resumes after the last event
+    /// applied; `/readyz` reports not ready meanwhile.
     pub async fn follow(
         self: Arc<Self>,
         js: jetstream::Context,
@@ -208,28 +221,67 @@ impl Hub {
         retention: Duration,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.follow_once(&js, &subjects, retention, &shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.ready.send_replace(false);
+                    tracing::warn!(
+                        error.message = %e, error.cause_chain = ?e, retry_in_ms = backoff.as_millis() as u64,
+                        "status subscription lost; following again"
+                    );
+                    metrics::counter!("switchboard_notifier_resubscriptions_total").increment(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn follow_once(
+        &self,
+        js: &jetstream::Context,
+        subjects: &Subjects,
+        retention: Duration,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut stream = js
             .get_stream(subjects.stream_name(StreamKind::Status))
             .await
             .context("looking up the status stream")?;
-        let stream_state = stream
-            .info()
-            .await
-            .context("status stream info")?
-            .state
-            .clone();
-        let caught_up_at = stream_state.last_sequence;
-        {
+        let info = stream.info().await.context("status stream info")?.clone();
+        let stream_state = info.state.clone();
+        // A stream recreated since we last read it (purged, restored) starts its sequences
+        // again: everything we hold is from another stream.
+        let stream_id = info.created.unix_timestamp_nanos().to_string();
+        let resume_after = {
             let mut state = self.state.write().expect("hub lock");
-            state.floor = stream_state.first_sequence;
-            state.last_seq = state
-                .last_seq
-                .max(stream_state.first_sequence.saturating_sub(1));
-        }
+            if state.stream_id != stream_id {
+                *state = State {
+                    stream_id: stream_id.clone(),
+                    floor: stream_state.first_sequence,
+                    last_seq: stream_state.first_sequence.saturating_sub(1),
+                    ..State::default()
+                };
+            }
+            state.last_seq
+        };
+        let caught_up_at = stream_state.last_sequence;
+        let deliver_policy = if resume_after >= stream_state.first_sequence {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: resume_after + 1,
+            }
+        } else {
+            DeliverPolicy::All
+        };
         let consumer = stream
             .create_consumer(OrderedConfig {
                 filter_subject: subjects.all_status(),
-                deliver_policy: DeliverPolicy::All,
+                deliver_policy,
                 ..Default::default()
             })
             .await
@@ -238,7 +290,7 @@ impl Hub {
             .messages()
             .await
             .context("subscribing to status events")?;
-        if caught_up_at == 0 || stream_state.messages == 0 {
+        if resume_after >= caught_up_at {
             self.ready.send_replace(true);
         }
         let mut prune = tokio::time::interval(Duration::from_secs(60));
@@ -330,21 +382,25 @@ mod tests {
             hub.apply(seq, event(call, 1, CallState::InProgress));
         }
         // Only events 3..=5 are kept: resuming after 2 is exact, after 1 is not.
-        match hub.join(&Filter::All, Some(2)).0 {
+        match hub.join(&Filter::All, Some(2), None).0 {
             Start::Replay(updates) => {
                 assert_eq!(updates.iter().map(|u| u.seq).collect::<Vec<_>>(), [3, 4, 5])
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            hub.join(&Filter::All, Some(1)).0,
+            hub.join(&Filter::All, Some(1), None).0,
             Start::Snapshot { reset: true, .. }
         ));
         assert!(matches!(
-            hub.join(&Filter::All, Some(99)).0,
+            hub.join(&Filter::All, Some(99), None).0,
             Start::Snapshot { reset: true, .. }
         ));
-        match hub.join(&Filter::All, Some(5)).0 {
+        assert!(matches!(
+            hub.join(&Filter::All, Some(4), Some("another-stream")).0,
+            Start::Snapshot { reset: true, .. }
+        ));
+        match hub.join(&Filter::All, Some(5), None).0 {
             Start::Replay(updates) => assert!(updates.is_empty()),
             other => panic!("{other:?}"),
         }

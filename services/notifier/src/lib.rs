@@ -41,6 +41,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub ping_interval: Duration,
     pub send_timeout: Duration,
+    /// `STATUS_RETENTION_SECS`: how long a call stays in view.
+    pub retention: Duration,
 }
 
 /// A built notifier: connected, bound, not yet following or serving.
@@ -107,6 +109,7 @@ impl App {
             shutdown: shutdown.clone(),
             ping_interval: config.ping_interval(),
             send_timeout: config.send_timeout(),
+            retention: config.common.streams.status_retention(),
         };
         let sockets = state.sockets.clone();
         let router = Router::new()

@@ -45,6 +45,8 @@ enum ClientMessage {
 struct Params {
     call_ids: Option<HashSet<CallId>>,
     since: Option<u64>,
+    /// The `stream` of the snapshot `since` came from; another stream means a reset.
+    stream: Option<String>,
 }
 
 fn parse_params(raw: &[(String, String)]) -> Result<Params, String> {
@@ -96,7 +98,11 @@ pub async fn upgrade(
 
 struct Socket {
     sink: SplitSink<WebSocket, Message>,
+    hub: Arc<crate::hub::Hub>,
     send_timeout: Duration,
+    /// Told to clients in snapshots: how often to expect a heartbeat, how long calls stay.
+    heartbeat_secs: u64,
+    retention_secs: u64,
     /// The highest stream sequence this client has been given: nothing at or below it is
     /// sent again (after a resynchronisation the live queue may still hold such events).
     last_sent: u64,
@@ -128,8 +134,13 @@ impl Socket {
     }
 
     async fn snapshot(&mut self, seq: u64, calls: &[Arc<Update>], reset: bool) -> Result<(), Gone> {
-        let mut text =
-            format!("{{\"type\":\"snapshot\",\"seq\":{seq},\"reset\":{reset},\"calls\":[");
+        let mut text = format!(
+            "{{\"type\":\"snapshot\",\"seq\":{seq},\"reset\":{reset},\"stream\":\"{}\",\
+             \"heartbeat_secs\":{},\"retention_secs\":{},\"calls\":[",
+            self.hub.stream_id(),
+            self.heartbeat_secs,
+            self.retention_secs
+        );
         for (i, call) in calls.iter().enumerate() {
             if i > 0 {
                 text.push(',');
@@ -173,7 +184,10 @@ async fn run(socket: WebSocket, app: AppState, params: Params) {
     let (sink, mut stream) = socket.split();
     let mut socket = Socket {
         sink,
+        hub: app.hub.clone(),
         send_timeout: app.send_timeout,
+        heartbeat_secs: app.ping_interval.as_secs(),
+        retention_secs: app.retention.as_secs(),
         last_sent: 0,
     };
     let shutdown = app.shutdown.clone();
@@ -186,7 +200,9 @@ async fn run(socket: WebSocket, app: AppState, params: Params) {
         }
     }
     let mut filter = params.call_ids.map_or(Filter::All, Filter::Only);
-    let (start, mut rx) = app.hub.join(&filter, params.since);
+    let (start, mut rx) = app
+        .hub
+        .join(&filter, params.since, params.stream.as_deref());
     if params.since.is_some() {
         metrics::counter!("switchboard_notifier_resumes_total").increment(1);
     }
@@ -269,6 +285,12 @@ async fn run(socket: WebSocket, app: AppState, params: Params) {
                         break Err(Gone::TooSlow);
                     }
                     awaiting_pong = true;
+                    // Pings are invisible to browser code: a heartbeat frame lets the
+                    // dashboard notice a dead connection that never reported closing.
+                    let heartbeat = format!("{{\"type\":\"heartbeat\",\"seq\":{}}}", socket.last_sent);
+                    if let Err(gone) = socket.send(heartbeat).await {
+                        break Err(gone);
+                    }
                 }
             }
         },

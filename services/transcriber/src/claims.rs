@@ -38,10 +38,24 @@ pub enum Claim {
     Skip(CallState),
     /// Another worker holds the call; look again after this long.
     Busy { retry_in: Duration },
-    /// No attempts left (an earlier give-up did not finish): give up now.
-    Exhausted { attempts: i32, last_error: String },
+    /// No attempts left, or an earlier give-up did not finish: give up now.
+    Exhausted {
+        attempts: i32,
+        last_error: String,
+        permanent: bool,
+    },
     /// No such call.
     Unknown,
+}
+
+/// What a claim reads of the call, under its row lock.
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    state: String,
+    ai_attempts: i32,
+    lease_left_ms: Option<f64>,
+    last_error: Option<String>,
+    ai_give_up: Option<String>,
 }
 
 #[derive(Clone)]
@@ -57,15 +71,24 @@ pub struct Claims {
 impl Claims {
     pub async fn claim(&self, item: &WorkItem) -> Result<Claim, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<(String, i32, Option<f64>, Option<String>)> = sqlx::query_as(
-            "SELECT state, ai_attempts, \
-                    (EXTRACT(EPOCH FROM (ai_lease_until - now())) * 1000)::float8, last_error \
+        let row: Option<ClaimRow> =
+            sqlx::query_as(
+                "SELECT state, ai_attempts, \
+                    (EXTRACT(EPOCH FROM (ai_lease_until - now())) * 1000)::float8 AS lease_left_ms, \
+                    last_error, ai_give_up \
              FROM calls WHERE call_id = $1 FOR UPDATE",
-        )
-        .bind(item.call_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((state, attempts, lease_left_ms, last_error)) = row else {
+            )
+            .bind(item.call_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(ClaimRow {
+            state,
+            ai_attempts: attempts,
+            lease_left_ms,
+            last_error,
+            ai_give_up: give_up,
+        }) = row
+        else {
             return Ok(Claim::Unknown);
         };
         let state: CallState = state
@@ -100,10 +123,21 @@ impl Claims {
                     let retry_in = Duration::from_millis(ms as u64 + 250);
                     return Ok(Claim::Busy { retry_in });
                 }
-                if attempts >= self.max_attempts {
+                if give_up.is_some() || attempts >= self.max_attempts {
+                    // Take the lease so that no other delivery starts on it meanwhile.
+                    sqlx::query(
+                        "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) \
+                         WHERE call_id = $1",
+                    )
+                    .bind(item.call_id.as_str())
+                    .bind(self.lease.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
                     return Ok(Claim::Exhausted {
                         attempts,
                         last_error: last_error.unwrap_or_else(|| "attempts exhausted".into()),
+                        permanent: give_up.as_deref() == Some("permanent"),
                     });
                 }
                 let attempt: i32 = sqlx::query_scalar(
@@ -161,16 +195,45 @@ impl Claims {
         })
     }
 
-    /// Extends the lease while the AI works.
-    pub async fn renew(&self, item: &WorkItem) -> Result<(), sqlx::Error> {
+    /// Extends the lease while the AI works on attempt `attempt` (and only while that
+    /// attempt still owns the call).
+    pub async fn renew(&self, item: &WorkItem, attempt: i32) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) \
-             WHERE call_id = $1 AND state = 'PROCESSING_AI'",
+             WHERE call_id = $1 AND state = $3 AND ai_attempts = $4",
         )
         .bind(item.call_id.as_str())
         .bind(self.lease.as_secs_f64())
+        .bind(CallState::ProcessingAi.as_str())
+        .bind(attempt)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Records, before the dead letter goes out, that this call is being given up on, so a
+    /// redelivery finishes the give-up instead of calling the AI again.
+    pub async fn mark_give_up(
+        &self,
+        item: &WorkItem,
+        attempt: i32,
+        error: &str,
+        permanent: bool,
+    ) -> Result<(), FinishError> {
+        let marked = sqlx::query(
+            "UPDATE calls SET ai_give_up = $4, last_error = $5 \
+             WHERE call_id = $1 AND state = $2 AND ai_attempts = $3",
+        )
+        .bind(item.call_id.as_str())
+        .bind(CallState::ProcessingAi.as_str())
+        .bind(attempt)
+        .bind(if permanent { "permanent" } else { "exhausted" })
+        .bind(storable(error))
+        .execute(&self.pool)
+        .await?;
+        if marked.rows_affected() == 0 {
+            return Err(FinishError::LeaseLost);
+        }
         Ok(())
     }
 
@@ -181,9 +244,9 @@ impl Claims {
         attempt: i32,
         transcript: String,
         sentiment: Sentiment,
-    ) -> Result<Option<Recorded>, sqlx::Error> {
+    ) -> Result<Option<Recorded>, FinishError> {
         let changes = Changes {
-            transcript: Some(transcript),
+            transcript: Some(storable(&transcript)),
             sentiment: Some(sentiment),
             last_error: Some(None),
             next_attempt_at: Some(None),
@@ -205,8 +268,10 @@ impl Claims {
         attempt: i32,
         error: &str,
         delay: Duration,
-    ) -> Result<Option<Recorded>, sqlx::Error> {
+    ) -> Result<Option<Recorded>, FinishError> {
         let next = OffsetDateTime::now_utc() + delay;
+        let error = storable(error);
+        let error = error.as_str();
         let changes = Changes {
             last_error: Some(Some(error.to_owned())),
             next_attempt_at: Some(Some(next)),
@@ -235,7 +300,9 @@ impl Claims {
         attempt: i32,
         error: &str,
         permanent: bool,
-    ) -> Result<Option<Recorded>, sqlx::Error> {
+    ) -> Result<Option<Recorded>, FinishError> {
+        let error = storable(error);
+        let error = error.as_str();
         let changes = Changes {
             last_error: Some(Some(error.to_owned())),
             next_attempt_at: Some(None),
@@ -255,13 +322,19 @@ impl Claims {
     /// so the redelivery can start at once.
     pub async fn abandon(&self, item: &WorkItem, attempt: i32) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let handed_back = sqlx::query(
             "UPDATE calls SET ai_attempts = GREATEST(ai_attempts - 1, 0), ai_lease_until = NULL \
-             WHERE call_id = $1 AND state = 'PROCESSING_AI'",
+             WHERE call_id = $1 AND state = $2 AND ai_attempts = $3",
         )
         .bind(item.call_id.as_str())
+        .bind(CallState::ProcessingAi.as_str())
+        .bind(attempt)
         .execute(&mut *tx)
         .await?;
+        if handed_back.rows_affected() == 0 {
+            // Another worker owns the call now: leave it alone.
+            return Ok(());
+        }
         let end = End {
             outcome: "abandoned",
             error: None,
@@ -281,9 +354,19 @@ impl Claims {
         to: CallState,
         reason: &str,
         changes: Changes,
-    ) -> Result<Option<Recorded>, sqlx::Error> {
+    ) -> Result<Option<Recorded>, FinishError> {
         let mut tx = self.pool.begin().await?;
         let from = CallState::ProcessingAi;
+        // Fencing: only the attempt that owns the call may end it. A worker whose lease ran
+        // out while another took the call over must not touch it.
+        let owner: Option<(String, i32)> =
+            sqlx::query_as("SELECT state, ai_attempts FROM calls WHERE call_id = $1 FOR UPDATE")
+                .bind(item.call_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if owner != Some((from.as_str().to_owned(), attempt)) {
+            return Err(FinishError::LeaseLost);
+        }
         let recorded = if to == from {
             store::note(&mut tx, &item.call_id, from, reason, changes).await?
         } else {
@@ -291,10 +374,14 @@ impl Claims {
                 .await
                 .map_err(into_sqlx)?
         };
-        sqlx::query("UPDATE calls SET ai_lease_until = NULL WHERE call_id = $1")
-            .bind(item.call_id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE calls SET ai_lease_until = NULL, \
+                    ai_give_up = CASE WHEN state = 'PROCESSING_AI' THEN ai_give_up END \
+             WHERE call_id = $1",
+        )
+        .bind(item.call_id.as_str())
+        .execute(&mut *tx)
+        .await?;
         end_attempt(&mut tx, item, attempt, &end).await?;
         tx.commit().await?;
         Ok(recorded)
@@ -328,6 +415,22 @@ async fn end_attempt(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// Why an attempt could not be closed.
+#[derive(Debug, thiserror::Error)]
+pub enum FinishError {
+    /// Another worker took the call over (this one's lease ran out): leave it alone.
+    #[error("another worker owns the call now")]
+    LeaseLost,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Text as Postgres takes it: provider answers may contain NUL characters, which `TEXT`
+/// refuses, and which would otherwise fail every attempt to record the answer.
+fn storable(text: &str) -> String {
+    text.replace('\0', "")
 }
 
 fn into_sqlx(e: TransitionError) -> sqlx::Error {

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::{
     backoff::Backoff,
-    claims::{Claim, Claims},
+    claims::{Claim, Claims, FinishError},
     config::TranscriberConfig,
     providers::{Provider, ProviderError},
     sentiment,
@@ -35,7 +35,7 @@ use crate::{
 const INFRA_RETRY: Duration = Duration::from_secs(5);
 
 /// How long one pull request waits for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
 /// What JetStream is told about a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub enum Outcome {
     Retry(Option<Duration>),
     /// Never deliver it again (the call was dead-lettered, or the message is unusable).
     Term,
+    /// Say nothing: another worker took the call over (this delivery's lease ran out), and
+    /// answering could settle the message it is still working on.
+    Silent,
 }
 
 pub struct Worker {
@@ -60,6 +63,17 @@ pub struct Worker {
     /// How often a worker tells JetStream (and Postgres) it is still on a call.
     pub progress_every: Duration,
     pub shutdown_grace: Duration,
+}
+
+/// On shutdown, the open pull request may still bring messages (until it expires): hand each
+/// back at once instead of leaving it to wait out its ack wait.
+async fn hand_back_pulled(batch: &mut jetstream::consumer::pull::Batch) {
+    let deadline = Instant::now() + PULL_EXPIRES;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, batch.next()).await {
+        if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+            tracing::warn!(error.message = %e, "cannot hand a pulled message back");
+        }
+    }
 }
 
 /// Creates the durable consumer, or updates it so that changed settings take effect.
@@ -128,7 +142,10 @@ impl Worker {
             };
             loop {
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => break 'pull,
+                    _ = shutdown.cancelled() => {
+                        hand_back_pulled(&mut batch).await;
+                        break 'pull;
+                    }
                     next = batch.next() => next,
                 };
                 match next {
@@ -168,7 +185,7 @@ impl Worker {
         Ok(())
     }
 
-    /// One delivery, in its own span, answered to JetStream.
+    /// One delivery, in its own span, answered to JetStream (unless it is `Silent`).
     async fn deliver(&self, message: jetstream::Message, hand_back: CancellationToken) {
         let (delivered, stream_sequence) = message
             .info()
@@ -193,6 +210,12 @@ impl Worker {
                 Outcome::Ack => AckKind::Ack,
                 Outcome::Retry(delay) => AckKind::Nak(delay),
                 Outcome::Term => AckKind::Term,
+                Outcome::Silent => {
+                    tracing::warn!(
+                        "another worker took the call over; leaving this delivery alone"
+                    );
+                    return;
+                }
             };
             if let Err(e) = message.ack_with(kind).await {
                 // JetStream will redeliver after the ack wait; the claim logic copes.
@@ -242,7 +265,8 @@ impl Worker {
             Claim::Exhausted {
                 attempts,
                 last_error,
-            } => self.give_up(&item, attempts, &last_error, false).await,
+                permanent,
+            } => self.give_up(&item, attempts, &last_error, permanent).await,
             Claim::Claimed { attempt, recorded } => {
                 tracing::Span::current().record("ai.attempt", attempt);
                 if let Some(recorded) = recorded {
@@ -285,7 +309,7 @@ impl Worker {
                 })
         };
         let result = tokio::select! {
-            result = self.with_progress(message, item, request) => Some(result),
+            result = self.with_progress(message, item, attempt, request) => Some(result),
             _ = hand_back.cancelled() => None,
         };
         in_flight.decrement(1.0);
@@ -333,6 +357,7 @@ impl Worker {
                         metrics::counter!("switchboard_transcriber_retries_total").increment(1);
                         Outcome::Retry(Some(delay))
                     }
+                    Err(FinishError::LeaseLost) => Outcome::Silent,
                     Err(e) => {
                         tracing::warn!(error.message = %e, "cannot record the retry");
                         self.hand_back(item, attempt, Some(INFRA_RETRY)).await
@@ -359,6 +384,7 @@ impl Worker {
                 metrics::counter!("switchboard_transcriber_successes_total").increment(1);
                 Outcome::Ack
             }
+            Err(FinishError::LeaseLost) => Outcome::Silent,
             Err(e) => {
                 tracing::warn!(error.message = %e, "cannot store the transcript; will retry");
                 self.hand_back(item, attempt, Some(INFRA_RETRY)).await
@@ -403,6 +429,7 @@ impl Worker {
                 tracing::warn!(attempts, permanent, error.message = %error, "call FAILED and dead-lettered");
                 Outcome::Term
             }
+            Err(FinishError::LeaseLost) => Outcome::Silent,
             Err(e) => {
                 tracing::warn!(error.message = %e, "cannot mark the call FAILED; will retry");
                 self.release(item).await;
@@ -437,6 +464,7 @@ impl Worker {
         &self,
         message: &jetstream::Message,
         item: &WorkItem,
+        attempt: i32,
         work: impl Future<Output = T>,
     ) -> T {
         let mut work = std::pin::pin!(work);
@@ -449,7 +477,7 @@ impl Worker {
                     if let Err(e) = message.ack_with(AckKind::Progress).await {
                         tracing::warn!(error.message = %e, "cannot send progress");
                     }
-                    if let Err(e) = self.claims.renew(item).await {
+                    if let Err(e) = self.claims.renew(item, attempt).await {
                         tracing::warn!(error.message = %e, "cannot renew the lease");
                     }
                 }

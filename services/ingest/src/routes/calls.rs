@@ -185,18 +185,28 @@ pub async fn complete_call(
 ) -> Result<Json<CompleteResponse>, ApiError> {
     let total_packets = body.and_then(|b| b.total_packets);
     if let Some(total) = total_packets
-        && total < 0
+        && !(0..=crate::writer::MAX_SEQUENCE + 1).contains(&total)
     {
         return Err(ApiError::invalid_field(
             "total_packets",
-            format!("total_packets must be a non-negative integer, got {total}"),
+            format!(
+                "total_packets must be an integer from 0 to {}, got {total}",
+                crate::writer::MAX_SEQUENCE + 1
+            ),
         ));
     }
-    let completion =
-        lifecycle::complete_call(&app.publisher, &call_id, total_packets, COMPLETED_BY_PBX).await?;
+    let completion = lifecycle::complete_call(
+        &app.publisher,
+        &call_id,
+        total_packets,
+        COMPLETED_BY_PBX,
+        None,
+    )
+    .await?;
     let (changed, row) = match completion {
         Completion::Completed(row) => (true, row),
         Completion::AlreadyDone(row) => (false, row),
+        Completion::NoLongerIdle => unreachable!("only asked of idle completions"),
     };
     Ok(Json(CompleteResponse {
         changed,
@@ -308,6 +318,10 @@ fn encode_cursor(row: &CallRow) -> String {
 fn decode_cursor(raw: &str) -> Option<ListCursor> {
     let (nanos, call_id) = raw.split_once('.')?;
     let created_at = OffsetDateTime::from_unix_timestamp_nanos(nanos.parse().ok()?).ok()?;
+    // Only times this server could have issued (Postgres refuses some the `time` crate takes).
+    if !(1970..=9999).contains(&created_at.year()) {
+        return None;
+    }
     common::CallId::parse(call_id).ok()?;
     Some(ListCursor {
         created_at,
@@ -321,7 +335,15 @@ mod tests {
 
     #[test]
     fn garbage_cursors_are_refused() {
-        for raw in ["", "x", "12", "12.", "abc.call", "1.a b"] {
+        for raw in [
+            "",
+            "x",
+            "12",
+            "12.",
+            "abc.call",
+            "1.a b",
+            "-200000000000000000000.x",
+        ] {
             assert!(decode_cursor(raw).is_none(), "{raw:?}");
         }
         let c = decode_cursor("1764086400123456000.call-1").unwrap();

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
+pub use crate::writer::MAX_SEQUENCE;
 use crate::{
     error::ApiError,
     extract::{AppJson, CallIdPath, request_id},
@@ -163,11 +164,11 @@ pub async fn empty_call_id() -> ApiError {
 }
 
 fn validate(call_id: CallId, body: PacketBody, max_bytes: usize) -> Result<NewPacket, ApiError> {
-    if body.sequence < 0 {
+    if !(0..=MAX_SEQUENCE).contains(&body.sequence) {
         return Err(ApiError::invalid_field(
             "sequence",
             format!(
-                "sequence must be a non-negative integer, got {}",
+                "sequence must be an integer from 0 to {MAX_SEQUENCE}, got {}",
                 body.sequence
             ),
         ));

@@ -135,7 +135,12 @@ pub async fn next(ws: &mut Ws) -> Value {
             .expect("socket open")
             .expect("frame readable");
         match message {
-            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Text(text) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] != "heartbeat" {
+                    return frame;
+                }
+            }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected frame {other:?}"),
         }

@@ -12,6 +12,10 @@ use crate::config::AudioEncoding;
 /// Samples per packet when the call has no packet to measure (20 ms at 8 kHz).
 const DEFAULT_FRAME_SAMPLES: usize = 160;
 
+/// The largest file sent in one request: OpenAI's limit for `/v1/audio/transcriptions`
+/// (25 MB; 27 minutes of 8 kHz 16-bit mono). Longer calls fail permanently, with a message.
+pub const MAX_WAV_BYTES: usize = 25 * 1024 * 1024;
+
 /// A 16-bit PCM mono WAV file of the call, or why the audio cannot be read (permanent).
 pub fn wav(
     audio: &CallAudio,
@@ -34,6 +38,23 @@ pub fn wav(
         }
     }
     let frame_samples = frame_samples.unwrap_or(DEFAULT_FRAME_SAMPLES);
+    // Size the file before allocating it: sequence numbers come from the PBX.
+    let total_samples = frames.iter().try_fold(0usize, |sum, (frame, count)| {
+        let n = match frame {
+            Some(s) => s.len(),
+            None => frame_samples.checked_mul(usize::try_from(*count).ok()?)?,
+        };
+        sum.checked_add(n)
+    });
+    match total_samples {
+        Some(n) if n.saturating_mul(2).saturating_add(44) <= MAX_WAV_BYTES => {}
+        _ => {
+            return Err(format!(
+                "the call's audio is larger than the {} MB a transcription request may carry",
+                MAX_WAV_BYTES / (1024 * 1024)
+            ));
+        }
+    }
     let mut samples: Vec<i16> = Vec::new();
     for (frame, count) in frames {
         match frame {
@@ -129,6 +150,17 @@ mod tests {
         assert!(samples[0..4].iter().all(|&s| s == 32124));
         assert!(samples[4..8].iter().all(|&s| s == 0));
         assert!(samples[8..12].iter().all(|&s| s == 32124));
+    }
+
+    #[test]
+    fn a_call_too_long_for_one_request_is_refused_before_allocating() {
+        let frame = STANDARD.encode([0x80u8; 160]);
+        let audio = CallAudio {
+            packets: vec![(0, frame)],
+            expected: 100_000_000,
+        };
+        let err = wav(&audio, AudioEncoding::Mulaw, 8000).unwrap_err();
+        assert!(err.contains("25 MB"), "{err}");
     }
 
     #[test]
