@@ -45,6 +45,7 @@ pub async fn run(endpoints: &Endpoints, options: Options) -> anyhow::Result<Exit
                 println!("── live");
             }
             Some("status") => println!("{}", line(&frame, colour)),
+            Some("progress") => {} // packet counts between changes: too chatty for a log
             Some("lagged") => println!(
                 "── fell behind ({} events); resynchronising",
                 frame["missed"]

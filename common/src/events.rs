@@ -108,3 +108,16 @@ impl DeadLetter {
         format!("{}:{}", self.call_id, self.work_version)
     }
 }
+
+/// How far a streaming call has got, on `<prefix>.calls.progress.<call_id>` (core NATS, at
+/// most about once a second per call). Not an event of the call's history: no version, not
+/// kept; the dashboard uses it to show packet counts live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressEvent {
+    pub call_id: CallId,
+    pub packets_received: i64,
+    pub missing_packets: i64,
+    pub last_sequence: Option<i64>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}

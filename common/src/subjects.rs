@@ -7,6 +7,7 @@
 //! | `<prefix>.calls.completed.<call_id>`   | `<PREFIX>_WORK`       | transcription work items    |
 //! | `<prefix>.calls.status.<call_id>`      | `<PREFIX>_STATUS`     | every call state change     |
 //! | `<prefix>.dlq.transcribe.<call_id>`    | `<PREFIX>_DLQ`        | calls the AI gave up on     |
+//! | `<prefix>.calls.progress.<call_id>`    | (none: core NATS)     | packet counts while streaming |
 
 use std::{fmt, str::FromStr};
 
@@ -122,6 +123,16 @@ impl Subjects {
 
     pub fn all_status(&self) -> String {
         format!("{}.calls.status.*", self.prefix)
+    }
+
+    /// Packet counts of a call while it streams: plain NATS, not kept in any stream (each
+    /// one supersedes the last, and the next status event carries the counts durably).
+    pub fn call_progress(&self, call_id: &CallId) -> String {
+        format!("{}.calls.progress.{call_id}", self.prefix)
+    }
+
+    pub fn all_progress(&self) -> String {
+        format!("{}.calls.progress.*", self.prefix)
     }
 
     pub fn dlq_transcribe(&self, call_id: &CallId) -> String {

@@ -16,10 +16,11 @@
 //! (call, sequence). Calls created concurrently by two replicas can still be locked in
 //! opposite orders; Postgres then aborts one batch as a deadlock and the writer runs it again.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use common::{
     CallId, CallState,
+    events::ProgressEvent,
     outbox::Publisher,
     store::{self, CallRow, MissingRange, Recorded},
 };
@@ -154,11 +155,91 @@ impl PacketWriter {
 
 async fn run(mut rx: mpsc::Receiver<Job>, pool: PgPool, publisher: Publisher, max_batch: usize) {
     let mut jobs = Vec::with_capacity(max_batch);
+    let mut progress = Progress::default();
     while rx.recv_many(&mut jobs, max_batch).await > 0 {
         let batch = std::mem::replace(&mut jobs, Vec::with_capacity(max_batch));
+        let calls: Vec<CallId> = batch.iter().map(|j| j.packet.call_id.clone()).collect();
         write_batch(&pool, &publisher, batch).await;
+        progress.report(&pool, &publisher, calls);
     }
     tracing::debug!("packet writer stopped");
+}
+
+/// How often a streaming call's packet counts go out on its progress subject, at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Throttles progress reports: at most one per call per [`PROGRESS_EVERY`].
+#[derive(Default)]
+struct Progress {
+    last_sent: HashMap<CallId, Instant>,
+}
+
+impl Progress {
+    /// Publishes (without holding up the writer) the counts of the batch's calls that are
+    /// due for a report.
+    fn report(&mut self, pool: &PgPool, publisher: &Publisher, calls: Vec<CallId>) {
+        let now = Instant::now();
+        let mut due: Vec<String> = Vec::new();
+        for call in calls {
+            let last = self
+                .last_sent
+                .entry(call.clone())
+                .or_insert(now - PROGRESS_EVERY * 2);
+            if now.duration_since(*last) >= PROGRESS_EVERY {
+                *last = now;
+                due.push(call.to_string());
+            }
+        }
+        // Forget calls that stopped streaming a while ago.
+        if self.last_sent.len() > 10_000 {
+            self.last_sent
+                .retain(|_, sent| now.duration_since(*sent) < PROGRESS_EVERY * 10);
+        }
+        if due.is_empty() {
+            return;
+        }
+        let pool = pool.clone();
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            if let Err(e) = publish_progress(&pool, &publisher, &due).await {
+                tracing::debug!(error.message = %e, "progress report skipped");
+            }
+        });
+    }
+}
+
+async fn publish_progress(
+    pool: &PgPool,
+    publisher: &Publisher,
+    calls: &[String],
+) -> anyhow::Result<()> {
+    let rows: Vec<CallRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        common::call_columns_sql!(),
+        " FROM calls WHERE call_id = ANY($1) AND state = $2"
+    ))
+    .bind(calls)
+    .bind(CallState::InProgress.as_str())
+    .fetch_all(pool)
+    .await?;
+    let client = publisher.js.client();
+    for row in rows {
+        let event = ProgressEvent {
+            call_id: row.call_id.clone(),
+            packets_received: row.packets_received,
+            missing_packets: row.missing_packets,
+            last_sequence: row.last_sequence,
+            at: time::OffsetDateTime::now_utc(),
+        };
+        let payload = serde_json::to_vec(&event)?;
+        client
+            .publish(
+                publisher.subjects.call_progress(&row.call_id),
+                payload.into(),
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 async fn write_batch(pool: &PgPool, publisher: &Publisher, jobs: Vec<Job>) {

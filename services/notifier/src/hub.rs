@@ -22,7 +22,7 @@ use async_nats::jetstream::{
 };
 use common::{
     CallId,
-    events::StatusEvent,
+    events::{ProgressEvent, StatusEvent},
     subjects::{StreamKind, Subjects},
 };
 use futures::StreamExt;
@@ -59,6 +59,22 @@ impl Update {
             frame,
         }
     }
+}
+
+/// What the hub fans out to the sockets.
+#[derive(Debug, Clone)]
+pub enum Fanout {
+    /// A status event, in stream order.
+    Status(Arc<Update>),
+    /// Packet counts of a streaming call (not in the stream; no sequence).
+    Progress(Arc<Progress>),
+}
+
+/// A progress report as the sockets send it: `{"type":"progress", ...}`.
+#[derive(Debug)]
+pub struct Progress {
+    pub call_id: CallId,
+    pub frame: String,
 }
 
 /// Which calls a socket follows: all of them, or a set.
@@ -106,7 +122,7 @@ struct State {
 
 pub struct Hub {
     state: RwLock<State>,
-    tx: broadcast::Sender<Arc<Update>>,
+    tx: broadcast::Sender<Fanout>,
     replay_capacity: usize,
     ready: watch::Sender<bool>,
 }
@@ -160,8 +176,44 @@ impl Hub {
             }
         }
         // No receivers is fine: nobody is connected.
-        let _ = self.tx.send(update);
+        let _ = self.tx.send(Fanout::Status(update));
         metrics::counter!("switchboard_notifier_events_total").increment(1);
+    }
+
+    /// Fans a progress report out as it is (the next status event supersedes it).
+    pub fn progress(&self, event: ProgressEvent) {
+        let mut value = serde_json::to_value(&event).expect("a progress event serialises");
+        value["type"] = "progress".into();
+        let _ = self.tx.send(Fanout::Progress(Arc::new(Progress {
+            call_id: event.call_id,
+            frame: value.to_string(),
+        })));
+    }
+
+    /// Follows the progress subject (plain NATS) until `shutdown`.
+    pub async fn follow_progress(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        subjects: Subjects,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut progress = client
+            .subscribe(subjects.all_progress())
+            .await
+            .context("subscribing to progress reports")?;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                message = progress.next() => match message {
+                    Some(message) => {
+                        if let Ok(event) = serde_json::from_slice::<ProgressEvent>(&message.payload) {
+                            self.progress(event);
+                        }
+                    }
+                    None => anyhow::bail!("the progress subscription ended"),
+                },
+            }
+        }
     }
 
     /// Where a new socket starts, and its subscription to what follows. `stream` is the
@@ -171,7 +223,7 @@ impl Hub {
         filter: &Filter,
         since: Option<u64>,
         stream: Option<&str>,
-    ) -> (Start, broadcast::Receiver<Arc<Update>>) {
+    ) -> (Start, broadcast::Receiver<Fanout>) {
         let state = self.state.read().expect("hub lock");
         let rx = self.tx.subscribe();
         let same_stream = stream.is_none_or(|id| id == state.stream_id);

@@ -98,8 +98,13 @@ impl App {
         let subjects = Subjects::new(config.common.prefix.clone());
         let follower = tokio::spawn(hub.clone().follow(
             js,
-            subjects,
+            subjects.clone(),
             config.common.streams.status_retention(),
+            shutdown.clone(),
+        ));
+        let progress = tokio::spawn(hub.clone().follow_progress(
+            client.clone(),
+            subjects,
             shutdown.clone(),
         ));
         let state = AppState {
@@ -129,6 +134,9 @@ impl App {
                 sockets = sockets.len(),
                 "sockets still open after the grace period"
             );
+        }
+        if let Ok(Err(e)) = progress.await {
+            tracing::warn!(error.message = %e, "progress follower ended with an error");
         }
         match follower.await {
             Ok(Err(e)) => tracing::warn!(error.message = %e, "status follower ended with an error"),

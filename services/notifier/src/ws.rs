@@ -29,7 +29,7 @@ use tokio::{sync::broadcast::error::RecvError, time::timeout};
 
 use crate::{
     AppState,
-    hub::{Filter, Start, Update},
+    hub::{Fanout, Filter, Start, Update},
 };
 
 /// What a client may send.
@@ -232,9 +232,16 @@ async fn run(socket: WebSocket, app: AppState, params: Params) {
                     break Ok(());
                 }
                 received = rx.recv() => match received {
-                    Ok(update) => {
+                    Ok(Fanout::Status(update)) => {
                         if filter.matches(&update.call_id)
                             && let Err(gone) = socket.update(&update).await
+                        {
+                            break Err(gone);
+                        }
+                    }
+                    Ok(Fanout::Progress(progress)) => {
+                        if filter.matches(&progress.call_id)
+                            && let Err(gone) = socket.send(progress.frame.clone()).await
                         {
                             break Err(gone);
                         }

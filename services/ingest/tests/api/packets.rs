@@ -172,3 +172,33 @@ async fn a_retry_of_a_stored_packet_after_completion_is_still_a_duplicate() {
     assert_eq!(status, 202);
     assert_eq!(body["status"], "duplicate");
 }
+
+#[tokio::test]
+async fn a_streaming_call_reports_its_packet_counts_on_its_progress_subject() {
+    use futures::StreamExt;
+    let app = spawn_app().await;
+    let id = call_id();
+    let client = app.env.nats().await;
+    let mut progress = client
+        .subscribe(app.env.subjects().all_progress())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+
+    app.post_packet(&id, 0, "a").await;
+    app.post_packet(&id, 2, "c").await;
+
+    let report = tokio::time::timeout(std::time::Duration::from_secs(10), progress.next())
+        .await
+        .expect("a progress report")
+        .unwrap();
+    assert_eq!(
+        report.subject.as_str(),
+        format!("{}.calls.progress.{id}", app.env.config.prefix)
+    );
+    let event: serde_json::Value = serde_json::from_slice(&report.payload).unwrap();
+    assert_eq!(event["call_id"], id.as_str());
+    assert!(event["packets_received"].as_i64().unwrap() >= 1, "{event}");
+    // Progress is not history: nothing of it is in the status stream.
+    assert_eq!(app.call(&id).await["version"], 1);
+}

@@ -279,3 +279,44 @@ async fn a_client_resumes_exactly_on_another_replica() {
         (Some("status"), Some("lb-2"), Some(1))
     );
 }
+
+#[tokio::test]
+async fn progress_reports_reach_the_sockets_that_follow_the_call() {
+    let n = notifier(|_| {}).await;
+    n.publish(&event("p1", 1, CallState::InProgress)).await;
+    n.wait_applied(1).await;
+    let mut following = n.connect("?call_id=p1").await;
+    let mut elsewhere = n.connect("?call_id=other").await;
+    next(&mut following).await;
+    next(&mut elsewhere).await;
+
+    let client = n.env.nats().await;
+    let report = serde_json::json!({
+        "call_id": "p1", "packets_received": 120, "missing_packets": 3,
+        "last_sequence": 122, "at": "2026-11-25T17:00:00Z"
+    });
+    // Plain NATS, fire and forget: keep publishing until the notifier's subscription is in
+    // place and the frame arrives.
+    let subject = n.env.subjects().all_progress().replace('*', "p1");
+    let publisher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            client
+                .publish(subject.clone(), report.to_string().into())
+                .await
+                .ok();
+        }
+    });
+    let frame = next(&mut following).await;
+    publisher.abort();
+
+    assert_eq!(frame["type"], "progress");
+    assert_eq!(frame["packets_received"], 120);
+    assert_eq!(frame["missing_packets"], 3);
+    let quiet = tokio::time::timeout(Duration::from_millis(300), elsewhere.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a socket following another call gets nothing: {quiet:?}"
+    );
+}
