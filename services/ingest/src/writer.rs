@@ -16,7 +16,10 @@
 //! (call, sequence). Calls created concurrently by two replicas can still be locked in
 //! opposite orders; Postgres then aborts one batch as a deadlock and the writer runs it again.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use common::{
     CallId, CallState,
@@ -155,58 +158,38 @@ impl PacketWriter {
 
 async fn run(mut rx: mpsc::Receiver<Job>, pool: PgPool, publisher: Publisher, max_batch: usize) {
     let mut jobs = Vec::with_capacity(max_batch);
-    let mut progress = Progress::default();
-    while rx.recv_many(&mut jobs, max_batch).await > 0 {
-        let batch = std::mem::replace(&mut jobs, Vec::with_capacity(max_batch));
-        let calls: Vec<CallId> = batch.iter().map(|j| j.packet.call_id.clone()).collect();
-        write_batch(&pool, &publisher, batch).await;
-        progress.report(&pool, &publisher, calls);
+    let mut progress = HashSet::new();
+    let mut report = tokio::time::interval(PROGRESS_EVERY);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // `recv_many` is cancel-safe: a tick never loses packets.
+            received = rx.recv_many(&mut jobs, max_batch) => {
+                if received == 0 {
+                    break;
+                }
+                let batch = std::mem::replace(&mut jobs, Vec::with_capacity(max_batch));
+                progress.extend(batch.iter().map(|j| j.packet.call_id.to_string()));
+                write_batch(&pool, &publisher, batch).await;
+            }
+            _ = report.tick(), if !progress.is_empty() => {
+                let due: Vec<String> = progress.drain().collect();
+                let (pool, publisher) = (pool.clone(), publisher.clone());
+                // Off the write path: a report is a nicety, never a delay for packets.
+                tokio::spawn(async move {
+                    if let Err(e) = publish_progress(&pool, &publisher, &due).await {
+                        tracing::debug!(error.message = %e, "progress report skipped");
+                    }
+                });
+            }
+        }
     }
     tracing::debug!("packet writer stopped");
 }
 
-/// How often a streaming call's packet counts go out on its progress subject, at most.
+/// How often the calls that received packets get a progress report: once per period, so at
+/// most once a second per call, and the last packets of a burst are reported too.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-
-/// Throttles progress reports: at most one per call per [`PROGRESS_EVERY`].
-#[derive(Default)]
-struct Progress {
-    last_sent: HashMap<CallId, Instant>,
-}
-
-impl Progress {
-    /// Publishes (without holding up the writer) the counts of the batch's calls that are
-    /// due for a report.
-    fn report(&mut self, pool: &PgPool, publisher: &Publisher, calls: Vec<CallId>) {
-        let now = Instant::now();
-        let mut due: Vec<String> = Vec::new();
-        for call in calls {
-            let last = self
-                .last_sent
-                .entry(call.clone())
-                .or_insert(now - PROGRESS_EVERY * 2);
-            if now.duration_since(*last) >= PROGRESS_EVERY {
-                *last = now;
-                due.push(call.to_string());
-            }
-        }
-        // Forget calls that stopped streaming a while ago.
-        if self.last_sent.len() > 10_000 {
-            self.last_sent
-                .retain(|_, sent| now.duration_since(*sent) < PROGRESS_EVERY * 10);
-        }
-        if due.is_empty() {
-            return;
-        }
-        let pool = pool.clone();
-        let publisher = publisher.clone();
-        tokio::spawn(async move {
-            if let Err(e) = publish_progress(&pool, &publisher, &due).await {
-                tracing::debug!(error.message = %e, "progress report skipped");
-            }
-        });
-    }
-}
 
 async fn publish_progress(
     pool: &PgPool,
