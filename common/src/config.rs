@@ -127,3 +127,32 @@ impl CommonConfig {
         Ok(())
     }
 }
+
+/// The command line of a service that only serves: `<service> [serve]` runs it,
+/// `<service> healthcheck` asks a running one whether it is healthy (container health checks).
+#[derive(clap::Parser, Debug)]
+#[command(version, about, long_about = None)]
+pub struct ServiceCli<C: Args> {
+    #[command(subcommand)]
+    pub command: Option<ServiceCommand>,
+    #[command(flatten)]
+    pub config: C,
+}
+
+impl<C: Args> ServiceCli<C> {
+    /// Parses the process's arguments; `about` is the service's own description (the
+    /// derive would otherwise take this crate's).
+    pub fn parse_for(about: &'static str) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().about(about).get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+#[derive(clap::Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceCommand {
+    /// Run the service (the default).
+    Serve,
+    /// Exit 0 if the service on its listen address answers /healthz.
+    Healthcheck,
+}

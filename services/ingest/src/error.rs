@@ -163,6 +163,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<common::store::TransitionError> for ApiError {
+    fn from(e: common::store::TransitionError) -> Self {
+        match e {
+            common::store::TransitionError::Database(e) => ApiError::database(e),
+            // A move the state machine forbids is a bug here, never the client's mistake.
+            common::store::TransitionError::Illegal(e) => ApiError::Internal(e.into()),
+        }
+    }
+}
+
 /// Whether a database error means "Postgres is not there or overloaded right now" (503, the
 /// client retries) rather than a bug (500).
 pub fn is_database_unavailable(e: &sqlx::Error) -> bool {

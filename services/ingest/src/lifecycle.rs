@@ -6,7 +6,7 @@ use common::{
     CallId, CallState,
     events::WorkItem,
     outbox::Publisher,
-    store::{self, CallRow, Changes, TransitionError},
+    store::{self, CallRow, Changes},
 };
 
 use crate::error::ApiError;
@@ -90,10 +90,7 @@ pub async fn complete_call(
         changes,
     )
     .await
-    .map_err(|e| match e {
-        TransitionError::Database(e) => ApiError::database(e),
-        TransitionError::Illegal(e) => ApiError::Internal(e.into()),
-    })?;
+    .map_err(ApiError::from)?;
     let Some(recorded) = recorded else {
         // Unreachable while we hold the row lock, but never report a change we did not make.
         tx.rollback().await.map_err(ApiError::database)?;
@@ -130,10 +127,7 @@ pub async fn retry_call(
         changes,
     )
     .await
-    .map_err(|e| match e {
-        TransitionError::Database(e) => ApiError::database(e),
-        TransitionError::Illegal(e) => ApiError::Internal(e.into()),
-    })?;
+    .map_err(ApiError::from)?;
     let Some(recorded) = recorded else {
         tx.rollback().await.map_err(ApiError::database)?;
         return match already_done(publisher, call_id).await? {

@@ -65,19 +65,7 @@ async fn when_every_request_fails_the_call_fails_after_max_attempts_with_growing
         format!("{}.dlq.transcribe.doomed-1", stack.env.config.prefix)
     );
     // Terminated: the work queue is empty, nothing will redeliver it.
-    eventually(
-        "the work queue to empty",
-        Duration::from_secs(5),
-        || async {
-            stack
-                .env
-                .stream_messages(StreamKind::Work)
-                .await
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await;
+    stack.wait_work_queue_empty().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,6 +185,22 @@ impl Stack {
         .await
     }
 
+    /// Waits until every work item is settled (a work-queue stream drops acknowledged ones).
+    pub async fn wait_work_queue_empty(&self) {
+        eventually(
+            "the work queue to empty",
+            Duration::from_secs(20),
+            || async {
+                self.env
+                    .stream_messages(common::subjects::StreamKind::Work)
+                    .await
+                    .is_empty()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     pub async fn scalar(&self, sql: &'static str, call_id: &str) -> i64 {
         sqlx::query_scalar(sql)
             .bind(call_id)

@@ -31,19 +31,7 @@ async fn a_completed_call_is_archived_with_its_transcript_and_sentiment() {
     );
     // The work item is acknowledged (a work-queue stream then drops it) and every state was
     // announced.
-    common::testing::eventually(
-        "the work queue to empty",
-        Duration::from_secs(5),
-        || async {
-            stack
-                .env
-                .stream_messages(StreamKind::Work)
-                .await
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await;
+    stack.wait_work_queue_empty().await;
     let announced =
         common::testing::eventually("four status events", Duration::from_secs(5), || async {
             let m = stack.env.stream_messages(StreamKind::Status).await;

@@ -35,19 +35,7 @@ async fn the_same_work_item_delivered_twice_makes_one_ai_request() {
     stack
         .wait_for("twice-1", CallState::Archived, Duration::from_secs(20))
         .await;
-    eventually(
-        "both deliveries to be settled",
-        Duration::from_secs(20),
-        || async {
-            stack
-                .env
-                .stream_messages(StreamKind::Work)
-                .await
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await;
+    stack.wait_work_queue_empty().await;
 
     assert_eq!(stack.transcribers[0].requests(), 1, "one AI request");
     assert_eq!(
