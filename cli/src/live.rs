@@ -4,6 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use common::{
+    CallId,
+    live::{LiveQuery, WS_PATH},
+};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -55,17 +59,20 @@ impl Live {
         } else {
             call_ids
         };
-        let mut query: Vec<String> = in_url.iter().map(|id| format!("call_id={id}")).collect();
-        if let Some(seq) = self.last_seq {
-            query.push(format!("since={seq}"));
-            if let Some(stream) = &self.stream {
-                query.push(format!("stream={stream}"));
-            }
+        let ids = in_url
+            .iter()
+            .map(|id| CallId::parse(id.as_str()).with_context(|| format!("call {id:?}")))
+            .collect::<anyhow::Result<_>>()?;
+        let query = LiveQuery {
+            call_ids: (!in_url.is_empty()).then_some(ids),
+            since: self.last_seq,
+            stream: self.stream.clone(),
         }
+        .to_query();
         let url = if query.is_empty() {
-            format!("{}/ws", self.base)
+            format!("{}{WS_PATH}", self.base)
         } else {
-            format!("{}/ws?{}", self.base, query.join("&"))
+            format!("{}{WS_PATH}?{query}", self.base)
         };
         // A snapshot of every call in the retention window can be large.
         let config = WebSocketConfig::default()

@@ -283,7 +283,7 @@ pub async fn run(
 
 fn record(frame: &Value, prefix: &str, finals: &Mutex<HashMap<String, Final>>, bar: &ProgressBar) {
     let entries: Vec<&Value> = match frame["type"].as_str() {
-        Some("snapshot") => frame["calls"]
+        Some("snapshot" | "snapshot_page") => frame["calls"]
             .as_array()
             .map(|c| c.iter().collect())
             .unwrap_or_default(),

@@ -38,11 +38,25 @@ pub async fn run(endpoints: &Endpoints, options: Options) -> anyhow::Result<Exit
                 } else {
                     "snapshot"
                 };
-                println!("── {what}: {} calls (seq {})", calls.len(), frame["seq"]);
+                let total = frame["total"].as_u64().unwrap_or(calls.len() as u64);
+                println!(
+                    "── {what}: {total} calls (seq {}), newest first",
+                    frame["seq"]
+                );
                 for call in &calls {
                     println!("{}", line(call, colour));
                 }
-                println!("── live");
+                if frame["more"] != true {
+                    println!("── live");
+                }
+            }
+            Some("snapshot_page") => {
+                for call in frame["calls"].as_array().into_iter().flatten() {
+                    println!("{}", line(call, colour));
+                }
+                if frame["more"] != true {
+                    println!("── live");
+                }
             }
             Some("status") => println!("{}", line(&frame, colour)),
             Some("progress") => {} // packet counts between changes: too chatty for a log

@@ -73,8 +73,19 @@ pub struct StatusEvent {
     /// How many sequence numbers are missing below the highest seen (or `total_packets`).
     pub missing_packets: i64,
     pub ai_attempts: i32,
+    /// The last error, cut to [`ERROR_PREVIEW_CHARS`] characters (`GET /v1/call/{id}` has it
+    /// whole).
     pub last_error: Option<String>,
+    /// The start of the transcript: at most [`TRANSCRIPT_PREVIEW_CHARS`] characters, so that
+    /// events and snapshots stay small however long calls are. The whole transcript is on
+    /// `GET /v1/call/{call_id}`.
     pub transcript: Option<String>,
+    /// The whole transcript's length in characters (`null` when there is none yet).
+    #[serde(default)]
+    pub transcript_chars: Option<i64>,
+    /// Whether `transcript` is only the start of it.
+    #[serde(default)]
+    pub transcript_truncated: bool,
     pub sentiment: Option<Sentiment>,
     /// While `PROCESSING_AI` after a retryable AI failure: when the next attempt is due.
     #[serde(default, with = "time::serde::rfc3339::option")]
@@ -82,9 +93,24 @@ pub struct StatusEvent {
     pub next_attempt_at: Option<OffsetDateTime>,
 }
 
+/// Characters of a transcript a status event carries. Ten thousand calls in a snapshot stay
+/// within a few megabytes, and every event stays far below NATS's payload limit.
+pub const TRANSCRIPT_PREVIEW_CHARS: usize = 200;
+
+/// Characters of an error message a status event carries.
+pub const ERROR_PREVIEW_CHARS: usize = 300;
+
 impl StatusEvent {
     pub fn msg_id(&self) -> String {
         format!("{}:{}", self.call_id, self.version)
+    }
+}
+
+/// The first `max` characters of `text`, and whether anything was cut.
+pub fn preview(text: &str, max: usize) -> (String, bool) {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => (text[..cut].to_owned(), true),
+        None => (text.to_owned(), false),
     }
 }
 

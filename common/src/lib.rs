@@ -17,6 +17,7 @@
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
 //! - [`outbox`]: publishes the events the database has recorded, now and after outages.
 //! - [`http`]: the error body, health/readiness/metrics routes and graceful serving.
+//! - [`live`]: the live view's WebSocket contract (path, query parameters, limits).
 //! - [`tls`]: the rustls crypto provider for outgoing HTTPS.
 //! - `testing` (feature `testing`): a throwaway database and NATS prefix per test.
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod live;
 pub mod nats;
 pub mod outbox;
 pub mod shutdown;

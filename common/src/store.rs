@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use crate::{
     CallId, CallState,
     call_state::IllegalTransition,
-    events::{Sentiment, StatusEvent},
+    events::{ERROR_PREVIEW_CHARS, Sentiment, StatusEvent, TRANSCRIPT_PREVIEW_CHARS, preview},
 };
 
 /// The sequence numbers missing from a call: everything in `[0, max(last_sequence,
@@ -75,7 +75,12 @@ impl CallRow {
     }
 
     /// The status event announcing that this row just reached its state.
+    /// Long texts are cut to previews (see [`StatusEvent::transcript`]).
     pub fn status_event(&self, previous_state: Option<CallState>, reason: &str) -> StatusEvent {
+        let transcript = self
+            .transcript
+            .as_deref()
+            .map(|t| preview(t, TRANSCRIPT_PREVIEW_CHARS));
         StatusEvent {
             call_id: self.call_id.clone(),
             state: self.state,
@@ -86,8 +91,13 @@ impl CallRow {
             packets_received: self.packets_received,
             missing_packets: self.missing_packets,
             ai_attempts: self.ai_attempts,
-            last_error: self.last_error.clone(),
-            transcript: self.transcript.clone(),
+            last_error: self
+                .last_error
+                .as_deref()
+                .map(|e| preview(e, ERROR_PREVIEW_CHARS).0),
+            transcript_chars: self.transcript.as_deref().map(|t| t.chars().count() as i64),
+            transcript_truncated: transcript.as_ref().is_some_and(|(_, cut)| *cut),
+            transcript: transcript.map(|(t, _)| t),
             sentiment: self.sentiment(),
             next_attempt_at: self.next_attempt_at,
         }

@@ -41,6 +41,15 @@ pub struct NotifierConfig {
     #[arg(long, env = "NOTIFIER_REPLAY_EVENTS", default_value_t = 200_000)]
     pub replay_events: usize,
 
+    /// Ingest's HTTP API, as the notifier reaches it: the dashboard's detail view shows a
+    /// call's whole transcript from there (events carry a preview).
+    #[arg(
+        long,
+        env = "NOTIFIER_INGEST_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub ingest_url: String,
+
     /// On SIGTERM, how long sockets get to receive their close frame.
     #[arg(long, env = "NOTIFIER_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
     pub shutdown_grace_secs: u64,
@@ -60,6 +69,11 @@ impl NotifierConfig {
         anyhow::ensure!(
             self.send_timeout_secs >= 1,
             "NOTIFIER_SEND_TIMEOUT_SECS must be at least 1"
+        );
+        anyhow::ensure!(
+            self.ingest_url.starts_with("http://") || self.ingest_url.starts_with("https://"),
+            "NOTIFIER_INGEST_URL must be an http:// or https:// URL, got {:?}",
+            self.ingest_url
         );
         anyhow::ensure!(
             self.replay_events >= 1,

@@ -10,7 +10,7 @@
 //! event exactly once: those up to its start in the snapshot or replay, the rest live.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -38,36 +38,35 @@ pub struct Update {
     pub call_id: CallId,
     pub version: i64,
     pub at: OffsetDateTime,
-    /// The event with its `seq`, as a JSON object (a snapshot entry).
-    pub json: String,
-    /// `{"type":"status", ...}`: the frame sent live.
+    /// `{"type":"status", ...}` with its `seq`: the frame sent live. Serialised once; a
+    /// snapshot entry is the same object without the `type` (see [`Update::entry`]), so the
+    /// hub keeps one copy of each event's text.
     pub frame: String,
 }
+
+/// How every status frame starts; a snapshot entry is `{` and what follows it.
+const STATUS_FRAME_START: &str = "{\"type\":\"status\",";
 
 impl Update {
     fn new(seq: u64, event: StatusEvent) -> Self {
         let mut value = serde_json::to_value(&event).expect("a status event serialises");
         value["seq"] = seq.into();
         let json = value.to_string();
-        let frame = format!("{{\"type\":\"status\",{}", &json[1..]);
+        let frame = format!("{STATUS_FRAME_START}{}", &json[1..]);
         Self {
             seq,
             call_id: event.call_id,
             version: event.version,
             at: event.at,
-            json,
             frame,
         }
     }
-}
 
-/// What the hub fans out to the sockets.
-#[derive(Debug, Clone)]
-pub enum Fanout {
-    /// A status event, in stream order.
-    Status(Arc<Update>),
-    /// Packet counts of a streaming call (not in the stream; no sequence).
-    Progress(Arc<Progress>),
+    /// Appends the event as a snapshot entry (a JSON object without `type`).
+    pub fn push_entry(&self, out: &mut String) {
+        out.push('{');
+        out.push_str(&self.frame[STATUS_FRAME_START.len()..]);
+    }
 }
 
 /// A progress report as the sockets send it: `{"type":"progress", ...}`.
@@ -107,9 +106,15 @@ pub enum Start {
     Replay(Vec<Arc<Update>>),
 }
 
+/// How often the hub checks that the status stream is still the one it follows.
+const STREAM_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct State {
     latest: HashMap<CallId, Arc<Update>>,
+    /// The same events as `latest`, by stream sequence: a snapshot is a walk in order, with
+    /// no sorting under the lock.
+    by_seq: BTreeMap<u64, Arc<Update>>,
     recent: VecDeque<Arc<Update>>,
     /// The oldest sequence a resume can start after: every event from `floor` on is in
     /// `recent` (or was dropped as stale, which a client would drop too).
@@ -120,22 +125,37 @@ struct State {
     stream_id: String,
 }
 
+/// What a socket receives after it joined: status events in stream order, and progress
+/// reports. Two rings on purpose: progress reports (thousands of streaming calls, once a
+/// second each) must never push the status events a lagging client recovers from out of its
+/// ring. A client that falls behind on progress just skips reports (the next one supersedes
+/// them); one that falls behind on status events gets a fresh snapshot.
+pub struct Subscription {
+    pub status: broadcast::Receiver<Arc<Update>>,
+    pub progress: broadcast::Receiver<Arc<Progress>>,
+}
+
 pub struct Hub {
     state: RwLock<State>,
-    tx: broadcast::Sender<Fanout>,
+    status_tx: broadcast::Sender<Arc<Update>>,
+    progress_tx: broadcast::Sender<Arc<Progress>>,
     replay_capacity: usize,
     ready: watch::Sender<bool>,
+    /// Bumped when the status stream turns out to be another one (deleted and recreated,
+    /// restored): connected sockets close so their clients resume and get a `reset` snapshot.
+    generation: watch::Sender<u64>,
 }
 
 impl Hub {
     /// `client_queue`: how far (in events) a socket may fall behind before it lags.
     pub fn new(client_queue: usize, replay_capacity: usize) -> Arc<Self> {
-        let (tx, _) = broadcast::channel(client_queue);
         Arc::new(Self {
             state: RwLock::default(),
-            tx,
+            status_tx: broadcast::channel(client_queue).0,
+            progress_tx: broadcast::channel(client_queue).0,
             replay_capacity,
             ready: watch::Sender::new(false),
+            generation: watch::Sender::new(0),
         })
     }
 
@@ -150,8 +170,9 @@ impl Hub {
         ready.wait_for(|r| *r).await.ok();
     }
 
-    pub fn last_seq(&self) -> u64 {
-        self.state.read().expect("hub lock").last_seq
+    /// Changes whenever the hub starts over on a different status stream.
+    pub fn watch_generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Applies one event from the stream. An event whose version is not newer than the one
@@ -168,7 +189,10 @@ impl Hub {
             return;
         }
         let update = Arc::new(Update::new(seq, event));
-        state.latest.insert(update.call_id.clone(), update.clone());
+        if let Some(replaced) = state.latest.insert(update.call_id.clone(), update.clone()) {
+            state.by_seq.remove(&replaced.seq);
+        }
+        state.by_seq.insert(seq, update.clone());
         state.recent.push_back(update.clone());
         while state.recent.len() > self.replay_capacity {
             if let Some(evicted) = state.recent.pop_front() {
@@ -176,7 +200,7 @@ impl Hub {
             }
         }
         // No receivers is fine: nobody is connected.
-        let _ = self.tx.send(Fanout::Status(update));
+        let _ = self.status_tx.send(update);
         metrics::counter!("switchboard_notifier_events_total").increment(1);
     }
 
@@ -184,10 +208,10 @@ impl Hub {
     pub fn progress(&self, event: ProgressEvent) {
         let mut value = serde_json::to_value(&event).expect("a progress event serialises");
         value["type"] = "progress".into();
-        let _ = self.tx.send(Fanout::Progress(Arc::new(Progress {
+        let _ = self.progress_tx.send(Arc::new(Progress {
             call_id: event.call_id,
             frame: value.to_string(),
-        })));
+        }));
     }
 
     /// Follows the progress subject (plain NATS) until `shutdown`.
@@ -223,9 +247,12 @@ impl Hub {
         filter: &Filter,
         since: Option<u64>,
         stream: Option<&str>,
-    ) -> (Start, broadcast::Receiver<Fanout>) {
+    ) -> (Start, Subscription) {
         let state = self.state.read().expect("hub lock");
-        let rx = self.tx.subscribe();
+        let subscription = Subscription {
+            status: self.status_tx.subscribe(),
+            progress: self.progress_tx.subscribe(),
+        };
         let same_stream = stream.is_none_or(|id| id == state.stream_id);
         let start = match since {
             Some(n) if same_stream && n <= state.last_seq && n + 1 >= state.floor => Start::Replay(
@@ -242,7 +269,7 @@ impl Hub {
                 reset: since.is_some(),
             },
         };
-        (start, rx)
+        (start, subscription)
     }
 
     /// The identity of the stream the sequences belong to.
@@ -260,7 +287,9 @@ impl Hub {
     pub fn prune(&self, retention: Duration) {
         let cutoff = OffsetDateTime::now_utc() - retention;
         let mut state = self.state.write().expect("hub lock");
+        let state = &mut *state;
         state.latest.retain(|_, u| u.at >= cutoff);
+        state.by_seq.retain(|_, u| u.at >= cutoff);
     }
 
     /// Follows the status stream until `shutdown`: the process's one subscription. If the
@@ -275,10 +304,15 @@ impl Hub {
     ) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(500);
         loop {
+            let started = tokio::time::Instant::now();
             match self.follow_once(&js, &subjects, retention, &shutdown).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.ready.send_replace(false);
+                    if started.elapsed() > Duration::from_secs(60) {
+                        // It had been working: this is a new outage, not the same one.
+                        backoff = Duration::from_millis(500);
+                    }
                     tracing::warn!(
                         error.message = %e, error.cause_chain = ?e, retry_in_ms = backoff.as_millis() as u64,
                         "status subscription lost; following again"
@@ -313,6 +347,13 @@ impl Hub {
         let resume_after = {
             let mut state = self.state.write().expect("hub lock");
             if state.stream_id != stream_id {
+                if !state.stream_id.is_empty() {
+                    tracing::warn!(
+                        stream.old = %state.stream_id, stream.new = %stream_id,
+                        "the status stream was recreated; starting over and resetting clients"
+                    );
+                    self.generation.send_modify(|g| *g += 1);
+                }
                 *state = State {
                     stream_id: stream_id.clone(),
                     floor: stream_state.first_sequence,
@@ -346,19 +387,28 @@ impl Hub {
             self.ready.send_replace(true);
         }
         let mut prune = tokio::time::interval(Duration::from_secs(60));
+        let mut check = tokio::time::interval(STREAM_CHECK_EVERY);
+        check.reset();
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = prune.tick() => { self.prune(retention); continue; }
+                _ = check.tick() => {
+                    // An ordered consumer would follow a recreated stream from our old
+                    // sequence, silently skipping its first events: look, and start over.
+                    let info = stream.info().await.context("checking the status stream")?;
+                    let now = info.created.unix_timestamp_nanos().to_string();
+                    anyhow::ensure!(now == stream_id, "the status stream was recreated");
+                    continue;
+                }
                 message = messages.next() => message,
             };
             let message = match message {
                 Some(Ok(message)) => message,
-                Some(Err(e)) => {
-                    // The ordered consumer recreates itself and resumes where it was.
-                    tracing::warn!(error.message = %e, "status subscription hiccup");
-                    continue;
-                }
+                // Set up again by `follow`, which resumes after the last event applied (or
+                // starts over on a recreated stream) rather than trusting the consumer's own
+                // recovery to be on the same stream.
+                Some(Err(e)) => return Err(e).context("status subscription error"),
                 None => anyhow::bail!("the status subscription ended"),
             };
             let Ok(info) = message.info() else { continue };
@@ -377,16 +427,20 @@ impl Hub {
     }
 }
 
+/// The latest event of each (filtered) call, in stream order. Runs under the read lock, so
+/// it only clones pointers; the text of a snapshot is built by the socket, outside the lock.
 fn snapshot_of(state: &State, filter: &Filter) -> Vec<Arc<Update>> {
-    let mut calls: Vec<Arc<Update>> = match filter {
-        Filter::All => state.latest.values().cloned().collect(),
-        Filter::Only(ids) => ids
-            .iter()
-            .filter_map(|id| state.latest.get(id).cloned())
-            .collect(),
-    };
-    calls.sort_by_key(|u| u.seq);
-    calls
+    match filter {
+        Filter::All => state.by_seq.values().cloned().collect(),
+        Filter::Only(ids) => {
+            let mut calls: Vec<Arc<Update>> = ids
+                .iter()
+                .filter_map(|id| state.latest.get(id).cloned())
+                .collect();
+            calls.sort_by_key(|u| u.seq);
+            calls
+        }
+    }
 }
 
 #[cfg(test)]
@@ -407,6 +461,8 @@ mod tests {
             ai_attempts: 0,
             last_error: None,
             transcript: None,
+            transcript_chars: None,
+            transcript_truncated: false,
             sentiment: None,
             next_attempt_at: None,
         }
@@ -423,7 +479,12 @@ mod tests {
         assert_eq!(seq, 4);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].version, 2);
-        assert!(calls[0].json.contains("\"state\":\"COMPLETED\""));
+        assert!(calls[0].frame.contains("\"state\":\"COMPLETED\""));
+        let mut entry = String::new();
+        calls[0].push_entry(&mut entry);
+        let entry: serde_json::Value = serde_json::from_str(&entry).unwrap();
+        assert_eq!(entry["seq"], 2);
+        assert!(entry.get("type").is_none());
         assert!(calls[0].frame.starts_with("{\"type\":\"status\","));
     }
 

@@ -13,7 +13,9 @@
 //! - [`hub`]: the subscription, the latest state of every call, recent events, fan-out.
 //! - [`ws`]: one task per socket: snapshot / resume, filters, pings, slow clients.
 //! - [`dashboard`]: the self-contained supervisor page served at `/`.
+//! - [`calls`]: one call in full for the dashboard's detail view, from ingest's read API.
 
+pub mod calls;
 pub mod config;
 pub mod dashboard;
 pub mod hub;
@@ -43,6 +45,9 @@ pub struct AppState {
     pub send_timeout: Duration,
     /// `STATUS_RETENTION_SECS`: how long a call stays in view.
     pub retention: Duration,
+    /// `NOTIFIER_INGEST_URL`, without a trailing slash, and the client that asks it.
+    pub ingest_url: Arc<str>,
+    pub http: reqwest::Client,
 }
 
 /// A built notifier: connected, bound, not yet following or serving.
@@ -58,6 +63,8 @@ impl App {
     pub async fn build(config: NotifierConfig) -> anyhow::Result<App> {
         config.validate()?;
         common::telemetry::prometheus();
+        // The detail view's client may speak HTTPS to ingest.
+        common::tls::install_crypto_provider();
         let c = &config.common;
         let client = nats::connect(&c.nats_url, "switchboard-notifier").await?;
         let js = nats::jetstream(client.clone());
@@ -115,11 +122,17 @@ impl App {
             ping_interval: config.ping_interval(),
             send_timeout: config.send_timeout(),
             retention: config.common.streams.status_retention(),
+            ingest_url: config.ingest_url.trim_end_matches('/').into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .context("building the HTTP client")?,
         };
         let sockets = state.sockets.clone();
         let router = Router::new()
             .route("/", get(dashboard::page))
-            .route("/ws", get(ws::upgrade))
+            .route(common::live::WS_PATH, get(ws::upgrade))
+            .route("/v1/call/{call_id}", get(calls::get_call))
             .route("/readyz", get(readyz))
             .merge(http::operational_routes())
             .with_state(state);

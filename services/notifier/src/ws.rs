@@ -8,7 +8,7 @@
 //! `NOTIFIER_PING_INTERVAL_SECS`; a peer that has not answered the previous one is closed.
 //! On shutdown every socket gets a close frame 1001 (going away).
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{
@@ -22,14 +22,24 @@ use axum::{
     http::StatusCode,
     response::Response,
 };
-use common::{CallId, http::ErrorBody};
-use futures::{SinkExt, StreamExt, stream::SplitSink};
+use common::{
+    CallId,
+    http::ErrorBody,
+    live::{LiveQuery, MAX_CLIENT_MESSAGE_BYTES, MAX_SUBSCRIBED_CALLS, SNAPSHOT_PAGE_CALLS},
+};
+use futures::{
+    SinkExt, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
 use serde::Deserialize;
-use tokio::{sync::broadcast::error::RecvError, time::timeout};
+use tokio::{
+    sync::{broadcast::error::RecvError, watch},
+    time::timeout,
+};
 
 use crate::{
     AppState,
-    hub::{Fanout, Filter, Start, Update},
+    hub::{Filter, Start, Subscription, Update},
 };
 
 /// What a client may send.
@@ -40,36 +50,10 @@ enum ClientMessage {
     Unsubscribe { call_ids: Vec<String> },
 }
 
-/// `?call_id=a&call_id=b&since=N`, parsed by hand: axum's `Query` has no repeated keys.
-#[derive(Debug, Default)]
-struct Params {
-    call_ids: Option<HashSet<CallId>>,
-    since: Option<u64>,
-    /// The `stream` of the snapshot `since` came from; another stream means a reset.
-    stream: Option<String>,
-}
-
-fn parse_params(raw: &[(String, String)]) -> Result<Params, String> {
-    let mut params = Params::default();
-    for (key, value) in raw {
-        match key.as_str() {
-            "call_id" => {
-                let id = CallId::parse(value.clone()).map_err(|e| format!("call_id: {e}"))?;
-                params.call_ids.get_or_insert_with(HashSet::new).insert(id);
-            }
-            "since" => {
-                params.since = Some(value.parse().map_err(|_| {
-                    format!("since must be a stream sequence number, got {value:?}")
-                })?);
-            }
-            other => {
-                return Err(format!(
-                    "unknown parameter `{other}`; expected call_id or since"
-                ));
-            }
-        }
-    }
-    Ok(params)
+/// `?call_id=a&call_id=b&since=N&stream=S`: the contract lives in `common::live`. Parsed from
+/// pairs: axum's `Query` has no repeated keys.
+fn parse_params(raw: &[(String, String)]) -> Result<LiveQuery, String> {
+    LiveQuery::parse(raw.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
 pub async fn upgrade(
@@ -89,10 +73,13 @@ pub async fn upgrade(
             format!("/ws speaks WebSocket only: {}", rejection.body_text()),
         )
         .into_response_with(StatusCode::UPGRADE_REQUIRED),
-        (Ok(params), Ok(ws)) => ws.on_upgrade(move |socket| {
-            let tracker = app.sockets.clone();
-            tracker.track_future(run(socket, app, params))
-        }),
+        (Ok(params), Ok(ws)) => {
+            ws.max_message_size(MAX_CLIENT_MESSAGE_BYTES)
+                .on_upgrade(move |socket| {
+                    let tracker = app.sockets.clone();
+                    tracker.track_future(run(socket, app, params))
+                })
+        }
     }
 }
 
@@ -114,6 +101,8 @@ enum Gone {
     Client,
     /// The client could not keep up.
     TooSlow,
+    /// We end the connection with this close code and reason.
+    Closing(u16, &'static str),
 }
 
 impl Socket {
@@ -133,24 +122,41 @@ impl Socket {
         }
     }
 
+    /// Sends the state of every (followed) call at `seq`: newest first, in pages of
+    /// [`SNAPSHOT_PAGE_CALLS`] (see `common::live`).
     async fn snapshot(&mut self, seq: u64, calls: &[Arc<Update>], reset: bool) -> Result<(), Gone> {
+        let total = calls.len();
+        let mut pages = calls.rchunks(SNAPSHOT_PAGE_CALLS).peekable();
         let mut text = format!(
             "{{\"type\":\"snapshot\",\"seq\":{seq},\"reset\":{reset},\"stream\":\"{}\",\
-             \"heartbeat_secs\":{},\"retention_secs\":{},\"calls\":[",
+             \"heartbeat_secs\":{},\"retention_secs\":{},\"total\":{total},",
             self.hub.stream_id(),
             self.heartbeat_secs,
             self.retention_secs
         );
-        for (i, call) in calls.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
+        loop {
+            let page = pages.next().unwrap_or_default();
+            let more = pages.peek().is_some();
+            text.push_str("\"calls\":[");
+            text.reserve(page.iter().map(|c| c.frame.len()).sum());
+            for (i, call) in page.iter().rev().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                call.push_entry(&mut text);
             }
-            text.push_str(&call.json);
+            text.push_str(&format!("],\"more\":{more}}}"));
+            metrics::histogram!("switchboard_notifier_snapshot_frame_bytes")
+                .record(text.len() as f64);
+            self.send(std::mem::take(&mut text)).await?;
+            if !more {
+                break;
+            }
+            text = format!("{{\"type\":\"snapshot_page\",\"seq\":{seq},");
         }
-        text.push_str("]}");
         metrics::counter!("switchboard_notifier_snapshots_total").increment(1);
-        self.send(text).await?;
-        self.last_sent = self.last_sent.max(seq);
+        // The snapshot's sequence is the hub's latest: nothing at or below it is sent again.
+        self.last_sent = seq;
         Ok(())
     }
 
@@ -161,6 +167,31 @@ impl Socket {
         self.send(update.frame.clone()).await?;
         self.last_sent = update.seq;
         Ok(())
+    }
+
+    /// Replays the events after `since` (the client's resume point), in order.
+    async fn replay(&mut self, since: u64, updates: &[Arc<Update>]) -> Result<(), Gone> {
+        self.last_sent = since;
+        for update in updates {
+            self.update(update).await?;
+        }
+        Ok(())
+    }
+
+    /// A ping, and a heartbeat frame: pings are invisible to browser code, so the heartbeat
+    /// lets the dashboard notice a dead connection that never reported closing.
+    async fn ping(&mut self) -> Result<(), Gone> {
+        if timeout(
+            self.send_timeout,
+            self.sink.send(Message::Ping(Default::default())),
+        )
+        .await
+        .is_err()
+        {
+            return Err(Gone::TooSlow);
+        }
+        let heartbeat = format!("{{\"type\":\"heartbeat\",\"seq\":{}}}", self.last_sent);
+        self.send(heartbeat).await
     }
 
     async fn error(&mut self, message: &str) -> Result<(), Gone> {
@@ -178,10 +209,10 @@ impl Socket {
     }
 }
 
-async fn run(socket: WebSocket, app: AppState, params: Params) {
+async fn run(socket: WebSocket, app: AppState, params: LiveQuery) {
     let clients = metrics::gauge!("switchboard_notifier_clients");
     clients.increment(1.0);
-    let (sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
     let mut socket = Socket {
         sink,
         hub: app.hub.clone(),
@@ -199,120 +230,161 @@ async fn run(socket: WebSocket, app: AppState, params: Params) {
             return;
         }
     }
-    let mut filter = params.call_ids.map_or(Filter::All, Filter::Only);
-    let (start, mut rx) = app
+    let mut filter = params
+        .call_ids
+        .map_or(Filter::All, |ids| Filter::Only(ids.into_iter().collect()));
+    // Watched from before the join, so a recreation right after it is not missed.
+    let generation = app.hub.watch_generation();
+    let joined_generation = *generation.borrow();
+    let (start, subscription) = app
         .hub
         .join(&filter, params.since, params.stream.as_deref());
     if params.since.is_some() {
         metrics::counter!("switchboard_notifier_resumes_total").increment(1);
     }
-    let started = match &start {
-        Start::Snapshot { seq, calls, reset } => socket.snapshot(*seq, calls, *reset).await,
-        Start::Replay(updates) => {
-            socket.last_sent = params.since.unwrap_or(0);
-            let mut result = Ok(());
-            for update in updates {
-                result = socket.update(update).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-            result
+    let started = match start {
+        Start::Snapshot { seq, calls, reset } => socket.snapshot(seq, &calls, reset).await,
+        Start::Replay(updates) => socket.replay(params.since.unwrap_or(0), &updates).await,
+    };
+    let outcome = match started {
+        Err(gone) => Err(gone),
+        Ok(()) => {
+            let live = Live {
+                app: &app,
+                stream,
+                subscription,
+                generation,
+                joined_generation,
+            };
+            live.run(&mut socket, &mut filter).await
         }
     };
-    let mut ping = tokio::time::interval(app.ping_interval);
-    ping.reset();
-    let mut awaiting_pong = false;
-    let outcome: Result<(), Gone> = match started {
-        Err(gone) => Err(gone),
-        Ok(()) => loop {
+    match outcome {
+        Err(Gone::TooSlow) => {
+            tracing::info!("closing a client that could not keep up");
+            metrics::counter!("switchboard_notifier_slow_clients_closed_total").increment(1);
+            socket
+                .close(
+                    close_code::POLICY,
+                    "too slow: could not keep up with the event stream",
+                )
+                .await;
+        }
+        Err(Gone::Closing(code, reason)) => socket.close(code, reason).await,
+        Err(Gone::Client) | Ok(()) => {}
+    }
+    clients.decrement(1.0);
+}
+
+/// A joined socket's live phase: what it waits for, and what it does with each.
+struct Live<'a> {
+    app: &'a AppState,
+    stream: SplitStream<WebSocket>,
+    subscription: Subscription,
+    /// The hub's stream generation, and its value when this socket joined; a change means
+    /// the status stream was recreated and our sequences mean nothing any more.
+    generation: watch::Receiver<u64>,
+    joined_generation: u64,
+}
+
+impl Live<'_> {
+    async fn run(mut self, socket: &mut Socket, filter: &mut Filter) -> Result<(), Gone> {
+        let mut ping = tokio::time::interval(self.app.ping_interval);
+        ping.reset();
+        let mut awaiting_pong = false;
+        loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    socket.close(close_code::AWAY, "server shutting down").await;
-                    break Ok(());
+                _ = self.app.shutdown.cancelled() => {
+                    return Err(Gone::Closing(close_code::AWAY, "server shutting down"));
                 }
-                received = rx.recv() => match received {
-                    Ok(Fanout::Status(update)) => {
-                        if filter.matches(&update.call_id)
-                            && let Err(gone) = socket.update(&update).await
-                        {
-                            break Err(gone);
-                        }
+                Ok(()) = self.generation.changed() => {
+                    if *self.generation.borrow_and_update() != self.joined_generation {
+                        // Sequences restarted: the client must resume, and will get a
+                        // snapshot marked `reset` for the stream it knew.
+                        return Err(Gone::Closing(close_code::RESTART, "status stream recreated: reconnect with since and stream"));
                     }
-                    Ok(Fanout::Progress(progress)) => {
-                        if filter.matches(&progress.call_id)
-                            && let Err(gone) = socket.send(progress.frame.clone()).await
-                        {
-                            break Err(gone);
+                }
+                received = self.subscription.status.recv() => match received {
+                    Ok(update) => {
+                        if filter.matches(&update.call_id) {
+                            socket.update(&update).await?;
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
                         metrics::counter!("switchboard_notifier_lagged_total").increment(1);
                         let lagged = serde_json::json!({"type": "lagged", "missed": missed}).to_string();
-                        let (seq, calls) = app.hub.snapshot(&filter);
-                        if let Err(gone) = socket.send(lagged).await {
-                            break Err(gone);
-                        }
-                        if let Err(gone) = socket.snapshot(seq, &calls, true).await {
-                            break Err(gone);
-                        }
+                        socket.send(lagged).await?;
+                        let (seq, calls) = self.app.hub.snapshot(filter);
+                        socket.snapshot(seq, &calls, true).await?;
                     }
-                    Err(RecvError::Closed) => break Ok(()),
+                    Err(RecvError::Closed) => return Ok(()),
                 },
-                incoming = stream.next() => match incoming {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Err(Gone::Client),
-                    Some(Ok(Message::Pong(_))) => awaiting_pong = false,
-                    Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
-                    Some(Ok(Message::Binary(_))) => {
-                        if let Err(gone) = socket.error("binary frames are not understood; send JSON text").await {
-                            break Err(gone);
+                received = self.subscription.progress.recv() => match received {
+                    Ok(progress) => {
+                        if filter.matches(&progress.call_id) {
+                            socket.send(progress.frame.clone()).await?;
                         }
                     }
-                    Some(Ok(Message::Text(text))) => {
-                        let reply = handle_client_message(&text, &mut filter);
-                        let result = match reply {
-                            Ok(()) => {
-                                // The view changed: replace it with a fresh snapshot.
-                                let (seq, calls) = app.hub.snapshot(&filter);
-                                socket.snapshot(seq, &calls, true).await
-                            }
-                            Err(message) => socket.error(&message).await,
-                        };
-                        if let Err(gone) = result {
-                            break Err(gone);
-                        }
+                    // Progress reports supersede each other: skipping some loses nothing.
+                    Err(RecvError::Lagged(skipped)) => {
+                        metrics::counter!("switchboard_notifier_progress_skipped_total").increment(skipped);
                     }
+                    Err(RecvError::Closed) => return Ok(()),
                 },
+                incoming = self.stream.next() => self.incoming(socket, filter, incoming, &mut awaiting_pong).await?,
                 _ = ping.tick() => {
                     if awaiting_pong {
-                        socket.close(close_code::POLICY, "no pong: connection presumed dead").await;
-                        break Err(Gone::Client);
+                        return Err(Gone::Closing(close_code::POLICY, "no pong: connection presumed dead"));
                     }
-                    if timeout(app.send_timeout, socket.sink.send(Message::Ping(Default::default()))).await.is_err() {
-                        break Err(Gone::TooSlow);
-                    }
+                    socket.ping().await?;
                     awaiting_pong = true;
-                    // Pings are invisible to browser code: a heartbeat frame lets the
-                    // dashboard notice a dead connection that never reported closing.
-                    let heartbeat = format!("{{\"type\":\"heartbeat\",\"seq\":{}}}", socket.last_sent);
-                    if let Err(gone) = socket.send(heartbeat).await {
-                        break Err(gone);
-                    }
                 }
             }
-        },
-    };
-    if let Err(Gone::TooSlow) = outcome {
-        tracing::info!("closing a client that could not keep up");
-        metrics::counter!("switchboard_notifier_slow_clients_closed_total").increment(1);
-        socket
-            .close(
-                close_code::POLICY,
-                "too slow: could not keep up with the event stream",
-            )
-            .await;
+        }
     }
-    clients.decrement(1.0);
+
+    /// A frame from the client.
+    async fn incoming(
+        &self,
+        socket: &mut Socket,
+        filter: &mut Filter,
+        incoming: Option<Result<Message, axum::Error>>,
+        awaiting_pong: &mut bool,
+    ) -> Result<(), Gone> {
+        match incoming {
+            None | Some(Ok(Message::Close(_))) => Err(Gone::Client),
+            Some(Err(e)) => {
+                // Most often a message over the size limit: say so before closing, since a
+                // close reason is easy to miss.
+                let message = format!(
+                    "connection error: {e} (messages are limited to {MAX_CLIENT_MESSAGE_BYTES} bytes)"
+                );
+                socket.error(&message).await.ok();
+                Err(Gone::Closing(
+                    close_code::SIZE,
+                    "message too large or malformed",
+                ))
+            }
+            Some(Ok(Message::Pong(_))) => {
+                *awaiting_pong = false;
+                Ok(())
+            }
+            Some(Ok(Message::Ping(_))) => Ok(()), // answered by the WebSocket layer
+            Some(Ok(Message::Binary(_))) => {
+                socket
+                    .error("binary frames are not understood; send JSON text")
+                    .await
+            }
+            Some(Ok(Message::Text(text))) => match handle_client_message(&text, filter) {
+                Ok(()) => {
+                    // The view changed: replace it with a fresh snapshot.
+                    let (seq, calls) = self.app.hub.snapshot(filter);
+                    socket.snapshot(seq, &calls, true).await
+                }
+                Err(message) => socket.error(&message).await,
+            },
+        }
+    }
 }
 
 /// Applies a client's message to its filter, or says what is wrong with it.
@@ -330,6 +402,17 @@ fn handle_client_message(text: &str, filter: &mut Filter) -> Result<(), String> 
     match message {
         ClientMessage::Subscribe { call_ids } => {
             let ids = parse(call_ids)?;
+            let following = match filter {
+                Filter::All => 0,
+                Filter::Only(set) => set.len(),
+            };
+            if following + ids.len() > MAX_SUBSCRIBED_CALLS {
+                return Err(format!(
+                    "call_ids: a connection follows at most {MAX_SUBSCRIBED_CALLS} calls \
+                     ({following} already, {} asked); nothing changed",
+                    ids.len()
+                ));
+            }
             match filter {
                 // Following everything already; subscribing narrows the view to these calls.
                 Filter::All => *filter = Filter::Only(ids.into_iter().collect()),
@@ -362,10 +445,12 @@ mod tests {
             ("call_id".into(), "a".into()),
             ("call_id".into(), "b".into()),
             ("since".into(), "7".into()),
+            ("stream".into(), "1764086400123456789".into()),
         ])
         .unwrap();
         assert_eq!(p.call_ids.unwrap().len(), 2);
         assert_eq!(p.since, Some(7));
+        assert_eq!(p.stream.as_deref(), Some("1764086400123456789"));
         assert!(parse_params(&[("since".into(), "-1".into())]).is_err());
         assert!(parse_params(&[("call_id".into(), "a.b".into())]).is_err());
         assert!(parse_params(&[("foo".into(), "1".into())]).is_err());

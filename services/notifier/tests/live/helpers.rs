@@ -16,6 +16,7 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub struct Notifier {
     pub env: TestEnv,
     pub url: String,
+    config: NotifierConfig,
     pub stop: CancellationToken,
     pub task: Option<JoinHandle<anyhow::Result<()>>>,
     js: async_nats::jetstream::Context,
@@ -38,14 +39,16 @@ pub async fn start(env: TestEnv, customize: impl FnOnce(&mut NotifierConfig)) ->
     common::tls::install_crypto_provider();
     let mut config = config(&env);
     customize(&mut config);
-    let app = App::build(config).await.expect("notifier builds");
+    let app = App::build(config.clone()).await.expect("notifier builds");
     let url = format!("127.0.0.1:{}", app.port());
+    config.addr = format!("127.0.0.1:{}", app.port()).parse().unwrap();
     let stop = CancellationToken::new();
     let task = Some(tokio::spawn(app.run_until_stopped(stop.clone())));
     let js = env.jetstream().await;
     Notifier {
         env,
         url,
+        config,
         stop,
         task,
         js,
@@ -71,12 +74,28 @@ pub fn event(call: &str, version: i64, state: CallState) -> StatusEvent {
         ai_attempts: 0,
         last_error: None,
         transcript: None,
+        transcript_chars: None,
+        transcript_truncated: false,
         sentiment: None,
         next_attempt_at: None,
     }
 }
 
 impl Notifier {
+    /// Stops the notifier (every socket gets its close frame) and starts a new one on the
+    /// same address, as a restart or a redeploy would: clients reconnect to the same URL.
+    pub async fn restart(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().expect("the notifier stops cleanly");
+        }
+        let app = App::build(self.config.clone())
+            .await
+            .expect("notifier builds again on the same address");
+        self.stop = CancellationToken::new();
+        self.task = Some(tokio::spawn(app.run_until_stopped(self.stop.clone())));
+    }
+
     /// Publishes a status event the way ingest and the transcriber do.
     pub async fn publish(&self, event: &StatusEvent) {
         nats::publish(
@@ -149,4 +168,20 @@ pub async fn next(ws: &mut Ws) -> Value {
 
 pub async fn send(ws: &mut Ws, text: &str) {
     ws.send(Message::Text(text.into())).await.unwrap();
+}
+
+/// The next text frame as it came (pings and heartbeats skipped), for size checks.
+pub async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a frame within 30 s")
+            .expect("socket open")
+            .expect("frame readable");
+        if let Message::Text(text) = message
+            && !text.starts_with("{\"type\":\"heartbeat\"")
+        {
+            return text.to_string();
+        }
+    }
 }

@@ -320,3 +320,185 @@ async fn progress_reports_reach_the_sockets_that_follow_the_call() {
         "a socket following another call gets nothing: {quiet:?}"
     );
 }
+
+/// The resume URL exactly as `pbx` builds it (`common::live::LiveQuery`), with the `stream`
+/// the snapshot named: an exact replay, not a refusal.
+#[tokio::test]
+async fn a_resume_with_since_and_stream_as_clients_build_it_is_exact() {
+    let n = notifier(|_| {}).await;
+    n.publish(&event("s1", 1, CallState::InProgress)).await;
+    n.wait_applied(1).await;
+    let mut ws = n.connect("").await;
+    let snapshot = next(&mut ws).await;
+    let stream = snapshot["stream"].as_str().unwrap().to_owned();
+    let seen = snapshot["seq"].as_u64().unwrap();
+    drop(ws);
+    n.publish(&event("s1", 2, CallState::Completed)).await;
+
+    let query = common::live::LiveQuery {
+        since: Some(seen),
+        stream: Some(stream),
+        ..Default::default()
+    };
+    let mut ws = n.connect(&format!("?{}", query.to_query())).await;
+    let frame = next(&mut ws).await;
+
+    assert_eq!(frame["type"], "status", "{frame}");
+    assert_eq!(
+        (frame["call_id"].as_str(), frame["version"].as_i64()),
+        (Some("s1"), Some(2))
+    );
+}
+
+/// A status stream deleted and created again starts its sequences over: connected sockets
+/// are closed so that they resume, and a resume with the old stream's `since` and `stream`
+/// gets a snapshot marked `reset` holding the new stream's events (never a silent skip).
+#[tokio::test]
+async fn a_recreated_status_stream_resets_clients_instead_of_skipping_events() {
+    let n = notifier(|_| {}).await;
+    for i in 1..=5 {
+        n.publish(&event("old", i, CallState::InProgress)).await;
+    }
+    n.wait_applied(5).await;
+    let mut ws = n.connect("").await;
+    let snapshot = next(&mut ws).await;
+    let old_stream = snapshot["stream"].as_str().unwrap().to_owned();
+    assert_eq!(snapshot["seq"], 5);
+
+    let js = n.env.jetstream().await;
+    let name = n
+        .env
+        .subjects()
+        .stream_name(common::subjects::StreamKind::Status);
+    js.delete_stream(&name).await.unwrap();
+    common::nats::ensure_streams(&js, &n.env.subjects(), &n.env.config.streams)
+        .await
+        .unwrap();
+    n.publish(&event("new", 1, CallState::InProgress)).await;
+
+    // The connected socket is told to reconnect.
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(closed.unwrap().code), 1012);
+
+    let query = common::live::LiveQuery {
+        since: Some(5),
+        stream: Some(old_stream.clone()),
+        ..Default::default()
+    };
+    let mut ws = n.connect(&format!("?{}", query.to_query())).await;
+    let frame = next(&mut ws).await;
+    assert_eq!(frame["type"], "snapshot", "{frame}");
+    assert_eq!(frame["reset"], true);
+    assert_ne!(frame["stream"].as_str(), Some(old_stream.as_str()));
+    let calls: Vec<&str> = frame["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["call_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(calls, ["new"], "only the new stream's calls: {frame}");
+}
+
+/// Thousands of streaming calls report progress; a client must not be pushed into a
+/// lagged → snapshot loop by them: progress has its own ring, status events keep theirs.
+#[tokio::test]
+async fn a_flood_of_progress_reports_never_makes_a_client_lag_on_status_events() {
+    let n = notifier(|c| c.client_queue = 16).await;
+    n.publish(&event("flood", 1, CallState::InProgress)).await;
+    n.wait_applied(1).await;
+    let mut ws = n.connect("").await;
+    next(&mut ws).await;
+
+    let client = n.env.nats().await;
+    // Wait until the notifier's progress subscription is in place (one report arrives).
+    let subject = n.env.subjects().all_progress().replace('*', "flood");
+    let report = |i: i64| {
+        serde_json::json!({
+            "call_id": "flood", "packets_received": i, "missing_packets": 0,
+            "last_sequence": i, "at": "2026-11-25T17:00:00Z"
+        })
+        .to_string()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        client
+            .publish(subject.clone(), report(0).into())
+            .await
+            .unwrap();
+        let frame = tokio::time::timeout(Duration::from_millis(200), next(&mut ws)).await;
+        if frame.is_ok_and(|f| f["type"] == "progress") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress frame arrived"
+        );
+    }
+    // Far more reports than the client's queue, without the client reading.
+    for i in 1..=2000 {
+        client
+            .publish(subject.clone(), report(i).into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    n.publish(&event("flood", 2, CallState::Completed)).await;
+
+    loop {
+        let frame = next(&mut ws).await;
+        assert_ne!(
+            frame["type"], "lagged",
+            "progress pushed the client into a lag"
+        );
+        assert_ne!(
+            frame["type"], "snapshot",
+            "progress forced a resynchronisation"
+        );
+        if frame["type"] == "status" {
+            assert_eq!(frame["version"], 2);
+            break;
+        }
+    }
+}
+
+/// A client's subscribe set and its messages are bounded, with a clear error frame.
+#[tokio::test]
+async fn oversized_subscriptions_and_messages_get_a_clear_error() {
+    let n = notifier(|_| {}).await;
+    let mut ws = n.connect("").await;
+    next(&mut ws).await;
+
+    let ids: Vec<String> = (0..=common::live::MAX_SUBSCRIBED_CALLS)
+        .map(|i| format!("c{i}"))
+        .collect();
+    let subscribe = serde_json::json!({"type": "subscribe", "call_ids": ids}).to_string();
+    send(&mut ws, &subscribe).await;
+    let frame = next(&mut ws).await;
+    assert_eq!(frame["type"], "error");
+    assert!(
+        frame["message"].as_str().unwrap().contains("at most"),
+        "{frame}"
+    );
+
+    let huge = format!(
+        r#"{{"type":"subscribe","call_ids":["{}"]}}"#,
+        "a".repeat(common::live::MAX_CLIENT_MESSAGE_BYTES)
+    );
+    send(&mut ws, &huge).await;
+    let frame = next(&mut ws).await;
+    assert_eq!(frame["type"], "error", "{frame}");
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(closed.unwrap().code), 1009);
+}
