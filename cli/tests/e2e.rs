@@ -9,7 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::testing::{TestEnv, eventually};
+use common::testing::{TestEnv, eventually, random_suffix};
+use tokio::io::AsyncBufReadExt;
 
 /// The workspace's binaries live next to this test's `deps/` folder.
 fn binary(name: &str) -> PathBuf {
@@ -54,8 +55,18 @@ impl Service {
         extra: &[(&str, String)],
         log_dir: &std::path::Path,
     ) -> Self {
-        let port = free_port();
-        let log = log_dir.join(format!("{name}.log"));
+        Self::start_on(name, free_port(), env, extra, log_dir)
+    }
+
+    /// Starts `name` listening on `port` (a restart reuses its predecessor's).
+    fn start_on(
+        name: &'static str,
+        port: u16,
+        env: &TestEnv,
+        extra: &[(&str, String)],
+        log_dir: &std::path::Path,
+    ) -> Self {
+        let log = log_dir.join(format!("{name}-{}.log", random_suffix()));
         let mut command = Command::new(binary(name));
         command
             .env_clear()
@@ -244,5 +255,80 @@ async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lo
             service.name
         );
     }
+    std::fs::remove_dir_all(&log_dir).ok();
+}
+
+/// `pbx watch` against the real notifier binary, which is killed and started again on the
+/// same port in the middle: pbx reconnects by itself with the resume URL it builds
+/// (`since` and `stream`), and a call sent after the restart shows up in its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pbx_watch_follows_calls_across_a_notifier_restart() {
+    common::tls::install_crypto_provider();
+    let env = TestEnv::new().await;
+    let log_dir = std::env::temp_dir().join(format!("switchboard-watch-{}", env.config.prefix));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let ingest = Service::start("ingest", &env, &[], &log_dir);
+    let mut notifier = Service::start("notifier", &env, &[], &log_dir);
+    let client = reqwest::Client::new();
+    wait_ready(&ingest, &client).await;
+    wait_ready(&notifier, &client).await;
+
+    let mut watch = tokio::process::Command::new(binary("pbx"))
+        .args(["--notifier-url", &notifier.url(), "watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("pbx watch starts");
+    let mut lines = tokio::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let send = |call: &'static str| {
+        let (client, url) = (client.clone(), ingest.url());
+        async move {
+            let status = client
+                .post(format!("{url}/v1/call/stream/{call}"))
+                .json(&serde_json::json!({"sequence": 0, "data": "hello", "timestamp": 1.0}))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 202);
+        }
+    };
+    // Reads pbx's frames until one mentions `call`.
+    async fn seen(lines: &mut tokio::io::Lines<impl tokio::io::AsyncBufRead + Unpin>, call: &str) {
+        let deadline = Duration::from_secs(60);
+        tokio::time::timeout(deadline, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains(&format!("\"call_id\":\"{call}\"")) {
+                    return;
+                }
+            }
+            panic!("pbx watch ended before showing {call}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("pbx watch did not show {call} within {deadline:?}"));
+    }
+
+    send("before-restart").await;
+    seen(&mut lines, "before-restart").await;
+
+    let port = notifier.port;
+    notifier.child.kill().unwrap();
+    notifier.child.wait().unwrap();
+    let notifier = Service::start_on("notifier", port, &env, &[], &log_dir);
+    wait_ready(&notifier, &client).await;
+
+    send("after-restart").await;
+    seen(&mut lines, "after-restart").await;
+    assert!(
+        watch.try_wait().unwrap().is_none(),
+        "pbx watch is still running after the restart"
+    );
+    watch.kill().await.ok();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut watch.stderr.take().unwrap(), &mut stderr)
+        .await
+        .ok();
+    assert!(!stderr.contains("400"), "pbx's resume was refused: {stderr}");
     std::fs::remove_dir_all(&log_dir).ok();
 }
