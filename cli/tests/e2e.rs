@@ -329,6 +329,9 @@ async fn pbx_watch_follows_calls_across_a_notifier_restart() {
     tokio::io::AsyncReadExt::read_to_string(&mut watch.stderr.take().unwrap(), &mut stderr)
         .await
         .ok();
-    assert!(!stderr.contains("400"), "pbx's resume was refused: {stderr}");
+    assert!(
+        !stderr.contains("400"),
+        "pbx's resume was refused: {stderr}"
+    );
     std::fs::remove_dir_all(&log_dir).ok();
 }

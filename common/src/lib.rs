@@ -16,6 +16,7 @@
 //! - [`events`]: the payloads published on those subjects.
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
 //! - [`outbox`]: publishes the events the database has recorded, now and after outages.
+//! - [`tasks`]: critical background tasks, watched: one ending takes the service down.
 //! - [`http`]: the error body, health/readiness/metrics routes and graceful serving.
 //! - [`live`]: the live view's WebSocket contract (path, query parameters, limits).
 //! - [`tls`]: the rustls crypto provider for outgoing HTTPS.
@@ -33,6 +34,7 @@ pub mod outbox;
 pub mod shutdown;
 pub mod store;
 pub mod subjects;
+pub mod tasks;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

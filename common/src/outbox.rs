@@ -1,6 +1,7 @@
 //! Getting recorded events out of Postgres and into JetStream.
 //!
-//! Status events live in `call_transitions` (one row per transition, `published_at` NULL
+//! Packet events are named by `packet_outbox` (one row per writer batch, deleted once every
+//! packet of the batch is acknowledged). Status events live in `call_transitions` (one row per transition, `published_at` NULL
 //! until JetStream acknowledges it) and work items in `calls` (`work_item_published_at` NULL
 //! while a `COMPLETED` call's work item is unacknowledged). Whoever commits a transition
 //! publishes right away through [`Publisher`]; the [`Relay`] republishes, every few seconds,
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     CallId,
-    events::{StatusEvent, WorkItem},
+    events::{PacketEvent, StatusEvent, WorkItem},
     nats,
     store::Recorded,
     subjects::Subjects,
@@ -130,14 +131,18 @@ pub struct Relay {
 /// Rows one pass of the relay handles at most.
 const RELAY_BATCH: i64 = 500;
 
+/// Packet outbox rows (writer batches, up to `INGEST_MAX_BATCH` packets each) one pass
+/// handles at most.
+const PACKET_OUTBOX_BATCH: i64 = 20;
+
 impl Relay {
     /// Runs until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
             match self.relay_once().await {
@@ -150,6 +155,75 @@ impl Relay {
 
     /// One pass: returns how many events JetStream acknowledged.
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
+        let packets = self.relay_packets().await?;
+        Ok(packets + self.relay_statuses_and_work().await?)
+    }
+
+    /// Packet events whose batch's outbox row is still there (a crash between commit and
+    /// publish, NATS down, a client that gave up): published again as stored, with their
+    /// `Nats-Msg-Id`, and the row removed once every one is acknowledged.
+    async fn relay_packets(&self) -> anyhow::Result<usize> {
+        let pool = &self.publisher.pool;
+        let rows: Vec<(i64, Vec<String>, Vec<i64>)> = sqlx::query_as(
+            "SELECT id, call_ids, sequences FROM packet_outbox \
+             WHERE at < now() - make_interval(secs => $1) ORDER BY id LIMIT $2",
+        )
+        .bind(self.grace.as_secs_f64())
+        .bind(PACKET_OUTBOX_BATCH)
+        .fetch_all(pool)
+        .await?;
+        let mut published = 0;
+        for (id, call_ids, sequences) in rows {
+            let stored: Vec<(String, i64, String, f64, OffsetDateTime)> = sqlx::query_as(
+                "SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at FROM packets p \
+                 JOIN UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
+                   ON p.call_id = k.call_id AND p.sequence = k.sequence",
+            )
+            .bind(&call_ids)
+            .bind(&sequences)
+            .fetch_all(pool)
+            .await?;
+            let results = join_all(stored.into_iter().map(
+                |(call_id, sequence, data, sent, at)| async move {
+                    let event = PacketEvent {
+                        call_id: CallId::parse(call_id).map_err(|e| e.to_string())?,
+                        sequence,
+                        data,
+                        timestamp: sent,
+                        received_at: at,
+                    };
+                    let payload =
+                        Bytes::from(serde_json::to_vec(&event).map_err(|e| e.to_string())?);
+                    nats::publish(
+                        &self.publisher.js,
+                        self.publisher.subjects.packets(&event.call_id),
+                        &PacketEvent::msg_id(&event.call_id, sequence),
+                        payload,
+                        None,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+                },
+            ))
+            .await;
+            let acknowledged = results.iter().filter(|r| r.is_ok()).count();
+            published += acknowledged;
+            metrics::counter!("switchboard_packet_events_republished_total")
+                .increment(acknowledged as u64);
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                tracing::warn!(outbox.id = id, error.message = %e, "packet events not republished yet");
+                continue;
+            }
+            sqlx::query("DELETE FROM packet_outbox WHERE id = $1")
+                .bind(id)
+                .execute(pool)
+                .await?;
+        }
+        Ok(published)
+    }
+
+    /// Status events and work items not acknowledged yet.
+    async fn relay_statuses_and_work(&self) -> anyhow::Result<usize> {
         let grace = self.grace.as_secs_f64();
         let statuses: Vec<(i64, sqlx::types::Json<StatusEvent>)> = sqlx::query_as(
             "SELECT id, event FROM call_transitions \

@@ -15,28 +15,21 @@ use crate::{
     events::{ERROR_PREVIEW_CHARS, Sentiment, StatusEvent, TRANSCRIPT_PREVIEW_CHARS, preview},
 };
 
-/// The sequence numbers missing from a call: everything in `[0, max(last_sequence,
-/// total_packets - 1)]` that has not been received. A SQL expression over a `calls` row.
-#[macro_export]
-#[doc(hidden)]
-macro_rules! missing_ranges_sql {
-    () => {
-        "(int8multirange(int8range(0, GREATEST(COALESCE(last_sequence + 1, 0), COALESCE(total_packets, 0)))) - received)"
-    };
-}
-
-/// The columns of [`CallRow`], for `SELECT` and `RETURNING` lists.
+/// The columns of [`CallRow`], for `SELECT` and `RETURNING` lists. `missing_packets` is
+/// counted, not enumerated: the sequences expected (from `sequence_start` up to the highest
+/// received, or to `total_packets` once declared) less those received (packets are unique per
+/// sequence). Constant cost, however many gaps the call has.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! call_columns_sql {
     () => {
         concat!(
             "call_id, state, version, packets_received, first_sequence, last_sequence, ",
-            "total_packets, ai_attempts, transcript, sentiment_label, sentiment_score, last_error, ",
-            "created_at, updated_at, last_packet_at, completed_at, next_attempt_at, ",
-            "(SELECT COALESCE(sum(upper(r) - lower(r)), 0) FROM unnest(",
-            $crate::missing_ranges_sql!(),
-            ") AS r)::int8 AS missing_packets"
+            "total_packets, sequence_start, ai_attempts, transcript, sentiment_label, ",
+            "sentiment_score, last_error, created_at, updated_at, last_packet_at, completed_at, ",
+            "next_attempt_at, (GREATEST(COALESCE(last_sequence + 1, sequence_start), ",
+            "sequence_start + COALESCE(total_packets, 0)) - sequence_start - packets_received) ",
+            "AS missing_packets"
         )
     };
 }
@@ -53,6 +46,8 @@ pub struct CallRow {
     pub first_sequence: Option<i64>,
     pub last_sequence: Option<i64>,
     pub total_packets: Option<i64>,
+    /// The first sequence number of the call's numbering (`SEQUENCE_START` when it began).
+    pub sequence_start: i64,
     pub missing_packets: i64,
     pub ai_attempts: i32,
     pub transcript: Option<String>,
@@ -311,17 +306,23 @@ pub async fn get_call(
     .await
 }
 
-/// The first `limit` missing ranges of a call, lowest first.
+/// The first `limit` missing ranges of a call, lowest first: its gaps (kept by ingest's
+/// writer in `call_gaps`) and, once `total_packets` is declared, the run after the highest
+/// sequence received. An index range scan of at most `limit` rows.
 pub async fn missing_ranges(
     db: impl PgExecutor<'_>,
     call_id: &CallId,
     limit: i64,
 ) -> Result<Vec<MissingRange>, sqlx::Error> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(concat!(
-        "SELECT lower(r), upper(r) - 1 FROM calls, unnest(",
-        missing_ranges_sql!(),
-        ") AS r WHERE call_id = $1 ORDER BY lower(r) LIMIT $2"
-    ))
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "(SELECT first_missing, last_missing FROM call_gaps WHERE call_id = $1 \
+          ORDER BY first_missing LIMIT $2) \
+         UNION ALL \
+         (SELECT COALESCE(last_sequence + 1, sequence_start), sequence_start + total_packets - 1 \
+          FROM calls WHERE call_id = $1 AND total_packets IS NOT NULL \
+            AND sequence_start + total_packets - 1 >= COALESCE(last_sequence + 1, sequence_start)) \
+         ORDER BY 1 LIMIT $2",
+    )
     .bind(call_id.as_str())
     .bind(limit)
     .fetch_all(db)

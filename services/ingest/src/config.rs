@@ -53,6 +53,12 @@ pub struct IngestConfig {
     #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 2_000)]
     pub outbox_relay_interval_ms: u64,
 
+    /// The first sequence number of a call: 0, or 1 for PBXs that count from 1 (Twilio's media
+    /// chunks, the original FastAPI service). Missing ranges, `total_packets` and the
+    /// transcriber's audio all count from here; a sequence below it is refused (422).
+    #[arg(long, env = "SEQUENCE_START", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1))]
+    pub sequence_start: i64,
+
     /// Most packets written to Postgres in one transaction.
     #[arg(long, env = "INGEST_MAX_BATCH", default_value_t = 1_000)]
     pub max_batch: usize,

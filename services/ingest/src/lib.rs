@@ -11,7 +11,8 @@
 //! # Layout
 //! - [`config`]: settings (`--help` lists them).
 //! - [`routes`]: the HTTP API; [`extract`] and [`error`] give every failure the same shape.
-//! - [`writer`]: the batching writer every packet goes through.
+//! - [`writer`]: the batching writer every packet goes through (store, then publish).
+//! - [`gaps`]: a call's missing sequences, kept incrementally.
 //! - [`lifecycle`]: completing a call (endpoint and idle reaper alike).
 //! - [`reaper`]: completes calls that went quiet.
 //! - [`openapi`]: the OpenAPI document behind `/docs`.
@@ -22,6 +23,7 @@
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod gaps;
 pub mod lifecycle;
 pub mod openapi;
 pub mod reaper;
@@ -32,11 +34,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
+use common::tasks::{CriticalTasks, TaskHealth};
 use common::{
     db, nats,
     outbox::{Publisher, Relay},
     subjects::Subjects,
 };
+use futures::FutureExt;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -62,14 +66,19 @@ impl App {
         let pool = db::connect(&common.database_url, common.database_max_connections).await?;
         db::migrate(&pool).await?;
         let client = nats::connect(&common.nats_url, "switchboard-ingest").await?;
+        check_packet_size(&config, &client)?;
         let js = nats::jetstream(client.clone());
         let subjects = Subjects::new(common.prefix.clone());
         nats::ensure_streams(&js, &subjects, &common.streams)
             .await
             .context("provisioning JetStream streams")?;
         let publisher = Publisher::new(js, subjects, pool.clone());
-        let (writer, writer_task) =
-            PacketWriter::spawn(pool.clone(), publisher.clone(), config.max_batch);
+        let (writer, writer_task) = PacketWriter::spawn(
+            pool.clone(),
+            publisher.clone(),
+            config.max_batch,
+            config.sequence_start,
+        );
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on {} (INGEST_ADDR)", config.addr))?;
@@ -79,6 +88,7 @@ impl App {
             publisher,
             writer,
             config: Arc::new(config),
+            tasks: TaskHealth::default(),
         };
         Ok(App {
             router: routes::router(state.clone()),
@@ -111,13 +121,23 @@ impl App {
             prefix = %config.common.prefix,
             "ingest listening"
         );
+        // Every background task is critical: one that ends early stops the service.
+        let mut tasks = CriticalTasks::new(state.tasks.clone(), shutdown.clone());
         let background = shutdown.child_token();
-        let reaper = tokio::spawn(reaper::run(
-            state.publisher.clone(),
-            config.call_idle_timeout(),
-            background.clone(),
-        ));
-        let relay = tokio::spawn(
+        tasks.spawn(
+            "packet writer",
+            writer_task.map(|ended| ended.context("the packet writer panicked")),
+        );
+        tasks.spawn(
+            "idle reaper",
+            reaper::run(
+                state.publisher.clone(),
+                config.call_idle_timeout(),
+                background.clone(),
+            ),
+        );
+        tasks.spawn(
+            "outbox relay",
             Relay {
                 publisher: state.publisher.clone(),
                 interval: config.outbox_relay_interval(),
@@ -129,12 +149,33 @@ impl App {
         drop(state);
         let served = common::http::serve(listener, router, shutdown.clone()).await;
         // The server has dropped the router (and its writer handle): the writer finishes
-        // what is queued and stops.
-        writer_task.await.ok();
+        // what is queued and stops; then the other tasks stop.
+        // The writer ends by itself once drained; the relay and reaper when told to.
         background.cancel();
-        reaper.await.ok();
-        relay.await.ok();
+        let tasks_result = tasks.join().await;
         tracing::info!("ingest stopped");
-        served.context("serving HTTP")
+        served.context("serving HTTP")?;
+        tasks_result
     }
+}
+
+/// Room a packet event needs besides its `data`: the JSON envelope (call id of up to 128
+/// characters, numbers, timestamps) and NATS headers, with margin.
+const PACKET_EVENT_ENVELOPE: usize = 1024;
+
+/// A packet whose event NATS would refuse could be stored but never published: refuse the
+/// configuration instead, naming both settings.
+fn check_packet_size(config: &IngestConfig, client: &async_nats::Client) -> anyhow::Result<()> {
+    let max_payload = client.server_info().max_payload;
+    let needed = config.max_packet_bytes + PACKET_EVENT_ENVELOPE;
+    anyhow::ensure!(
+        needed <= max_payload,
+        "MAX_PACKET_BYTES is {} but the NATS server's max_payload is {max_payload} bytes: a \
+         packet's event (its data plus {PACKET_EVENT_ENVELOPE} bytes of envelope) would be \
+         refused. Lower MAX_PACKET_BYTES to at most {} or raise max_payload in nats-server's \
+         configuration",
+        config.max_packet_bytes,
+        max_payload.saturating_sub(PACKET_EVENT_ENVELOPE)
+    );
+    Ok(())
 }

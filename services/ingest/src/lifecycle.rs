@@ -23,19 +23,15 @@ pub enum Completion {
     Completed(CallRow),
     /// The call had already left `IN_PROGRESS`: nothing changed, nothing was published.
     AlreadyDone(CallRow),
-    /// Asked to complete an idle call, but a packet arrived since: it keeps streaming.
-    NoLongerIdle,
 }
 
-/// `IN_PROGRESS -> COMPLETED`, idempotently, then the work item and the status event. With
-/// `only_if_idle`, only if no packet arrived for that long (checked under the row lock: the
-/// idle reaper's list may be stale by the time it gets to a call).
+/// `IN_PROGRESS -> COMPLETED`, idempotently, then the work item and the status event. (The
+/// idle reaper completes calls in batches of its own, through the same compare-and-set.)
 pub async fn complete_call(
     publisher: &Publisher,
     call_id: &CallId,
     total_packets: Option<i64>,
     reason: &str,
-    only_if_idle: Option<std::time::Duration>,
 ) -> Result<Completion, ApiError> {
     let mut tx = publisher
         .pool
@@ -44,36 +40,30 @@ pub async fn complete_call(
         .map_err(ApiError::database_connect)?;
     // Waits for an in-flight packet batch of this call to commit: every packet accepted
     // before the completion is in the call, every one after it gets 409.
-    let current: Option<(String, Option<i64>, bool)> = sqlx::query_as(
-        "SELECT state, last_sequence, \
-                ($2::float8 IS NULL OR last_packet_at < now() - make_interval(secs => $2)) \
-         FROM calls WHERE call_id = $1 FOR NO KEY UPDATE",
+    let current: Option<(String, Option<i64>, i64)> = sqlx::query_as(
+        "SELECT state, last_sequence, sequence_start FROM calls WHERE call_id = $1 \
+         FOR NO KEY UPDATE",
     )
     .bind(call_id.as_str())
-    .bind(only_if_idle.map(|d| d.as_secs_f64()))
     .fetch_optional(&mut *tx)
     .await
     .map_err(ApiError::database)?;
-    let Some((state, last_sequence, idle_enough)) = current else {
+    let Some((state, last_sequence, start)) = current else {
         return Err(ApiError::CallNotFound(call_id.clone()));
     };
-    if !idle_enough && state == CallState::InProgress.as_str() {
-        tx.rollback().await.map_err(ApiError::database)?;
-        return Ok(Completion::NoLongerIdle);
-    }
     if state != CallState::InProgress.as_str() {
         tx.rollback().await.map_err(ApiError::database)?;
         return already_done(publisher, call_id).await;
     }
     if let (Some(total), Some(last)) = (total_packets, last_sequence)
-        && total <= last
+        && start + total - 1 < last
     {
         return Err(ApiError::invalid_field(
             "total_packets",
             format!(
                 "total_packets is {total}, but sequence {last} was received \
-                 (sequences count from 0, so total_packets must be at least {})",
-                last + 1
+                 (this call counts from {start}, so total_packets must be at least {})",
+                last - start + 1
             ),
         ));
     }
@@ -132,7 +122,6 @@ pub async fn retry_call(
         tx.rollback().await.map_err(ApiError::database)?;
         return match already_done(publisher, call_id).await? {
             Completion::AlreadyDone(row) | Completion::Completed(row) => Ok(Err(row.state)),
-            Completion::NoLongerIdle => unreachable!("already_done never answers NoLongerIdle"),
         };
     };
     tx.commit().await.map_err(ApiError::database)?;
@@ -142,7 +131,11 @@ pub async fn retry_call(
 
 /// Publishes the work item and the status event of a call that just became `COMPLETED`.
 /// What JetStream does not acknowledge now, the outbox relay publishes later.
-async fn announce_completed(publisher: &Publisher, recorded: &store::Recorded, reason: &str) {
+pub(crate) async fn announce_completed(
+    publisher: &Publisher,
+    recorded: &store::Recorded,
+    reason: &str,
+) {
     let call = &recorded.call;
     tracing::info!(call.id = %call.call_id, call.version = call.version, reason, "call completed");
     metrics::counter!("switchboard_ingest_calls_completed_total", "reason" => reason.to_owned())

@@ -1,57 +1,93 @@
 //! Completes calls that stopped receiving packets (`CALL_IDLE_TIMEOUT_SECS`). Every replica
-//! runs one; the compare-and-set in [`crate::lifecycle::complete_call`] makes sure each call
-//! is completed once, whichever replica gets there first.
+//! runs one. A pass claims a batch of idle calls with `FOR NO KEY UPDATE SKIP LOCKED`, so
+//! replicas share the work (each takes calls the others are not holding) instead of all
+//! walking the same oldest calls, completes them in one transaction through the same
+//! compare-and-set as the completion endpoint, and publishes their work items and status
+//! events concurrently after the commit. A NATS outage therefore costs a pass one publish
+//! timeout, not one per call: what JetStream does not acknowledge waits in the outbox.
 
 use std::time::Duration;
 
-use common::{CallId, outbox::Publisher};
+use common::{
+    CallState,
+    outbox::Publisher,
+    store::{self, Changes},
+};
+use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::{self, IDLE_TIMEOUT};
 
-/// Calls completed per pass at most.
-const PASS_LIMIT: i64 = 500;
+/// Calls one pass completes at most.
+pub const PASS_LIMIT: i64 = 200;
 
-pub async fn run(publisher: Publisher, idle_timeout: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    publisher: Publisher,
+    idle_timeout: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Look four times per timeout, so a call is completed at most 25% late.
     let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        if let Err(e) = reap_once(&publisher, idle_timeout).await {
-            tracing::warn!(error.message = %e, "idle reaper pass failed");
+        // A full pass means there may be more: go on at once (a backlog after an outage).
+        loop {
+            match reap_once(&publisher, idle_timeout, PASS_LIMIT).await {
+                Ok(n) if n as i64 == PASS_LIMIT && !shutdown.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "idle reaper pass failed");
+                    break;
+                }
+            }
         }
     }
 }
 
-/// Completes the calls idle for longer than `idle_timeout`; returns how many it completed.
-pub async fn reap_once(publisher: &Publisher, idle_timeout: Duration) -> anyhow::Result<usize> {
+/// Completes up to `limit` calls idle for longer than `idle_timeout` that no other
+/// transaction holds; returns how many it completed.
+pub async fn reap_once(
+    publisher: &Publisher,
+    idle_timeout: Duration,
+    limit: i64,
+) -> anyhow::Result<usize> {
+    let mut tx = publisher.pool.begin().await?;
     let idle: Vec<String> = sqlx::query_scalar(
         "SELECT call_id FROM calls WHERE state = $3 \
          AND last_packet_at < now() - make_interval(secs => $1) \
-         ORDER BY last_packet_at LIMIT $2",
+         ORDER BY last_packet_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(idle_timeout.as_secs_f64())
-    .bind(PASS_LIMIT)
-    .bind(common::CallState::InProgress.as_str())
-    .fetch_all(&publisher.pool)
+    .bind(limit)
+    .bind(CallState::InProgress.as_str())
+    .fetch_all(&mut *tx)
     .await?;
-    let mut completed = 0;
+    let mut completed = Vec::with_capacity(idle.len());
     for id in idle {
-        let call_id = CallId::parse(id)?;
-        match lifecycle::complete_call(publisher, &call_id, None, IDLE_TIMEOUT, Some(idle_timeout))
-            .await
-        {
-            Ok(lifecycle::Completion::Completed(_)) => completed += 1,
-            Ok(lifecycle::Completion::AlreadyDone(_) | lifecycle::Completion::NoLongerIdle) => {}
-            Err(e) => {
-                tracing::warn!(call.id = %call_id, error.message = %e, "cannot complete idle call")
-            }
-        }
+        let call_id = common::CallId::parse(id)?;
+        // The rows are locked and were idle under the lock: each moves, once.
+        let recorded = store::transition(
+            &mut tx,
+            &call_id,
+            CallState::InProgress,
+            CallState::Completed,
+            IDLE_TIMEOUT,
+            Changes::default(),
+        )
+        .await?;
+        completed.extend(recorded);
     }
-    Ok(completed)
+    tx.commit().await?;
+    join_all(
+        completed
+            .iter()
+            .map(|recorded| lifecycle::announce_completed(publisher, recorded, IDLE_TIMEOUT)),
+    )
+    .await;
+    Ok(completed.len())
 }

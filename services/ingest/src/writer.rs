@@ -5,8 +5,19 @@
 //! waiting for more: under light load a batch is one packet and latency stays one
 //! transaction) and stores the whole batch in one transaction of a few set-based statements
 //! (`UNNEST` arrays), so thousands of concurrent packets cost a handful of round trips
-//! instead of one commit each. Publishing to JetStream happens after the commit, in the
-//! request handlers, concurrently: no row lock is ever held across a network call.
+//! instead of one commit each. After the commit, a task of the batch's own publishes its packets
+//! to JetStream (concurrently) and only then answers the requests: `202` means committed and
+//! acknowledged. No row lock is ever held across a network call, and the publish does not
+//! depend on the client still being there.
+//!
+//! Nothing stored is left unpublished: the batch's transaction also writes one
+//! `packet_outbox` row naming its new packets, deleted once JetStream has acknowledged them
+//! all. The outbox relay (`common::outbox`) republishes whatever a crash, a NATS outage or a
+//! client that gave up left behind. Events carry what Postgres stored (the first timestamp
+//! of a retried packet, not the retry's).
+//!
+//! A call's counts are kept incrementally (see [`crate::gaps`]): a packet costs the same
+//! whether its call has no gap or a hundred thousand.
 //!
 //! Correctness under races comes from Postgres, not from this task: calls are created with
 //! `INSERT .. ON CONFLICT DO NOTHING` (concurrent first packets, even on several replicas,
@@ -17,17 +28,20 @@
 //! opposite orders; Postgres then aborts one batch as a deadlock and the writer runs it again.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
 
+use bytes::Bytes;
 use common::{
     CallId, CallState,
-    events::ProgressEvent,
+    events::{PacketEvent, ProgressEvent},
+    nats,
     outbox::Publisher,
     store::{self, CallRow, MissingRange, Recorded},
 };
-use sqlx::PgPool;
+use futures::future::join_all;
+use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use tokio::{
     sync::{mpsc, oneshot},
@@ -35,11 +49,15 @@ use tokio::{
     time::Instant,
 };
 
-use crate::error::is_database_unavailable;
+use crate::{
+    error::is_database_unavailable,
+    gaps::{self, Before},
+};
 
-/// Most missing ranges returned with one packet's answer (the full list is on
-/// `GET /v1/call/{id}`); bounds the response size of a call with heavy loss.
-pub const MAX_MISSING_RANGES_IN_RESPONSE: i64 = 1000;
+/// Most missing ranges returned with one packet's answer, lowest first (`missing_packets`
+/// counts them all; `GET /v1/call/{id}` lists more). A constant, so that the answer to a
+/// packet of a very lossy call costs no more than any other.
+pub const MAX_MISSING_RANGES_IN_RESPONSE: i64 = 100;
 
 /// Highest sequence (and `total_packets`) accepted: 50 packets a second for over three weeks.
 /// Far below `i64::MAX`, so sequence arithmetic never overflows and a call's audio stays a
@@ -56,6 +74,8 @@ pub struct NewPacket {
     pub sequence: i64,
     pub data: String,
     pub timestamp: f64,
+    /// Carried on the JetStream publish, so the packet can be followed across services.
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,14 +86,18 @@ pub enum Outcome {
     Duplicate,
 }
 
-/// The verdict on a packet that is (now or already) stored.
+/// The verdict on a packet that is (now or already) stored, and published.
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub outcome: Outcome,
     pub received_at: OffsetDateTime,
+    /// The PBX timestamp as stored: the first one sent, for a duplicate.
+    pub sent_at: f64,
     /// The call's missing ranges after this batch, lowest first, at most
     /// [`MAX_MISSING_RANGES_IN_RESPONSE`].
     pub missing: Vec<MissingRange>,
+    /// How many sequences the call is missing in all.
+    pub missing_packets: i64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,8 +106,13 @@ pub enum WriteError {
     Conflict,
     #[error("the call is {0}, not IN_PROGRESS")]
     NotInProgress(CallState),
+    #[error("the call numbers its packets from {start}")]
+    BeforeStart { start: i64 },
     #[error("database error: {message}")]
     Database { unavailable: bool, message: String },
+    /// Stored, but JetStream did not acknowledge it (the outbox relay will publish it).
+    #[error("stored, but not acknowledged by JetStream: {0}")]
+    Unpublished(String),
     #[error("the writer is shutting down")]
     Closed,
 }
@@ -126,9 +155,11 @@ impl From<sqlx::Error> for BatchFailure {
     }
 }
 
+type Reply = oneshot::Sender<Result<Stored, WriteError>>;
+
 struct Job {
     packet: NewPacket,
-    reply: oneshot::Sender<Result<Stored, WriteError>>,
+    reply: Reply,
 }
 
 /// The handle requests use. The writer task ends once every handle is dropped and the
@@ -138,14 +169,35 @@ pub struct PacketWriter {
     tx: mpsc::Sender<Job>,
 }
 
+/// What the writer task works with.
+#[derive(Clone)]
+struct Writer {
+    pool: PgPool,
+    publisher: Publisher,
+    max_batch: usize,
+    /// `SEQUENCE_START`: the first sequence number of the calls this writer creates.
+    sequence_start: i64,
+}
+
 impl PacketWriter {
-    pub fn spawn(pool: PgPool, publisher: Publisher, max_batch: usize) -> (Self, JoinHandle<()>) {
+    pub fn spawn(
+        pool: PgPool,
+        publisher: Publisher,
+        max_batch: usize,
+        sequence_start: i64,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let task = tokio::spawn(run(rx, pool, publisher, max_batch));
+        let writer = Writer {
+            pool,
+            publisher,
+            max_batch,
+            sequence_start,
+        };
+        let task = tokio::spawn(run(rx, writer));
         (Self { tx }, task)
     }
 
-    /// Stores one packet (batched with its neighbours) and returns the verdict.
+    /// Stores one packet (batched with its neighbours), publishes it, and returns the verdict.
     pub async fn write(&self, packet: NewPacket) -> Result<Stored, WriteError> {
         let (reply, verdict) = oneshot::channel();
         self.tx
@@ -156,34 +208,38 @@ impl PacketWriter {
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Job>, pool: PgPool, publisher: Publisher, max_batch: usize) {
-    let mut jobs = Vec::with_capacity(max_batch);
+async fn run(mut rx: mpsc::Receiver<Job>, writer: Writer) {
+    let mut jobs = Vec::with_capacity(writer.max_batch);
     let mut progress = HashSet::new();
     let mut report = tokio::time::interval(PROGRESS_EVERY);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each batch's publishing runs on its own task; shutdown waits for them.
+    let publishing = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             // `recv_many` is cancel-safe: a tick never loses packets.
-            received = rx.recv_many(&mut jobs, max_batch) => {
+            received = rx.recv_many(&mut jobs, writer.max_batch) => {
                 if received == 0 {
                     break;
                 }
-                let batch = std::mem::replace(&mut jobs, Vec::with_capacity(max_batch));
+                let batch = std::mem::replace(&mut jobs, Vec::with_capacity(writer.max_batch));
                 progress.extend(batch.iter().map(|j| j.packet.call_id.to_string()));
-                write_batch(&pool, &publisher, batch).await;
+                write_batch(&writer, &publishing, batch).await;
             }
             _ = report.tick(), if !progress.is_empty() => {
                 let due: Vec<String> = progress.drain().collect();
-                let (pool, publisher) = (pool.clone(), publisher.clone());
+                let writer = writer.clone();
                 // Off the write path: a report is a nicety, never a delay for packets.
                 tokio::spawn(async move {
-                    if let Err(e) = publish_progress(&pool, &publisher, &due).await {
+                    if let Err(e) = publish_progress(&writer.pool, &writer.publisher, &due).await {
                         tracing::debug!(error.message = %e, "progress report skipped");
                     }
                 });
             }
         }
     }
+    publishing.close();
+    publishing.wait().await;
     tracing::debug!("packet writer stopped");
 }
 
@@ -225,14 +281,31 @@ async fn publish_progress(
     Ok(())
 }
 
-async fn write_batch(pool: &PgPool, publisher: &Publisher, jobs: Vec<Job>) {
+/// Commits one batch, then hands it to a task of its own that publishes and answers.
+async fn write_batch(writer: &Writer, publishing: &tokio_util::task::TaskTracker, jobs: Vec<Job>) {
     let started = Instant::now();
-    let (packets, replies): (Vec<NewPacket>, Vec<_>) =
+    let (packets, replies): (Vec<NewPacket>, Vec<Reply>) =
         jobs.into_iter().map(|job| (job.packet, job.reply)).unzip();
-    let results = match commit_with_retry(pool, &packets).await {
+    let (results, outbox) = store_batch(writer, &packets).await;
+    metrics::histogram!("switchboard_ingest_batch_size").record(packets.len() as f64);
+    metrics::histogram!("switchboard_ingest_batch_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    let (pool, publisher) = (writer.pool.clone(), writer.publisher.clone());
+    publishing.spawn(publish_and_answer(
+        pool, publisher, packets, replies, results, outbox,
+    ));
+}
+
+/// Stores a batch: in one transaction, or (if one packet is poison) one by one. Returns a
+/// verdict per packet and the outbox rows written.
+async fn store_batch(
+    writer: &Writer,
+    packets: &[NewPacket],
+) -> (Vec<Result<Stored, WriteError>>, Vec<i64>) {
+    match commit_with_retry(writer, packets).await {
         Ok(batch) => {
-            announce(publisher, batch.created);
-            batch.results
+            announce(&writer.publisher, batch.created);
+            (batch.results, batch.outbox.into_iter().collect())
         }
         Err(failure) if packets.len() > 1 && !failure.is_unavailable() => {
             // Validation should make this impossible, but if one packet is poison, store
@@ -242,26 +315,93 @@ async fn write_batch(pool: &PgPool, publisher: &Publisher, jobs: Vec<Job>) {
                 "batch failed; retrying its packets one by one"
             );
             let mut results = Vec::with_capacity(packets.len());
-            for packet in &packets {
-                match commit_batch(pool, std::slice::from_ref(packet)).await {
+            let mut outbox = Vec::new();
+            for packet in packets {
+                match commit_batch(writer, std::slice::from_ref(packet)).await {
                     Ok(mut batch) => {
-                        announce(publisher, batch.created);
+                        announce(&writer.publisher, batch.created);
+                        outbox.extend(batch.outbox);
                         results.push(batch.results.pop().expect("one result per packet"));
                     }
                     Err(failure) => results.push(Err(WriteError::from_failure(&failure))),
                 }
             }
-            results
+            (results, outbox)
         }
-        Err(failure) => vec![Err(WriteError::from_failure(&failure)); packets.len()],
-    };
-    metrics::histogram!("switchboard_ingest_batch_size").record(packets.len() as f64);
-    metrics::histogram!("switchboard_ingest_batch_duration_seconds")
+        Err(failure) => (
+            vec![Err(WriteError::from_failure(&failure)); packets.len()],
+            Vec::new(),
+        ),
+    }
+}
+
+/// Publishes every stored packet of a batch (duplicates too: their first attempt may have
+/// missed JetStream, and `Nats-Msg-Id` makes the copy a no-op), answers each request, and
+/// clears the batch's outbox rows once every new packet is acknowledged.
+async fn publish_and_answer(
+    pool: PgPool,
+    publisher: Publisher,
+    packets: Vec<NewPacket>,
+    replies: Vec<Reply>,
+    results: Vec<Result<Stored, WriteError>>,
+    outbox: Vec<i64>,
+) {
+    let started = Instant::now();
+    let published = join_all(packets.iter().zip(&results).map(|(packet, result)| {
+        let publisher = &publisher;
+        async move {
+            let Ok(stored) = result else { return Ok(()) };
+            publish_packet(publisher, packet, stored).await
+        }
+    }))
+    .await;
+    metrics::histogram!("switchboard_ingest_publish_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    for (reply, result) in replies.into_iter().zip(results) {
-        // The request may have gone (client disconnected): the packet is stored regardless.
+    let all_acknowledged = published.iter().all(Result::is_ok);
+    for ((reply, result), published) in replies.into_iter().zip(results).zip(published) {
+        let result = match (result, published) {
+            (Ok(_), Err(e)) => Err(WriteError::Unpublished(e)),
+            (result, _) => result,
+        };
+        // The request may have gone (client disconnected): the packet is stored and
+        // published regardless.
         reply.send(result).ok();
     }
+    if all_acknowledged
+        && !outbox.is_empty()
+        && let Err(e) = sqlx::query("DELETE FROM packet_outbox WHERE id = ANY($1)")
+            .bind(&outbox)
+            .execute(&pool)
+            .await
+    {
+        // Harmless: the relay publishes them again and JetStream drops the copies.
+        tracing::warn!(error.message = %e, "cannot clear the packet outbox");
+    }
+}
+
+/// One packet event, as stored, with its `Nats-Msg-Id`.
+async fn publish_packet(
+    publisher: &Publisher,
+    packet: &NewPacket,
+    stored: &Stored,
+) -> Result<(), String> {
+    let event = PacketEvent {
+        call_id: packet.call_id.clone(),
+        sequence: packet.sequence,
+        data: packet.data.clone(),
+        timestamp: stored.sent_at,
+        received_at: stored.received_at,
+    };
+    let payload = Bytes::from(serde_json::to_vec(&event).map_err(|e| e.to_string())?);
+    nats::publish(
+        &publisher.js,
+        publisher.subjects.packets(&packet.call_id),
+        &PacketEvent::msg_id(&packet.call_id, packet.sequence),
+        payload,
+        packet.request_id.as_deref(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Publishes the status events of calls the batch created, without holding up the writer.
@@ -280,17 +420,19 @@ struct BatchOutcome {
     results: Vec<Result<Stored, WriteError>>,
     /// Calls this batch created, with their status events to publish.
     created: Vec<Recorded>,
+    /// The batch's `packet_outbox` row, if it stored anything new.
+    outbox: Option<i64>,
 }
 
 /// A batch that loses a deadlock (two replicas creating the same new calls in opposite
 /// orders, which Postgres resolves by aborting one of them) is simply run again.
 async fn commit_with_retry(
-    pool: &PgPool,
+    writer: &Writer,
     packets: &[NewPacket],
 ) -> Result<BatchOutcome, BatchFailure> {
     let mut tries = 0;
     loop {
-        match commit_batch(pool, packets).await {
+        match commit_batch(writer, packets).await {
             Err(failure) if tries < 3 && failure.is_conflict() => {
                 tries += 1;
                 metrics::counter!("switchboard_ingest_batch_retries_total").increment(1);
@@ -301,231 +443,451 @@ async fn commit_with_retry(
     }
 }
 
-async fn commit_batch(pool: &PgPool, packets: &[NewPacket]) -> Result<BatchOutcome, BatchFailure> {
-    let mut tx = pool.begin().await.map_err(|error| BatchFailure {
+/// A call as the batch found it (under its row lock), then as the batch left it.
+#[derive(Debug, Clone)]
+struct CallCounts {
+    state: CallState,
+    sequence_start: i64,
+    last_sequence: Option<i64>,
+    packets_received: i64,
+    total_packets: Option<i64>,
+}
+
+impl CallCounts {
+    /// Sequences expected so far less those received (see `common::call_columns_sql`).
+    fn missing_packets(&self) -> i64 {
+        let end = self
+            .last_sequence
+            .map_or(self.sequence_start, |l| l + 1)
+            .max(self.sequence_start + self.total_packets.unwrap_or(0));
+        end - self.sequence_start - self.packets_received
+    }
+}
+
+/// A packet's key: (call, sequence).
+type Key = (String, i64);
+
+/// What is stored under a key the batch did not insert: (data, sent_at, received_at).
+type Existing = (String, f64, OffsetDateTime);
+
+/// One transaction, one phase per statement: lock (or create) the calls, insert the new
+/// packets, read what was already stored under the other keys, update the counters and gaps,
+/// read the missing ranges to answer with, record creations, write the outbox row. Then the
+/// verdicts, computed without the database.
+async fn commit_batch(
+    writer: &Writer,
+    packets: &[NewPacket],
+) -> Result<BatchOutcome, BatchFailure> {
+    let mut tx = writer.pool.begin().await.map_err(|error| BatchFailure {
         error,
         connecting: true,
     })?;
+    let (mut calls, created) =
+        lock_or_create_calls(&mut tx, packets, writer.sequence_start).await?;
+    let first = first_of_each_key(packets);
+    let candidates: Vec<usize> = {
+        let mut c: Vec<usize> = first
+            .values()
+            .copied()
+            .filter(|&i| {
+                let call = &calls[packets[i].call_id.as_str()];
+                call.state == CallState::InProgress && packets[i].sequence >= call.sequence_start
+            })
+            .collect();
+        c.sort_unstable();
+        c
+    };
+    let inserted = insert_packets(&mut tx, packets, &candidates).await?;
+    let highest_before: HashMap<String, Option<i64>> = calls
+        .iter()
+        .map(|(id, c)| (id.clone(), c.last_sequence))
+        .collect();
+    let lookups: Vec<&Key> = first
+        .keys()
+        .filter(|k| !inserted.contains_key(*k))
+        .collect();
+    let existing = lookup_existing(&mut tx, &lookups).await?;
+    update_counts(&mut tx, &mut calls, &inserted).await?;
+    let missing = missing_for_answers(&mut tx, &calls).await?;
+    let recorded = record_creations(&mut tx, &created).await?;
+    let outbox = write_outbox(&mut tx, &inserted).await?;
+    tx.commit().await?;
+    Ok(BatchOutcome {
+        results: verdicts(
+            packets,
+            &first,
+            &calls,
+            &Found {
+                highest_before,
+                inserted,
+                existing,
+                missing,
+            },
+        ),
+        created: recorded,
+        outbox,
+    })
+}
 
+/// Locks the batch's calls that exist, creates the others, and locks those too. Locking
+/// first keeps the common case (every call exists) free of INSERT .. ON CONFLICT's
+/// speculative insertions. Returns every call's counts and the ids this batch created.
+async fn lock_or_create_calls(
+    tx: &mut PgConnection,
+    packets: &[NewPacket],
+    sequence_start: i64,
+) -> Result<(HashMap<String, CallCounts>, Vec<String>), sqlx::Error> {
     // Sorted: every writer locks calls in the same order.
     let mut call_ids: Vec<&str> = packets.iter().map(|p| p.call_id.as_str()).collect();
     call_ids.sort_unstable();
     call_ids.dedup();
-
-    // Lock the calls that exist, then create the others. Locking first keeps the common
-    // case (every call exists) free of INSERT .. ON CONFLICT's speculative insertions.
-    let mut locked: Vec<(String, String, Option<i64>)> = lock_calls(&mut tx, &call_ids).await?;
-    let mut created: Vec<String> = Vec::new();
-    if locked.len() < call_ids.len() {
+    let mut calls = lock_calls(tx, &call_ids).await?;
+    let mut created = Vec::new();
+    if calls.len() < call_ids.len() {
         let new_ids: Vec<&str> = call_ids
             .iter()
             .copied()
-            .filter(|id| !locked.iter().any(|(l, _, _)| l == id))
+            .filter(|id| !calls.contains_key(*id))
             .collect();
         created = sqlx::query_scalar(
-            "INSERT INTO calls (call_id, state) SELECT id, $2 FROM unnest($1::text[]) AS id \
+            "INSERT INTO calls (call_id, state, sequence_start) \
+             SELECT id, $2, $3 FROM unnest($1::text[]) AS id \
              ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
         )
         .bind(&new_ids)
         .bind(CallState::INITIAL.as_str())
+        .bind(sequence_start)
         .fetch_all(&mut *tx)
         .await?;
         // Those another replica created meanwhile exist now: lock them too.
-        locked.extend(lock_calls(&mut tx, &new_ids).await?);
+        calls.extend(lock_calls(tx, &new_ids).await?);
     }
-    let mut calls: HashMap<&str, (CallState, Option<i64>)> = HashMap::with_capacity(locked.len());
-    for (id, state, last) in &locked {
-        let state = state
-            .parse()
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-        calls.insert(id.as_str(), (state, *last));
-    }
-    let state_of = |call_id: &str| calls.get(call_id).map_or(CallState::INITIAL, |c| c.0);
+    Ok((calls, created))
+}
 
-    // The first packet of each (call, sequence) in the batch is the one that may be stored;
-    // any later one in the batch is judged against what ends up stored.
-    let mut first: HashMap<(&str, i64), usize> = HashMap::with_capacity(packets.len());
+/// Locks the calls among `ids` that exist (in id order: two writers never deadlock).
+async fn lock_calls(
+    tx: &mut PgConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, CallCounts>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Locked {
+        call_id: String,
+        state: String,
+        sequence_start: i64,
+        last_sequence: Option<i64>,
+        packets_received: i64,
+        total_packets: Option<i64>,
+    }
+    let rows: Vec<Locked> = sqlx::query_as(
+        "SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
+         FROM calls WHERE call_id = ANY($1) ORDER BY call_id FOR NO KEY UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(tx)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let state = row
+                .state
+                .parse()
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            let counts = CallCounts {
+                state,
+                sequence_start: row.sequence_start,
+                last_sequence: row.last_sequence,
+                packets_received: row.packets_received,
+                total_packets: row.total_packets,
+            };
+            Ok((row.call_id, counts))
+        })
+        .collect()
+}
+
+/// The first packet of each (call, sequence) in the batch is the one that may be stored; any
+/// later one in the batch is judged against what ends up stored.
+fn first_of_each_key(packets: &[NewPacket]) -> HashMap<Key, usize> {
+    let mut first = HashMap::with_capacity(packets.len());
     for (i, p) in packets.iter().enumerate() {
-        first.entry((p.call_id.as_str(), p.sequence)).or_insert(i);
+        first
+            .entry((p.call_id.to_string(), p.sequence))
+            .or_insert(i);
     }
-    let mut candidates: Vec<usize> = first
-        .values()
-        .copied()
-        .filter(|&i| state_of(packets[i].call_id.as_str()) == CallState::InProgress)
-        .collect();
-    candidates.sort_unstable();
+    first
+}
 
-    let mut inserted: HashMap<(String, i64), OffsetDateTime> = HashMap::new();
-    if !candidates.is_empty() {
-        let ids: Vec<&str> = candidates
-            .iter()
-            .map(|&i| packets[i].call_id.as_str())
-            .collect();
-        let seqs: Vec<i64> = candidates.iter().map(|&i| packets[i].sequence).collect();
-        let data: Vec<&str> = candidates
-            .iter()
-            .map(|&i| packets[i].data.as_str())
-            .collect();
-        let sent: Vec<f64> = candidates.iter().map(|&i| packets[i].timestamp).collect();
-        let rows: Vec<(String, i64, OffsetDateTime)> = sqlx::query_as(
-            "INSERT INTO packets (call_id, sequence, data, sent_at) \
-             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::float8[]) \
-             ON CONFLICT (call_id, sequence) DO NOTHING \
-             RETURNING call_id, sequence, received_at",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .bind(&data)
-        .bind(&sent)
-        .fetch_all(&mut *tx)
-        .await?;
-        inserted = rows.into_iter().map(|(c, s, at)| ((c, s), at)).collect();
+/// Inserts the candidates; returns the keys actually inserted (not already stored) with
+/// their `received_at`.
+async fn insert_packets(
+    tx: &mut PgConnection,
+    packets: &[NewPacket],
+    candidates: &[usize],
+) -> Result<HashMap<Key, OffsetDateTime>, sqlx::Error> {
+    if candidates.is_empty() {
+        return Ok(HashMap::new());
     }
+    let column = |f: fn(&NewPacket) -> &str| -> Vec<&str> {
+        candidates.iter().map(|&i| f(&packets[i])).collect()
+    };
+    let ids = column(|p| p.call_id.as_str());
+    let data = column(|p| p.data.as_str());
+    let seqs: Vec<i64> = candidates.iter().map(|&i| packets[i].sequence).collect();
+    let sent: Vec<f64> = candidates.iter().map(|&i| packets[i].timestamp).collect();
+    let rows: Vec<(String, i64, OffsetDateTime)> = sqlx::query_as(
+        "INSERT INTO packets (call_id, sequence, data, sent_at) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::float8[]) \
+         ON CONFLICT (call_id, sequence) DO NOTHING \
+         RETURNING call_id, sequence, received_at",
+    )
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(&data)
+    .bind(&sent)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().map(|(c, s, at)| ((c, s), at)).collect())
+}
 
-    // What is already stored under the keys we did not insert: duplicates and conflicts.
-    let lookups: Vec<(&str, i64)> = first
+/// What is already stored under the keys not inserted: duplicates and conflicts.
+async fn lookup_existing(
+    tx: &mut PgConnection,
+    keys: &[&Key],
+) -> Result<HashMap<Key, Existing>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (ids, seqs): (Vec<&str>, Vec<i64>) = keys.iter().map(|(c, s)| (c.as_str(), *s)).unzip();
+    let rows: Vec<(String, i64, String, f64, OffsetDateTime)> = sqlx::query_as(
+        "SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at FROM packets p \
+         JOIN UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
+           ON p.call_id = k.call_id AND p.sequence = k.sequence",
+    )
+    .bind(&ids)
+    .bind(&seqs)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(c, s, d, sent, at)| ((c, s), (d, sent, at)))
+        .collect())
+}
+
+/// Adds the inserted packets to their calls' counters and gaps, and `calls` with them.
+async fn update_counts(
+    tx: &mut PgConnection,
+    calls: &mut HashMap<String, CallCounts>,
+    inserted: &HashMap<Key, OffsetDateTime>,
+) -> Result<(), sqlx::Error> {
+    if inserted.is_empty() {
+        return Ok(());
+    }
+    let mut stored: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (call_id, seq) in inserted.keys() {
+        stored.entry(call_id.clone()).or_default().push(*seq);
+    }
+    for seqs in stored.values_mut() {
+        seqs.sort_unstable();
+    }
+    let before: HashMap<String, Before> = stored
         .keys()
-        .filter(|(c, s)| !inserted.contains_key(&((*c).to_owned(), *s)))
-        .copied()
+        .map(|id| {
+            let call = &calls[id];
+            let before = Before {
+                highest: call.last_sequence,
+                start: call.sequence_start,
+            };
+            (id.clone(), before)
+        })
         .collect();
-    let mut existing: HashMap<(String, i64), (String, OffsetDateTime)> = HashMap::new();
-    if !lookups.is_empty() {
-        let (ids, seqs): (Vec<&str>, Vec<i64>) = lookups.into_iter().unzip();
-        let rows: Vec<(String, i64, String, OffsetDateTime)> = sqlx::query_as(
-            "SELECT p.call_id, p.sequence, p.data, p.received_at FROM packets p \
-             JOIN UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
-               ON p.call_id = k.call_id AND p.sequence = k.sequence",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .fetch_all(&mut *tx)
-        .await?;
-        existing = rows
-            .into_iter()
-            .map(|(c, s, d, at)| ((c, s), (d, at)))
-            .collect();
-    }
-
-    if !inserted.is_empty() {
-        let (ids, seqs): (Vec<&str>, Vec<i64>) =
-            inserted.keys().map(|(c, s)| (c.as_str(), *s)).unzip();
-        sqlx::query(
-            "UPDATE calls c SET packets_received = c.packets_received + v.n, \
-                 received = c.received + v.ranges, \
-                 first_sequence = LEAST(c.first_sequence, v.lo), \
-                 last_sequence = GREATEST(c.last_sequence, v.hi), \
-                 last_packet_at = now() \
-             FROM (SELECT call_id, count(*) AS n, range_agg(int8range(seq, seq + 1)) AS ranges, \
-                          min(seq) AS lo, max(seq) AS hi \
-                   FROM UNNEST($1::text[], $2::int8[]) AS u(call_id, seq) GROUP BY call_id) v \
-             WHERE c.call_id = v.call_id",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    let missing_rows: Vec<(String, i64, i64)> = sqlx::query_as(concat!(
-        "SELECT c.call_id, lower(m.r), upper(m.r) - 1 FROM calls c CROSS JOIN LATERAL ",
-        "(SELECT r FROM unnest(",
-        common::missing_ranges_sql!(),
-        ") AS r ORDER BY lower(r) LIMIT $2) AS m WHERE c.call_id = ANY($1) ",
-        "ORDER BY c.call_id, lower(m.r)"
-    ))
-    .bind(&call_ids)
-    .bind(MAX_MISSING_RANGES_IN_RESPONSE)
+    gaps::apply(tx, &before, &stored).await?;
+    let (ids, seqs): (Vec<&str>, Vec<i64>) = inserted.keys().map(|(c, s)| (c.as_str(), *s)).unzip();
+    let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+        "UPDATE calls c SET packets_received = c.packets_received + v.n, \
+             first_sequence = LEAST(c.first_sequence, v.lo), \
+             last_sequence = GREATEST(c.last_sequence, v.hi), \
+             last_packet_at = now() \
+         FROM (SELECT call_id, count(*) AS n, min(seq) AS lo, max(seq) AS hi \
+               FROM UNNEST($1::text[], $2::int8[]) AS u(call_id, seq) GROUP BY call_id) v \
+         WHERE c.call_id = v.call_id \
+         RETURNING c.call_id, c.packets_received, c.last_sequence",
+    )
+    .bind(&ids)
+    .bind(&seqs)
     .fetch_all(&mut *tx)
     .await?;
+    for (id, received, last) in rows {
+        if let Some(call) = calls.get_mut(&id) {
+            call.packets_received = received;
+            call.last_sequence = last;
+        }
+    }
+    Ok(())
+}
+
+/// The first missing ranges of each call that misses anything: an index range scan of at
+/// most [`MAX_MISSING_RANGES_IN_RESPONSE`] rows per lossy call, nothing for a clean one.
+async fn missing_for_answers(
+    tx: &mut PgConnection,
+    calls: &HashMap<String, CallCounts>,
+) -> Result<HashMap<String, Vec<MissingRange>>, sqlx::Error> {
+    let lossy: Vec<&str> = calls
+        .iter()
+        .filter(|(_, c)| c.missing_packets() > 0)
+        .map(|(id, _)| id.as_str())
+        .collect();
     let mut missing: HashMap<String, Vec<MissingRange>> = HashMap::new();
-    for (id, from, to) in missing_rows {
+    if lossy.is_empty() {
+        return Ok(missing);
+    }
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT c.id, g.first_missing, g.last_missing FROM unnest($1::text[]) AS c(id) \
+         CROSS JOIN LATERAL (SELECT first_missing, last_missing FROM call_gaps \
+             WHERE call_id = c.id ORDER BY first_missing LIMIT $2) g \
+         ORDER BY c.id, g.first_missing",
+    )
+    .bind(&lossy)
+    .bind(MAX_MISSING_RANGES_IN_RESPONSE)
+    .fetch_all(tx)
+    .await?;
+    for (id, from, to) in rows {
         missing
             .entry(id)
             .or_default()
             .push(MissingRange { from, to });
     }
-
-    let mut recorded = Vec::new();
-    if !created.is_empty() {
-        let rows: Vec<CallRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            common::call_columns_sql!(),
-            " FROM calls WHERE call_id = ANY($1)"
-        ))
-        .bind(&created)
-        .fetch_all(&mut *tx)
-        .await?;
-        let changed = rows
-            .into_iter()
-            .map(|row| (None, row, "first_packet"))
-            .collect();
-        recorded = store::record_transitions(&mut tx, changed).await?;
+    // A completed call's declared packets after its highest sequence are missing too.
+    for (id, call) in calls {
+        let (Some(total), ranges) = (call.total_packets, missing.entry(id.clone()).or_default())
+        else {
+            continue;
+        };
+        let from = call.last_sequence.map_or(call.sequence_start, |l| l + 1);
+        let to = call.sequence_start + total - 1;
+        if to >= from && (ranges.len() as i64) < MAX_MISSING_RANGES_IN_RESPONSE {
+            ranges.push(MissingRange { from, to });
+        }
     }
+    Ok(missing)
+}
 
-    tx.commit().await?;
+/// The `call_transitions` rows (and status events) of the calls this batch created.
+async fn record_creations(
+    tx: &mut PgConnection,
+    created: &[String],
+) -> Result<Vec<Recorded>, sqlx::Error> {
+    if created.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<CallRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        common::call_columns_sql!(),
+        " FROM calls WHERE call_id = ANY($1)"
+    ))
+    .bind(created)
+    .fetch_all(&mut *tx)
+    .await?;
+    let changed = rows
+        .into_iter()
+        .map(|row| (None, row, "first_packet"))
+        .collect();
+    store::record_transitions(tx, changed).await
+}
 
-    // Verdicts, in request order.
-    let mut last_seen: HashMap<&str, Option<i64>> =
-        calls.iter().map(|(id, (_, last))| (*id, *last)).collect();
-    let results = packets
+/// The batch's outbox row: its new packets, until JetStream has acknowledged them.
+async fn write_outbox(
+    tx: &mut PgConnection,
+    inserted: &HashMap<Key, OffsetDateTime>,
+) -> Result<Option<i64>, sqlx::Error> {
+    if inserted.is_empty() {
+        return Ok(None);
+    }
+    let (ids, seqs): (Vec<&str>, Vec<i64>) = inserted.keys().map(|(c, s)| (c.as_str(), *s)).unzip();
+    sqlx::query_scalar(
+        "INSERT INTO packet_outbox (call_ids, sequences) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&seqs)
+    .fetch_one(tx)
+    .await
+    .map(Some)
+}
+
+/// What a batch's transaction found and did, for the verdicts.
+struct Found {
+    /// Each call's highest sequence before the batch.
+    highest_before: HashMap<String, Option<i64>>,
+    /// The keys inserted now, with their `received_at`.
+    inserted: HashMap<Key, OffsetDateTime>,
+    /// What was already stored under the other keys.
+    existing: HashMap<Key, Existing>,
+    /// The missing ranges to answer with, per call.
+    missing: HashMap<String, Vec<MissingRange>>,
+}
+
+/// One verdict per packet, in request order, from what the transaction found and did.
+fn verdicts(
+    packets: &[NewPacket],
+    first: &HashMap<Key, usize>,
+    calls: &HashMap<String, CallCounts>,
+    found: &Found,
+) -> Vec<Result<Stored, WriteError>> {
+    let Found {
+        highest_before,
+        inserted,
+        existing,
+        missing,
+    } = found;
+    let mut last_seen: HashMap<&str, Option<i64>> = HashMap::new();
+    packets
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let call_id = p.call_id.as_str();
+            let call = &calls[call_id];
             let key = (call_id.to_owned(), p.sequence);
-            let missing = || missing.get(call_id).cloned().unwrap_or_default();
-            if first[&(call_id, p.sequence)] == i
-                && let Some(received_at) = inserted.get(&key)
-            {
-                warn_if_out_of_order(&p.call_id, p.sequence, last_seen.get_mut(call_id));
-                return Ok(Stored {
-                    outcome: Outcome::Accepted,
-                    received_at: *received_at,
-                    missing: missing(),
-                });
-            }
-            let stored = match (inserted.get(&key), existing.get(&key)) {
-                (Some(at), _) => Some((packets[first[&(call_id, p.sequence)]].data.as_str(), *at)),
-                (None, Some((data, at))) => Some((data.as_str(), *at)),
-                (None, None) => None,
+            let first_index = first[&key];
+            let stored = |outcome, sent_at, received_at| Stored {
+                outcome,
+                received_at,
+                sent_at,
+                missing: missing.get(call_id).cloned().unwrap_or_default(),
+                missing_packets: call.missing_packets(),
             };
-            match stored {
-                Some((data, received_at)) if data == p.data => Ok(Stored {
-                    outcome: Outcome::Duplicate,
-                    received_at,
-                    missing: missing(),
-                }),
+            if let Some(received_at) = inserted.get(&key) {
+                if first_index == i {
+                    let seen = last_seen
+                        .entry(call_id)
+                        .or_insert_with(|| highest_before.get(call_id).copied().flatten());
+                    warn_if_out_of_order(&p.call_id, p.sequence, seen, call.sequence_start);
+                    return Ok(stored(Outcome::Accepted, p.timestamp, *received_at));
+                }
+                let original = &packets[first_index];
+                return if original.data == p.data {
+                    Ok(stored(Outcome::Duplicate, original.timestamp, *received_at))
+                } else {
+                    Err(WriteError::Conflict)
+                };
+            }
+            match existing.get(&key) {
+                Some((data, sent_at, received_at)) if *data == p.data => {
+                    Ok(stored(Outcome::Duplicate, *sent_at, *received_at))
+                }
                 Some(_) => Err(WriteError::Conflict),
-                None => Err(WriteError::NotInProgress(state_of(call_id))),
+                None if p.sequence < call.sequence_start && call.state == CallState::InProgress => {
+                    Err(WriteError::BeforeStart {
+                        start: call.sequence_start,
+                    })
+                }
+                None => Err(WriteError::NotInProgress(call.state)),
             }
         })
-        .collect();
-    Ok(BatchOutcome {
-        results,
-        created: recorded,
-    })
-}
-
-/// Locks the calls among `ids` that exist (in id order: two writers never deadlock) and
-/// returns (call_id, state, last_sequence) for each.
-async fn lock_calls(
-    tx: &mut sqlx::PgConnection,
-    ids: &[&str],
-) -> Result<Vec<(String, String, Option<i64>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT call_id, state, last_sequence FROM calls WHERE call_id = ANY($1) \
-         ORDER BY call_id FOR NO KEY UPDATE",
-    )
-    .bind(ids)
-    .fetch_all(tx)
-    .await
+        .collect()
 }
 
 /// Logs a structured warning when a packet is not the one after the highest seen so far.
 /// Such packets are still accepted: a PBX must never be blocked by its own network.
-fn warn_if_out_of_order(call_id: &CallId, sequence: i64, last_seen: Option<&mut Option<i64>>) {
-    let Some(last) = last_seen else { return };
-    let expected = last.map_or(0, |l| l + 1);
+fn warn_if_out_of_order(call_id: &CallId, sequence: i64, last: &mut Option<i64>, start: i64) {
+    let expected = last.map_or(start, |l| l + 1);
     if sequence != expected {
         tracing::warn!(
             call.id = %call_id,

@@ -25,7 +25,11 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{Router, extract::State, response::Response, routing::get};
-use common::{http, nats, subjects::Subjects};
+use common::{
+    http, nats,
+    subjects::Subjects,
+    tasks::{CriticalTasks, TaskHealth},
+};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -45,6 +49,8 @@ pub struct AppState {
     pub send_timeout: Duration,
     /// `STATUS_RETENTION_SECS`: how long a call stays in view.
     pub retention: Duration,
+    /// Whether the followers are running (`/readyz`).
+    pub tasks: TaskHealth,
     /// `NOTIFIER_INGEST_URL`, without a trailing slash, and the client that asks it.
     pub ingest_url: Arc<str>,
     pub http: reqwest::Client,
@@ -103,17 +109,23 @@ impl App {
             hub,
         } = self;
         let subjects = Subjects::new(config.common.prefix.clone());
-        let follower = tokio::spawn(hub.clone().follow(
-            js,
-            subjects.clone(),
-            config.common.streams.status_retention(),
-            shutdown.clone(),
-        ));
-        let progress = tokio::spawn(hub.clone().follow_progress(
-            client.clone(),
-            subjects,
-            shutdown.clone(),
-        ));
+        // Without its followers the notifier would serve a frozen view: they are critical.
+        let health = TaskHealth::default();
+        let mut tasks = CriticalTasks::new(health.clone(), shutdown.clone());
+        tasks.spawn(
+            "status follower",
+            hub.clone().follow(
+                js,
+                subjects.clone(),
+                config.common.streams.status_retention(),
+                shutdown.clone(),
+            ),
+        );
+        tasks.spawn(
+            "progress follower",
+            hub.clone()
+                .follow_progress(client.clone(), subjects, shutdown.clone()),
+        );
         let state = AppState {
             hub,
             nats: client,
@@ -122,6 +134,7 @@ impl App {
             ping_interval: config.ping_interval(),
             send_timeout: config.send_timeout(),
             retention: config.common.streams.status_retention(),
+            tasks: health,
             ingest_url: config.ingest_url.trim_end_matches('/').into(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -148,16 +161,10 @@ impl App {
                 "sockets still open after the grace period"
             );
         }
-        if let Ok(Err(e)) = progress.await {
-            tracing::warn!(error.message = %e, "progress follower ended with an error");
-        }
-        match follower.await {
-            Ok(Err(e)) => tracing::warn!(error.message = %e, "status follower ended with an error"),
-            Err(e) => tracing::warn!(error.message = %e, "status follower panicked"),
-            Ok(Ok(())) => {}
-        }
+        let tasks_result = tasks.join().await;
         tracing::info!("notifier stopped");
-        served.context("serving HTTP")
+        served.context("serving HTTP")?;
+        tasks_result
     }
 }
 
@@ -171,5 +178,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     http::readiness(vec![
         http::check_nats(&state.nats),
         http::Check::new("status_stream", hub),
+        state.tasks.check(),
     ])
 }

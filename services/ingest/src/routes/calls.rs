@@ -195,18 +195,11 @@ pub async fn complete_call(
             ),
         ));
     }
-    let completion = lifecycle::complete_call(
-        &app.publisher,
-        &call_id,
-        total_packets,
-        COMPLETED_BY_PBX,
-        None,
-    )
-    .await?;
+    let completion =
+        lifecycle::complete_call(&app.publisher, &call_id, total_packets, COMPLETED_BY_PBX).await?;
     let (changed, row) = match completion {
         Completion::Completed(row) => (true, row),
         Completion::AlreadyDone(row) => (false, row),
-        Completion::NoLongerIdle => unreachable!("only asked of idle completions"),
     };
     Ok(Json(CompleteResponse {
         changed,

@@ -34,6 +34,8 @@ pub struct AppState {
     pub publisher: Publisher,
     pub writer: PacketWriter,
     pub config: Arc<IngestConfig>,
+    /// Whether the writer, relay and reaper are all running (`/readyz`).
+    pub tasks: common::tasks::TaskHealth,
 }
 
 pub fn router(state: AppState) -> Router {

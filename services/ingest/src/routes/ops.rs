@@ -14,7 +14,11 @@ use crate::error::ApiError;
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "Ready"), (status = 503, description = "A dependency is unreachable")))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    readiness(vec![check_postgres(&app.pool).await, check_nats(&app.nats)])
+    readiness(vec![
+        check_postgres(&app.pool).await,
+        check_nats(&app.nats),
+        app.tasks.check(),
+    ])
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

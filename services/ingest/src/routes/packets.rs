@@ -1,14 +1,14 @@
 //! `POST /v1/call/stream/{call_id}`: one audio packet.
 
 use axum::{Json, extract::State, http::HeaderMap, http::StatusCode};
-use bytes::Bytes;
-use common::{CallId, call_id::InvalidCallId, events::PacketEvent, nats, store::MissingRange};
+use common::{CallId, call_id::InvalidCallId, store::MissingRange};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
 pub use crate::writer::MAX_SEQUENCE;
 use crate::{
+    config::IngestConfig,
     error::ApiError,
     extract::{AppJson, CallIdPath, request_id},
     writer::{NewPacket, Outcome, WriteError},
@@ -18,7 +18,8 @@ use crate::{
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PacketBody {
-    /// Position in the call, counting from 0. Gaps, repeats and any order are allowed.
+    /// Position in the call, counting from `SEQUENCE_START` (0 unless configured to 1). Gaps,
+    /// repeats and any order are allowed.
     #[schema(minimum = 0, example = 0)]
     pub sequence: i64,
     /// The payload (base64 audio for real PBXs; words, for the simulator). At most
@@ -46,8 +47,10 @@ pub struct PacketReceipt {
     pub sequence: i64,
     pub status: PacketStatus,
     /// Sequences not received yet below the highest one seen, as inclusive ranges, lowest
-    /// first (at most 1000 ranges; `GET /v1/call/{call_id}` has them all).
+    /// first (at most 100 ranges; `GET /v1/call/{call_id}` lists more).
     pub missing: Vec<MissingRange>,
+    /// How many sequences are missing in all (every range, not only those listed).
+    pub missing_packets: i64,
 }
 
 /// Stream one packet.
@@ -74,68 +77,18 @@ pub async fn stream_packet(
     headers: HeaderMap,
     AppJson(body): AppJson<PacketBody>,
 ) -> Result<(StatusCode, Json<PacketReceipt>), ApiError> {
-    let packet = validate(call_id, body, app.config.max_packet_bytes)?;
+    let mut packet = validate(call_id, body, &app.config)?;
+    packet.request_id = request_id(&headers).map(str::to_owned);
     let call_id = packet.call_id.clone();
     let sequence = packet.sequence;
-    let data = packet.data.clone();
-    let timestamp = packet.timestamp;
 
     let started = tokio::time::Instant::now();
     let stored = app.writer.write(packet).await.map_err(|e| {
         metrics::counter!("switchboard_ingest_packets_total", "outcome" => outcome_label(&e))
             .increment(1);
-        match e {
-            WriteError::Conflict => ApiError::SequenceConflict {
-                call_id: call_id.clone(),
-                sequence,
-            },
-            WriteError::NotInProgress(state) => ApiError::CallNotInProgress {
-                call_id: call_id.clone(),
-                state,
-            },
-            WriteError::Database {
-                unavailable: true,
-                message,
-            } => ApiError::Unavailable {
-                dependency: "postgres",
-                detail: message,
-            },
-            WriteError::Database { message, .. } => {
-                ApiError::Internal(anyhow::anyhow!(message).context("storing a packet batch"))
-            }
-            WriteError::Closed => ApiError::Unavailable {
-                dependency: "ingest",
-                detail: "shutting down".into(),
-            },
-        }
+        write_error(e, &call_id, sequence)
     })?;
     metrics::histogram!("switchboard_ingest_store_duration_seconds")
-        .record(started.elapsed().as_secs_f64());
-
-    // Published for duplicates too: the first attempt may have been stored but not
-    // published. JetStream drops the copy by its Nats-Msg-Id.
-    let event = PacketEvent {
-        call_id: call_id.clone(),
-        sequence,
-        data,
-        timestamp,
-        received_at: stored.received_at,
-    };
-    let payload = Bytes::from(serde_json::to_vec(&event).map_err(anyhow::Error::from)?);
-    let started = tokio::time::Instant::now();
-    nats::publish(
-        &app.publisher.js,
-        app.publisher.subjects.packets(&call_id),
-        &PacketEvent::msg_id(&call_id, sequence),
-        payload,
-        request_id(&headers),
-    )
-    .await
-    .map_err(|e| ApiError::Unavailable {
-        dependency: "nats",
-        detail: e.to_string(),
-    })?;
-    metrics::histogram!("switchboard_ingest_publish_duration_seconds")
         .record(started.elapsed().as_secs_f64());
 
     let status = match stored.outcome {
@@ -154,8 +107,47 @@ pub async fn stream_packet(
             sequence,
             status,
             missing: stored.missing,
+            missing_packets: stored.missing_packets,
         }),
     ))
+}
+
+/// The answer to a packet the writer did not store (or could not publish).
+fn write_error(e: WriteError, call_id: &CallId, sequence: i64) -> ApiError {
+    match e {
+        WriteError::Conflict => ApiError::SequenceConflict {
+            call_id: call_id.clone(),
+            sequence,
+        },
+        WriteError::NotInProgress(state) => ApiError::CallNotInProgress {
+            call_id: call_id.clone(),
+            state,
+        },
+        WriteError::BeforeStart { start } => ApiError::invalid_field(
+            "sequence",
+            format!("this call numbers its packets from {start}; got sequence {sequence}"),
+        ),
+        WriteError::Database {
+            unavailable: true,
+            message,
+        } => ApiError::Unavailable {
+            dependency: "postgres",
+            detail: message,
+        },
+        WriteError::Database { message, .. } => {
+            ApiError::Internal(anyhow::anyhow!(message).context("storing a packet batch"))
+        }
+        // Stored: the retry is answered `duplicate` once NATS is back, and the outbox relay
+        // publishes it even if no retry comes.
+        WriteError::Unpublished(detail) => ApiError::Unavailable {
+            dependency: "nats",
+            detail,
+        },
+        WriteError::Closed => ApiError::Unavailable {
+            dependency: "ingest",
+            detail: "shutting down".into(),
+        },
+    }
 }
 
 /// `POST /v1/call/stream/` with no call id.
@@ -163,12 +155,18 @@ pub async fn empty_call_id() -> ApiError {
     ApiError::InvalidCallId(InvalidCallId::Empty)
 }
 
-fn validate(call_id: CallId, body: PacketBody, max_bytes: usize) -> Result<NewPacket, ApiError> {
-    if !(0..=MAX_SEQUENCE).contains(&body.sequence) {
+fn validate(
+    call_id: CallId,
+    body: PacketBody,
+    config: &IngestConfig,
+) -> Result<NewPacket, ApiError> {
+    let max_bytes = config.max_packet_bytes;
+    let start = config.sequence_start;
+    if !(start..=MAX_SEQUENCE).contains(&body.sequence) {
         return Err(ApiError::invalid_field(
             "sequence",
             format!(
-                "sequence must be an integer from 0 to {MAX_SEQUENCE}, got {}",
+                "sequence must be an integer from {start} (SEQUENCE_START) to {MAX_SEQUENCE}, got {}",
                 body.sequence
             ),
         ));
@@ -202,6 +200,7 @@ fn validate(call_id: CallId, body: PacketBody, max_bytes: usize) -> Result<NewPa
         sequence: body.sequence,
         data: body.data,
         timestamp: body.timestamp,
+        request_id: None,
     })
 }
 
@@ -209,6 +208,9 @@ fn outcome_label(e: &WriteError) -> &'static str {
     match e {
         WriteError::Conflict => "conflict",
         WriteError::NotInProgress(_) => "not_in_progress",
-        WriteError::Database { .. } | WriteError::Closed => "unavailable",
+        WriteError::BeforeStart { .. } => "invalid",
+        WriteError::Database { .. } | WriteError::Unpublished(_) | WriteError::Closed => {
+            "unavailable"
+        }
     }
 }

@@ -5,6 +5,7 @@
 mod bad_input;
 mod completion;
 mod concurrency;
+mod hardening;
 mod helpers;
 mod operations;
 mod outages;

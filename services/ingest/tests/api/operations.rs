@@ -16,7 +16,7 @@ async fn health_and_readiness_report_ok_when_postgres_and_nats_are_up() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["postgres", "nats"]);
+    assert_eq!(names, ["postgres", "nats", "background_tasks"]);
 }
 
 #[tokio::test]

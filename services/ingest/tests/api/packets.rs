@@ -13,7 +13,7 @@ async fn an_accepted_packet_is_in_postgres_and_in_the_packets_stream() {
     assert_eq!(status, 202);
     assert_eq!(
         body,
-        json!({"call_id": id, "sequence": 0, "status": "accepted", "missing": []})
+        json!({"call_id": id, "sequence": 0, "status": "accepted", "missing": [], "missing_packets": 0})
     );
     assert_eq!(app.stored_packets(&id).await, vec![(0, "hello".to_owned())]);
     let messages = app.messages(StreamKind::Packets).await;

@@ -179,6 +179,7 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
                 first_sequence: Some(0),
                 last_sequence: Some(2999),
                 total_packets: Some(3000),
+                sequence_start: 0,
                 missing_packets: 0,
                 ai_attempts: 1,
                 transcript: Some(transcript.clone()),

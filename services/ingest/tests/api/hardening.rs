@@ -1,0 +1,298 @@
+//! What a real deployment meets on its first day: PBXs that count from 1, very lossy calls,
+//! packets stored while NATS is away, idle calls after an outage, settings that cannot work.
+
+use std::time::Duration;
+
+use common::{
+    subjects::StreamKind,
+    testing::{NatsServer, TestEnv, eventually},
+};
+use serde_json::json;
+
+use crate::helpers::{call_id, spawn_app, spawn_app_with, status_and_body, test_config};
+
+#[tokio::test]
+async fn a_pbx_that_counts_from_one_sees_no_phantom_packet_zero() {
+    let app = spawn_app_with(TestEnv::new().await, |c| c.sequence_start = 1).await;
+    let id = call_id();
+    for seq in 1..=5 {
+        let (status, body) = status_and_body(app.post_packet(&id, seq, "w").await).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["missing"], json!([]), "{body}");
+        assert_eq!(body["missing_packets"], 0);
+    }
+    let call = app.call(&id).await;
+    assert_eq!(
+        (call["missing_packets"].as_i64(), call["missing"].clone()),
+        (Some(0), json!([]))
+    );
+
+    // Sequence 0 does not exist in this numbering.
+    let (status, body) = status_and_body(app.post_packet(&id, 0, "w").await).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "sequence");
+
+    // Five packets numbered 1..=5 are a total of 5; a total of 4 contradicts them.
+    let (status, body) =
+        status_and_body(app.complete(&id, Some(json!({"total_packets": 4}))).await).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "total_packets");
+    let (status, body) =
+        status_and_body(app.complete(&id, Some(json!({"total_packets": 7}))).await).await;
+    assert_eq!(status, 200, "{body}");
+    let call = app.call(&id).await;
+    assert_eq!(call["missing_packets"], 2, "{call}");
+    assert_eq!(call["missing"], json!([{"from": 6, "to": 7}]));
+}
+
+#[tokio::test]
+async fn gaps_are_kept_exactly_as_packets_arrive_late_and_out_of_order() {
+    let app = spawn_app().await;
+    let id = call_id();
+    for seq in [2, 3, 7, 10, 5] {
+        assert_eq!(app.post_packet(&id, seq, "w").await.status(), 202);
+    }
+    let call = app.call(&id).await;
+    assert_eq!(
+        call["missing"],
+        json!([{"from": 0, "to": 1}, {"from": 4, "to": 4}, {"from": 6, "to": 6}, {"from": 8, "to": 9}])
+    );
+    assert_eq!(call["missing_packets"], 6);
+    // Late packets fill (and split) their gaps; a duplicate changes nothing.
+    for seq in [0, 8, 5, 4] {
+        assert_eq!(app.post_packet(&id, seq, "w").await.status(), 202);
+    }
+    let (_, body) = status_and_body(app.post_packet(&id, 6, "w").await).await;
+    assert_eq!(
+        body["missing"],
+        json!([{"from": 1, "to": 1}, {"from": 9, "to": 9}])
+    );
+    assert_eq!(body["missing_packets"], 2);
+    let gaps = app.count("SELECT count(*) FROM call_gaps").await;
+    assert_eq!(gaps, 2);
+}
+
+#[tokio::test]
+async fn a_very_lossy_call_answers_a_bounded_list_and_the_whole_count() {
+    let app = spawn_app().await;
+    let id = call_id();
+    // Every other packet of 600: 300 gaps.
+    let mut last = None;
+    for seq in (1..600).step_by(2) {
+        let (status, body) = status_and_body(app.post_packet(&id, seq, "w").await).await;
+        assert_eq!(status, 202);
+        last = Some(body);
+    }
+    let body = last.unwrap();
+    assert_eq!(body["missing_packets"], 300);
+    let listed = body["missing"].as_array().unwrap();
+    assert_eq!(listed.len(), 100, "the answer lists the first 100 ranges");
+    assert_eq!(listed[0], json!({"from": 0, "to": 0}));
+    assert_eq!(listed[99], json!({"from": 198, "to": 198}));
+    let call = app.call(&id).await;
+    assert_eq!(call["missing_packets"], 300);
+    assert_eq!(call["missing"].as_array().unwrap().len(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_stored_while_nats_is_down_is_published_even_if_the_pbx_never_retries() {
+    let mut nats = NatsServer::start();
+    let app = spawn_app_with(TestEnv::with_nats_url(&nats.url()).await, |_| {}).await;
+    let id = call_id();
+    assert_eq!(app.post_packet(&id, 0, "a").await.status(), 202);
+    nats.stop();
+    let response = app
+        .post_json(
+            &format!("/v1/call/stream/{id}"),
+            json!({"sequence": 1, "data": "b", "timestamp": 1111.0}),
+        )
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        app.stored_packets(&id).await.len(),
+        2,
+        "stored before NATS was asked"
+    );
+    nats.resume();
+
+    // No retry: the outbox relay publishes it, as stored.
+    let messages = eventually(
+        "the packet event to be republished",
+        Duration::from_secs(30),
+        || async {
+            let messages = app.messages(StreamKind::Packets).await;
+            (messages.len() == 2).then_some(messages)
+        },
+    )
+    .await;
+    assert_eq!(messages[1].1["sequence"], 1);
+    assert_eq!(messages[1].1["timestamp"], 1111.0);
+    assert_eq!(messages[1].2, format!("{id}:1"));
+    eventually(
+        "the outbox to be empty",
+        Duration::from_secs(30),
+        || async { (app.count("SELECT count(*) FROM packet_outbox").await == 0).then_some(()) },
+    )
+    .await;
+
+    // A late retry with another timestamp is a duplicate; the event keeps the first one.
+    let (status, body) = status_and_body(
+        app.post_json(
+            &format!("/v1/call/stream/{id}"),
+            json!({"sequence": 1, "data": "b", "timestamp": 2222.0}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("duplicate")));
+    let messages = app.messages(StreamKind::Packets).await;
+    assert_eq!(messages.len(), 2, "published once");
+    assert_eq!(messages[1].1["timestamp"], 1111.0);
+}
+
+#[tokio::test]
+async fn a_duplicate_is_published_with_what_was_stored_first() {
+    use futures::StreamExt;
+    let app = spawn_app().await;
+    let id = call_id();
+    let path = format!("/v1/call/stream/{id}");
+    let first = json!({"sequence": 0, "data": "x", "timestamp": 10.0});
+    assert_eq!(app.post_json(&path, first).await.status(), 202);
+    // Every publish reaches plain subscribers, even one JetStream drops as a copy: this is
+    // what a duplicate's publish carries.
+    let nats = app.env.nats().await;
+    let mut published = nats
+        .subscribe(
+            app.env
+                .subjects()
+                .packets(&common::CallId::parse(id.as_str()).unwrap()),
+        )
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+
+    let retry = json!({"sequence": 0, "data": "x", "timestamp": 20.0});
+    let (status, body) = status_and_body(app.post_json(&path, retry).await).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("duplicate")));
+
+    let message = tokio::time::timeout(Duration::from_secs(10), published.next())
+        .await
+        .expect("the duplicate is published")
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(
+        event["timestamp"], 10.0,
+        "the stored timestamp, not the retry's"
+    );
+    let messages = app.messages(StreamKind::Packets).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].1["timestamp"], 10.0);
+}
+
+#[tokio::test]
+async fn a_packet_size_nats_would_refuse_is_refused_at_start_up_naming_both_settings() {
+    let env = TestEnv::new().await;
+    let mut config = test_config(&env);
+    config.max_packet_bytes = 4 * 1024 * 1024; // NATS's default max_payload is 1 MiB
+    let error = match ingest::App::build(config).await {
+        Ok(_) => panic!("ingest started with packets NATS cannot carry"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("MAX_PACKET_BYTES"), "{error}");
+    assert!(error.contains("max_payload"), "{error}");
+}
+
+/// Idle calls with `last_packet_at` an hour ago.
+async fn idle_calls(app: &crate::helpers::TestApp, count: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(|_| call_id()).collect();
+    for id in &ids {
+        assert_eq!(app.post_packet(id, 0, "w").await.status(), 202);
+    }
+    sqlx::query("UPDATE calls SET last_packet_at = now() - interval '1 hour'")
+        .execute(&app.env.pool)
+        .await
+        .unwrap();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_idle_calls_and_complete_each_once() {
+    let app = spawn_app().await;
+    idle_calls(&app, 120).await;
+    let publisher = common::outbox::Publisher::new(
+        app.env.jetstream().await,
+        app.env.subjects(),
+        app.env.pool.clone(),
+    );
+    let idle = Duration::from_secs(60);
+    // Two replicas' reapers at once, in passes of 25.
+    let replica = |publisher: common::outbox::Publisher| async move {
+        let mut done = 0;
+        loop {
+            let n = ingest::reaper::reap_once(&publisher, idle, 25)
+                .await
+                .unwrap();
+            if n == 0 {
+                return done;
+            }
+            done += n;
+        }
+    };
+    let (a, b) = tokio::join!(replica(publisher.clone()), replica(publisher.clone()));
+    assert_eq!(a + b, 120, "every call completed once ({a} + {b})");
+    assert_eq!(
+        app.count("SELECT count(*) FROM call_transitions WHERE reason = 'idle_timeout'")
+            .await,
+        120
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM calls WHERE state = 'COMPLETED'")
+            .await,
+        120
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_costs_the_reaper_one_timeout_per_pass_not_one_per_call() {
+    let mut nats = NatsServer::start();
+    let app = spawn_app_with(TestEnv::with_nats_url(&nats.url()).await, |_| {}).await;
+    idle_calls(&app, 50).await;
+    let publisher = common::outbox::Publisher::new(
+        app.env.jetstream().await,
+        app.env.subjects(),
+        app.env.pool.clone(),
+    );
+    nats.stop();
+    // One publish timeout is 3 s; one per call would be minutes. This bounds a hang, it
+    // does not time performance.
+    let completed = tokio::time::timeout(
+        Duration::from_secs(30),
+        ingest::reaper::reap_once(&publisher, Duration::from_secs(60), 200),
+    )
+    .await
+    .expect("a pass does not wait on NATS call by call")
+    .unwrap();
+    assert_eq!(completed, 50);
+    nats.resume();
+    // The outbox publishes the work items once NATS is back.
+    eventually(
+        "every work item published",
+        Duration::from_secs(60),
+        || async { (app.messages(StreamKind::Work).await.len() == 50).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn readiness_names_the_background_tasks() {
+    let app = spawn_app().await;
+    let (status, body) = status_and_body(app.get("/readyz").await).await;
+    assert_eq!(status, 200);
+    let tasks = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "background_tasks")
+        .cloned();
+    assert_eq!(tasks.unwrap()["ok"], true);
+}
