@@ -51,6 +51,10 @@ pub struct Options {
     /// How long to wait for every call to reach ARCHIVED or FAILED, in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// The first sequence number: 0, or 1 for an ingest run with `SEQUENCE_START=1` (as a
+    /// PBX that counts from 1 would send).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1))]
+    pub sequence_start: i64,
     /// Seed for the calls' content, losses, duplicates and reordering.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -92,19 +96,21 @@ fn plan(call_id: String, options: &Options, rng: &mut StdRng) -> Plan {
     let words = sentences::pick(rng);
     let mut sends = Vec::with_capacity(options.packets);
     let mut dropped = BTreeSet::new();
-    for seq in 0..options.packets {
-        let data = sentences::packet_data(&words, seq, options.packets);
+    let start = options.sequence_start;
+    for position in 0..options.packets {
+        let data = sentences::packet_data(&words, position, options.packets);
+        let seq = start + position as i64;
         if rng.random_bool(options.loss) {
-            dropped.insert(seq as i64);
+            dropped.insert(seq);
             continue;
         }
-        sends.push((seq as i64, data, rng.random_bool(options.duplicates)));
+        sends.push((seq, data, rng.random_bool(options.duplicates)));
     }
     if sends.is_empty()
         && let Some(last) = dropped.pop_last()
     {
         // A call needs one packet to exist: keep the last one.
-        let data = sentences::packet_data(&words, last as usize, options.packets);
+        let data = sentences::packet_data(&words, (last - start) as usize, options.packets);
         sends.push((last, data, false));
     }
     let mut i = 0;
@@ -479,6 +485,7 @@ mod tests {
             duplicates,
             reorder,
             timeout_secs: 1,
+            sequence_start: 0,
             seed: None,
             id_prefix: None,
             json: true,
@@ -513,6 +520,22 @@ mod tests {
             .collect();
         all.sort();
         assert_eq!(all, (0..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_plan_can_count_from_one() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut counting_from_one = options(0.2, 0.0, 0.0);
+        counting_from_one.sequence_start = 1;
+        let p = plan("c".into(), &counting_from_one, &mut rng);
+        let mut all: Vec<i64> = p
+            .sends
+            .iter()
+            .map(|s| s.0)
+            .chain(p.dropped.iter().copied())
+            .collect();
+        all.sort();
+        assert_eq!(all, (1..=200).collect::<Vec<_>>());
     }
 
     #[test]
