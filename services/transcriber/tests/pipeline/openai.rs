@@ -81,6 +81,8 @@ async fn the_openai_provider_sends_a_well_formed_request_and_honours_retry_after
         c.ai.model = "whisper-test".into();
         c.ai.api_key = Some("test-key".into());
         c.backoff_base_ms = 10;
+        // Retry-After is honoured up to the cap.
+        c.backoff_max_ms = 10_000;
     })
     .await;
 
