@@ -7,6 +7,11 @@
 //! (a duplicate message, or a redelivery racing a slow worker) finds the lease and waits
 //! instead of sending a second AI request; a dead worker's lease simply expires, and the
 //! redelivery takes the call over.
+//!
+//! A claim also refuses what is not this delivery's to do: a retry before its
+//! `next_attempt_at` (a duplicate, or an early redelivery) waits for it, and a work item of an
+//! earlier round (the call was re-driven since: its latest `COMPLETED` transition has a higher
+//! version) is dropped, so that each round's attempts and dead letter are its own.
 
 use std::{ops::ControlFlow, time::Duration};
 
@@ -78,6 +83,7 @@ impl GiveUp {
         }
     }
 
+    /// The decision recorded in `calls.ai_give_up`, if any (its CHECK allows only our values).
     fn from_column(value: Option<&str>) -> Option<GiveUp> {
         match value? {
             "permanent" => Some(GiveUp::Permanent),
