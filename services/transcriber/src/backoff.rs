@@ -30,6 +30,13 @@ impl Backoff {
         let factor = rng.random_range((1.0 - JITTER)..=(1.0 + JITTER));
         self.nominal(attempt).mul_f64(factor)
     }
+
+    /// The delay when the provider asked for `hint` (`Retry-After`) and the schedule says
+    /// `scheduled`: the longer of the two, with the hint capped at MAX, so that no answer of a
+    /// provider parks a call for longer than the schedule ever would.
+    pub fn honouring(&self, hint: Option<Duration>, scheduled: Duration) -> Duration {
+        hint.map_or(scheduled, |hint| hint.min(self.max).max(scheduled))
+    }
 }
 
 #[cfg(test)]
@@ -46,6 +53,23 @@ mod tests {
         let secs: Vec<u64> = (1..=9).map(|n| SCHEDULE.nominal(n).as_secs()).collect();
         assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
         assert_eq!(SCHEDULE.nominal(1000), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_retry_after_hint_is_honoured_up_to_the_cap() {
+        let scheduled = Duration::from_secs(2);
+        let honour = |hint| SCHEDULE.honouring(hint, scheduled);
+        assert_eq!(honour(None), scheduled);
+        assert_eq!(honour(Some(Duration::from_secs(1))), scheduled);
+        assert_eq!(
+            honour(Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            honour(Some(Duration::from_secs(99_999_999_999))),
+            SCHEDULE.max
+        );
+        assert_eq!(honour(Some(Duration::MAX)), SCHEDULE.max);
     }
 
     #[test]

@@ -7,8 +7,13 @@
 //! (a duplicate message, or a redelivery racing a slow worker) finds the lease and waits
 //! instead of sending a second AI request; a dead worker's lease simply expires, and the
 //! redelivery takes the call over.
+//!
+//! A claim also refuses what is not this delivery's to do: a retry before its
+//! `next_attempt_at` (a duplicate, or an early redelivery) waits for it, and a work item of an
+//! earlier round (the call was re-driven since: its latest `COMPLETED` transition has a higher
+//! version) is dropped, so that each round's attempts and dead letter are its own.
 
-use std::time::Duration;
+use std::{ops::ControlFlow, time::Duration};
 
 use common::{
     CallState,
@@ -25,6 +30,7 @@ pub const RETRY_SCHEDULED: &str = "ai_retry_scheduled";
 pub const SUCCEEDED: &str = "ai_succeeded";
 pub const GAVE_UP: &str = "ai_gave_up";
 pub const PERMANENT_ERROR: &str = "ai_permanent_error";
+pub const AUDIO_TOO_LARGE: &str = "audio_too_large";
 
 #[derive(Debug)]
 pub enum Claim {
@@ -36,16 +42,69 @@ pub enum Claim {
     },
     /// Already `ARCHIVED` or `FAILED` (or not finished streaming): a duplicate, skip it.
     Skip(CallState),
+    /// The work item belongs to an earlier round of the call (it was re-driven since, and
+    /// `round` is the current round's version): never to be worked on, drop it.
+    Stale { round: i64 },
     /// Another worker holds the call; look again after this long.
     Busy { retry_in: Duration },
-    /// No attempts left, or an earlier give-up did not finish: give up now.
+    /// The call waits for a retry that is due only in `due_in` (this is a duplicate, or a
+    /// redelivery that came early): look again then, so no attempt starts before its time.
+    NotYetDue { due_in: Duration },
+    /// No attempts left, or an earlier give-up did not finish: give up now. This delivery
+    /// holds the call (lease) as if it were attempt `attempts`.
     Exhausted {
         attempts: i32,
         last_error: String,
-        permanent: bool,
+        why: GiveUp,
     },
     /// No such call.
     Unknown,
+}
+
+/// Why a call is given up on. Recorded in `calls.ai_give_up` from the decision until the call
+/// is `FAILED`, so that a redelivery finishes the give-up the same way without asking the AI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// Retryable failures until no attempts were left.
+    Exhausted,
+    /// The provider refused the call for good.
+    Permanent,
+    /// The call's stored audio is larger than `AI_MAX_AUDIO_BYTES`: it was never loaded.
+    AudioTooLarge,
+}
+
+impl GiveUp {
+    /// Its value in `calls.ai_give_up`.
+    fn as_str(self) -> &'static str {
+        match self {
+            GiveUp::Exhausted => "exhausted",
+            GiveUp::Permanent => "permanent",
+            GiveUp::AudioTooLarge => "audio_too_large",
+        }
+    }
+
+    /// The decision recorded in `calls.ai_give_up`, if any (its CHECK allows only our values).
+    fn from_column(value: Option<&str>) -> Option<GiveUp> {
+        match value? {
+            "permanent" => Some(GiveUp::Permanent),
+            "audio_too_large" => Some(GiveUp::AudioTooLarge),
+            _ => Some(GiveUp::Exhausted),
+        }
+    }
+
+    /// The reason of the `FAILED` transition.
+    pub fn reason(self) -> &'static str {
+        match self {
+            GiveUp::Exhausted => GAVE_UP,
+            GiveUp::Permanent => PERMANENT_ERROR,
+            GiveUp::AudioTooLarge => AUDIO_TOO_LARGE,
+        }
+    }
+
+    /// Whether no retry could help (a dead letter's `permanent`).
+    pub fn permanent(self) -> bool {
+        self != GiveUp::Exhausted
+    }
 }
 
 /// What a claim reads of the call, under its row lock.
@@ -54,8 +113,23 @@ struct ClaimRow {
     state: String,
     ai_attempts: i32,
     lease_left_ms: Option<f64>,
+    /// Until `next_attempt_at`, when a retry is scheduled.
+    due_in_ms: Option<f64>,
     last_error: Option<String>,
     ai_give_up: Option<String>,
+    /// The current round: the call's version when it last became `COMPLETED` (a work item's
+    /// `version`).
+    round: Option<i64>,
+}
+
+/// What loading a call's audio found.
+#[derive(Debug)]
+pub enum Loaded {
+    Audio(CallAudio),
+    /// Its packets hold more than the bound allows; none was read.
+    TooLarge {
+        bytes: i64,
+    },
 }
 
 #[derive(Clone)]
@@ -71,92 +145,47 @@ pub struct Claims {
 impl Claims {
     pub async fn claim(&self, item: &WorkItem) -> Result<Claim, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<ClaimRow> =
-            sqlx::query_as(
-                "SELECT state, ai_attempts, \
-                    (EXTRACT(EPOCH FROM (ai_lease_until - now())) * 1000)::float8 AS lease_left_ms, \
-                    last_error, ai_give_up \
+        let row: Option<ClaimRow> = sqlx::query_as(
+            "SELECT state, ai_attempts, \
+                (EXTRACT(EPOCH FROM (ai_lease_until - now())) * 1000)::float8 AS lease_left_ms, \
+                (EXTRACT(EPOCH FROM (next_attempt_at - now())) * 1000)::float8 AS due_in_ms, \
+                last_error, ai_give_up, \
+                (SELECT max(t.version) FROM call_transitions t \
+                 WHERE t.call_id = calls.call_id AND t.to_state = 'COMPLETED') AS round \
              FROM calls WHERE call_id = $1 FOR UPDATE",
-            )
-            .bind(item.call_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(ClaimRow {
-            state,
-            ai_attempts: attempts,
-            lease_left_ms,
-            last_error,
-            ai_give_up: give_up,
-        }) = row
-        else {
-            return Ok(Claim::Unknown);
-        };
-        let state: CallState = state
-            .parse()
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-        let (attempt, recorded) = match state {
-            CallState::Archived | CallState::Failed | CallState::InProgress => {
-                return Ok(Claim::Skip(state));
-            }
-            CallState::Completed => {
-                let changes = Changes {
-                    attempts: Attempts::Increment,
-                    next_attempt_at: Some(None),
-                    ..Changes::default()
-                };
-                let recorded = store::transition(
-                    &mut tx,
-                    &item.call_id,
-                    CallState::Completed,
-                    CallState::ProcessingAi,
-                    CLAIMED,
-                    changes,
-                )
-                .await
-                .map_err(into_sqlx)?
-                .expect("the row is locked in COMPLETED");
-                (recorded.call.ai_attempts, Some(Box::new(recorded)))
-            }
-            CallState::ProcessingAi => {
-                if let Some(ms) = lease_left_ms.filter(|ms| *ms > 0.0) {
-                    // A little past the lease, so the next look finds it expired.
-                    let retry_in = Duration::from_millis(ms as u64 + 250);
-                    return Ok(Claim::Busy { retry_in });
-                }
-                if give_up.is_some() || attempts >= self.max_attempts {
-                    // Take the lease so that no other delivery starts on it meanwhile.
-                    sqlx::query(
-                        "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) \
-                         WHERE call_id = $1",
-                    )
-                    .bind(item.call_id.as_str())
-                    .bind(self.lease.as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    return Ok(Claim::Exhausted {
-                        attempts,
-                        last_error: last_error.unwrap_or_else(|| "attempts exhausted".into()),
-                        permanent: give_up.as_deref() == Some("permanent"),
-                    });
-                }
-                let attempt: i32 = sqlx::query_scalar(
-                    "UPDATE calls SET ai_attempts = ai_attempts + 1, next_attempt_at = NULL \
-                     WHERE call_id = $1 RETURNING ai_attempts",
-                )
-                .bind(item.call_id.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-                (attempt, None)
-            }
-        };
-        sqlx::query(
-            "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) WHERE call_id = $1",
         )
         .bind(item.call_id.as_str())
-        .bind(self.lease.as_secs_f64())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(row) = row else {
+            return Ok(Claim::Unknown);
+        };
+        let state: CallState = row
+            .state
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        if matches!(
+            state,
+            CallState::Archived | CallState::Failed | CallState::InProgress
+        ) {
+            return Ok(Claim::Skip(state));
+        }
+        if let Some(round) = row.round.filter(|round| item.version < *round) {
+            return Ok(Claim::Stale { round });
+        }
+        let (attempt, recorded) = if state == CallState::Completed {
+            let recorded = start_round(&mut tx, item).await?;
+            (recorded.call.ai_attempts, Some(Box::new(recorded)))
+        } else {
+            match self.next_attempt(&mut tx, item, row).await? {
+                ControlFlow::Continue(attempt) => (attempt, None),
+                ControlFlow::Break(answer) => {
+                    tx.commit().await?;
+                    return Ok(answer);
+                }
+            }
+        };
+        self.hold(&mut tx, item).await?;
         sqlx::query(
             "INSERT INTO transcription_attempts (call_id, work_version, attempt, worker) \
              VALUES ($1, $2, $3, $4) \
@@ -174,25 +203,94 @@ impl Claims {
         Ok(Claim::Claimed { attempt, recorded })
     }
 
-    /// The call's packets in order, and how many it should have.
-    pub async fn load_audio(&self, item: &WorkItem) -> Result<CallAudio, sqlx::Error> {
+    /// For a call already `PROCESSING_AI` (between attempts, or a dead worker's): the number
+    /// of the next attempt, counted; or why there is none now.
+    async fn next_attempt(
+        &self,
+        tx: &mut PgConnection,
+        item: &WorkItem,
+        row: ClaimRow,
+    ) -> Result<ControlFlow<Claim, i32>, sqlx::Error> {
+        if let Some(ms) = row.lease_left_ms.filter(|ms| *ms > 0.0) {
+            // A little past the lease, so the next look finds it expired.
+            let retry_in = Duration::from_millis(ms as u64 + 250);
+            return Ok(ControlFlow::Break(Claim::Busy { retry_in }));
+        }
+        let give_up = GiveUp::from_column(row.ai_give_up.as_deref());
+        if give_up.is_some() || row.ai_attempts >= self.max_attempts {
+            // Take the lease so that no other delivery starts on it meanwhile.
+            self.hold(tx, item).await?;
+            return Ok(ControlFlow::Break(Claim::Exhausted {
+                attempts: row.ai_attempts,
+                last_error: row
+                    .last_error
+                    .unwrap_or_else(|| "attempts exhausted".into()),
+                why: give_up.unwrap_or(GiveUp::Exhausted),
+            }));
+        }
+        if let Some(ms) = row.due_in_ms.filter(|ms| *ms > 0.0) {
+            let due_in = Duration::from_millis(ms.ceil() as u64);
+            return Ok(ControlFlow::Break(Claim::NotYetDue { due_in }));
+        }
+        let attempt = sqlx::query_scalar(
+            "UPDATE calls SET ai_attempts = ai_attempts + 1, next_attempt_at = NULL \
+             WHERE call_id = $1 RETURNING ai_attempts",
+        )
+        .bind(item.call_id.as_str())
+        .fetch_one(tx)
+        .await?;
+        Ok(ControlFlow::Continue(attempt))
+    }
+
+    /// Sets the lease: this delivery holds the call for `lease` from now.
+    async fn hold(&self, tx: &mut PgConnection, item: &WorkItem) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) WHERE call_id = $1",
+        )
+        .bind(item.call_id.as_str())
+        .bind(self.lease.as_secs_f64())
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The call's packets in order and how many it should have; or, without reading them,
+    /// that their data is larger than `max_bytes`. The size is a `sum(octet_length(data))`,
+    /// which Postgres answers from each value's header, so a call of gigabytes is refused
+    /// without ever being in memory. One snapshot (repeatable read) for both, so what is
+    /// loaded is what was measured.
+    pub async fn load_audio(&self, item: &WorkItem, max_bytes: u64) -> Result<Loaded, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let bytes: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(octet_length(data)), 0)::int8 FROM packets WHERE call_id = $1",
+        )
+        .bind(item.call_id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if u64::try_from(bytes).unwrap_or(0) > max_bytes {
+            return Ok(Loaded::TooLarge { bytes });
+        }
         let packets: Vec<(i64, String)> = sqlx::query_as(
             "SELECT sequence, data FROM packets WHERE call_id = $1 ORDER BY sequence",
         )
         .bind(item.call_id.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         let expected: Option<i64> = sqlx::query_scalar(
             "SELECT GREATEST(COALESCE(total_packets, 0), COALESCE(last_sequence + 1, 0)) \
              FROM calls WHERE call_id = $1",
         )
         .bind(item.call_id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(CallAudio {
+        tx.commit().await?;
+        Ok(Loaded::Audio(CallAudio {
             packets,
             expected: expected.unwrap_or(0),
-        })
+        }))
     }
 
     /// Extends the lease while the AI works on attempt `attempt` (and only while that
@@ -218,7 +316,7 @@ impl Claims {
         item: &WorkItem,
         attempt: i32,
         error: &str,
-        permanent: bool,
+        why: GiveUp,
     ) -> Result<(), FinishError> {
         let marked = sqlx::query(
             "UPDATE calls SET ai_give_up = $4, last_error = $5 \
@@ -227,7 +325,7 @@ impl Claims {
         .bind(item.call_id.as_str())
         .bind(CallState::ProcessingAi.as_str())
         .bind(attempt)
-        .bind(if permanent { "permanent" } else { "exhausted" })
+        .bind(why.as_str())
         .bind(storable(error))
         .execute(&self.pool)
         .await?;
@@ -293,13 +391,13 @@ impl Claims {
         .await
     }
 
-    /// `PROCESSING_AI -> FAILED` with the last error.
+    /// `PROCESSING_AI -> FAILED` with the last error, the reason saying why.
     pub async fn fail(
         &self,
         item: &WorkItem,
         attempt: i32,
         error: &str,
-        permanent: bool,
+        why: GiveUp,
     ) -> Result<Option<Recorded>, FinishError> {
         let error = storable(error);
         let error = error.as_str();
@@ -308,7 +406,7 @@ impl Claims {
             next_attempt_at: Some(None),
             ..Changes::default()
         };
-        let reason = if permanent { PERMANENT_ERROR } else { GAVE_UP };
+        let reason = why.reason();
         let end = End {
             outcome: "failed",
             error: Some(error),
@@ -342,6 +440,25 @@ impl Claims {
         };
         end_attempt(&mut tx, item, attempt, &end).await?;
         tx.commit().await
+    }
+
+    /// Lets the next delivery at the call at once when this attempt stopped short of ending it
+    /// (a give-up whose dead letter or `FAILED` could not be written): the attempt stays
+    /// counted and the give-up mark stays, so the next delivery finishes the give-up.
+    pub async fn release(&self, item: &WorkItem, attempt: i32) -> Result<(), FinishError> {
+        let released = sqlx::query(
+            "UPDATE calls SET ai_lease_until = NULL \
+             WHERE call_id = $1 AND state = $2 AND ai_attempts = $3",
+        )
+        .bind(item.call_id.as_str())
+        .bind(CallState::ProcessingAi.as_str())
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        if released.rows_affected() == 0 {
+            return Err(FinishError::LeaseLost);
+        }
+        Ok(())
     }
 
     /// Moves the call from `PROCESSING_AI` to `to` (or records an event in place when `to`
@@ -386,6 +503,27 @@ impl Claims {
         tx.commit().await?;
         Ok(recorded)
     }
+}
+
+/// `COMPLETED -> PROCESSING_AI`, attempts + 1: the first attempt of a round.
+async fn start_round(tx: &mut PgConnection, item: &WorkItem) -> Result<Recorded, sqlx::Error> {
+    let changes = Changes {
+        attempts: Attempts::Increment,
+        next_attempt_at: Some(None),
+        ..Changes::default()
+    };
+    let recorded = store::transition(
+        tx,
+        &item.call_id,
+        CallState::Completed,
+        CallState::ProcessingAi,
+        CLAIMED,
+        changes,
+    )
+    .await
+    .map_err(into_sqlx)?
+    .expect("the row is locked in COMPLETED");
+    Ok(recorded)
 }
 
 /// How an attempt ended, for its row in `transcription_attempts`.

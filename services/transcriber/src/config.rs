@@ -102,7 +102,21 @@ pub struct AiConfig {
     /// Bound on every provider request, in milliseconds.
     #[arg(long, env = "AI_TIMEOUT_MS", default_value_t = 30_000)]
     pub timeout_ms: u64,
+
+    /// The largest call audio handled, in bytes: a call whose stored packet data is larger is
+    /// failed (`audio_too_large`) before it is loaded, and the `openai` provider refuses to
+    /// build a larger WAV file. The default is OpenAI's limit on one request (25 MiB).
+    #[arg(long, env = "AI_MAX_AUDIO_BYTES", default_value_t = DEFAULT_MAX_AUDIO_BYTES)]
+    pub max_audio_bytes: u64,
 }
+
+/// OpenAI's limit on the file of one `/v1/audio/transcriptions` request (25 MiB; 27 minutes
+/// of 8 kHz 16-bit mono).
+pub const DEFAULT_MAX_AUDIO_BYTES: u64 = 25 * 1024 * 1024;
+
+/// The largest `TRANSCRIBE_BACKOFF_MAX_MS`: a day. Retry times are computed as "now + delay",
+/// which must stay a representable date.
+const BACKOFF_MAX_MS_LIMIT: u64 = 24 * 60 * 60 * 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProviderKind {
@@ -168,7 +182,17 @@ impl TranscriberConfig {
             self.backoff_base_ms,
             self.backoff_max_ms
         );
+        anyhow::ensure!(
+            self.backoff_max_ms <= BACKOFF_MAX_MS_LIMIT,
+            "TRANSCRIBE_BACKOFF_MAX_MS must be at most {BACKOFF_MAX_MS_LIMIT} (a day), got {}",
+            self.backoff_max_ms
+        );
         anyhow::ensure!(ai.timeout_ms >= 1, "AI_TIMEOUT_MS must be at least 1");
+        anyhow::ensure!(
+            (1..=i64::MAX as u64).contains(&ai.max_audio_bytes),
+            "AI_MAX_AUDIO_BYTES must be at least 1, got {}",
+            ai.max_audio_bytes
+        );
         anyhow::ensure!(
             self.ack_wait() > self.ai_timeout(),
             "TRANSCRIBE_ACK_WAIT_SECS ({} s) must be longer than AI_TIMEOUT_MS ({} ms), or \
@@ -240,6 +264,11 @@ mod tests {
                 vec!["--backoff-base-ms", "90000"],
                 "TRANSCRIBE_BACKOFF_BASE_MS",
             ),
+            (
+                vec!["--backoff-max-ms", "90000000"],
+                "TRANSCRIBE_BACKOFF_MAX_MS",
+            ),
+            (vec!["--max-audio-bytes", "0"], "AI_MAX_AUDIO_BYTES"),
         ] {
             let err = config(&args).unwrap_err().to_string();
             assert!(err.contains(names), "{args:?}: {err}");

@@ -82,6 +82,7 @@ impl App {
             max_attempts: config.max_attempts,
             concurrency: config.concurrency,
             ai_timeout: config.ai_timeout(),
+            max_audio_bytes: config.ai.max_audio_bytes,
             progress_every: config.ack_wait() / 3,
             shutdown_grace: config.shutdown_grace(),
         });

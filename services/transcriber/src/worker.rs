@@ -24,9 +24,9 @@ use tracing::Instrument;
 
 use crate::{
     backoff::Backoff,
-    claims::{Claim, Claims, FinishError},
+    claims::{Claim, Claims, FinishError, GiveUp, Loaded},
     config::TranscriberConfig,
-    providers::{Provider, ProviderError},
+    providers::{CallAudio, Provider, ProviderError},
     sentiment,
 };
 
@@ -60,6 +60,8 @@ pub struct Worker {
     pub max_attempts: i32,
     pub concurrency: usize,
     pub ai_timeout: Duration,
+    /// `AI_MAX_AUDIO_BYTES`: calls with more packet data are failed before they are loaded.
+    pub max_audio_bytes: u64,
     /// How often a worker tells JetStream (and Postgres) it is still on a call.
     pub progress_every: Duration,
     pub shutdown_grace: Duration,
@@ -255,6 +257,15 @@ impl Worker {
                 metrics::counter!("switchboard_transcriber_duplicates_total").increment(1);
                 Outcome::Ack
             }
+            Claim::Stale { round } => {
+                tracing::info!(
+                    work.version = item.version,
+                    call.round = round,
+                    "work item from an earlier round of a re-driven call; dropping it"
+                );
+                metrics::counter!("switchboard_transcriber_stale_work_items_total").increment(1);
+                Outcome::Ack
+            }
             Claim::Busy { retry_in } => {
                 tracing::info!(
                     retry_in_ms = retry_in.as_millis() as u64,
@@ -262,11 +273,19 @@ impl Worker {
                 );
                 Outcome::Retry(Some(retry_in))
             }
+            Claim::NotYetDue { due_in } => {
+                tracing::info!(
+                    retry_in_ms = due_in.as_millis() as u64,
+                    "delivered before the call's next attempt is due; waiting for it"
+                );
+                metrics::counter!("switchboard_transcriber_early_deliveries_total").increment(1);
+                Outcome::Retry(Some(due_in))
+            }
             Claim::Exhausted {
                 attempts,
                 last_error,
-                permanent,
-            } => self.give_up(&item, attempts, &last_error, permanent).await,
+                why,
+            } => self.finish_give_up(&item, attempts, &last_error, why).await,
             Claim::Claimed { attempt, recorded } => {
                 tracing::Span::current().record("ai.attempt", attempt);
                 if let Some(recorded) = recorded {
@@ -288,12 +307,9 @@ impl Worker {
         hand_back: &CancellationToken,
     ) -> Outcome {
         metrics::counter!("switchboard_transcriber_attempts_total").increment(1);
-        let audio = match self.claims.load_audio(item).await {
+        let audio = match self.load(message, item, attempt, hand_back).await {
             Ok(audio) => audio,
-            Err(e) => {
-                tracing::warn!(error.message = %e, "cannot load the call's packets");
-                return self.hand_back(item, attempt, Some(INFRA_RETRY)).await;
-            }
+            Err(outcome) => return outcome,
         };
         let in_flight = metrics::gauge!("switchboard_transcriber_calls_in_flight");
         in_flight.increment(1.0);
@@ -315,54 +331,115 @@ impl Worker {
         in_flight.decrement(1.0);
         metrics::histogram!("switchboard_transcriber_ai_latency_seconds", "provider" => self.provider.name())
             .record(started.elapsed().as_secs_f64());
-
         match result {
             None => self.hand_back(item, attempt, None).await,
-            Some(Ok(transcript)) => self.succeed(item, attempt, transcript).await,
-            Some(Err(ProviderError::Permanent(error))) => {
+            Some(result) => self.answer(item, attempt, result).await,
+        }
+    }
+
+    /// Measures, then loads, the call's audio, sending progress like the AI request does: a
+    /// slow load must not let the lease or the ack wait run out (another worker would start
+    /// on the call). A call too large to send is given up on without being loaded.
+    async fn load(
+        &self,
+        message: &jetstream::Message,
+        item: &WorkItem,
+        attempt: i32,
+        hand_back: &CancellationToken,
+    ) -> Result<CallAudio, Outcome> {
+        let loading = self.claims.load_audio(item, self.max_audio_bytes);
+        let loaded = tokio::select! {
+            loaded = self.with_progress(message, item, attempt, loading) => loaded,
+            _ = hand_back.cancelled() => return Err(self.hand_back(item, attempt, None).await),
+        };
+        match loaded {
+            Ok(Loaded::Audio(audio)) => Ok(audio),
+            Ok(Loaded::TooLarge { bytes }) => {
+                let error = format!(
+                    "the call's audio ({bytes} bytes of packet data) is larger than \
+                     AI_MAX_AUDIO_BYTES ({})",
+                    self.max_audio_bytes
+                );
+                tracing::warn!(audio.bytes = bytes, "call too large to transcribe");
+                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "audio_too_large")
+                    .increment(1);
+                Err(self
+                    .give_up(item, attempt, &error, GiveUp::AudioTooLarge)
+                    .await)
+            }
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot load the call's packets");
+                Err(self.hand_back(item, attempt, Some(INFRA_RETRY)).await)
+            }
+        }
+    }
+
+    /// Acts on the provider's answer to attempt `attempt`.
+    async fn answer(
+        &self,
+        item: &WorkItem,
+        attempt: i32,
+        result: Result<String, ProviderError>,
+    ) -> Outcome {
+        match result {
+            Ok(transcript) => self.succeed(item, attempt, transcript).await,
+            Err(ProviderError::Permanent(error)) => {
                 tracing::warn!(error.message = %error, "permanent AI error");
                 metrics::counter!("switchboard_transcriber_failures_total", "kind" => "permanent")
                     .increment(1);
-                self.give_up(item, attempt, &error, true).await
+                self.give_up(item, attempt, &error, GiveUp::Permanent).await
             }
-            Some(Err(ProviderError::Retryable { message, .. })) if attempt >= self.max_attempts => {
+            Err(ProviderError::Retryable { message, .. }) if attempt >= self.max_attempts => {
                 tracing::warn!(error.message = %message, attempt, "AI failed; no attempts left");
                 metrics::counter!("switchboard_transcriber_failures_total", "kind" => "retryable")
                     .increment(1);
-                self.give_up(item, attempt, &message, false).await
+                self.give_up(item, attempt, &message, GiveUp::Exhausted)
+                    .await
             }
-            Some(Err(ProviderError::Retryable {
+            Err(ProviderError::Retryable {
                 message,
                 retry_after,
-            })) => {
+            }) => {
                 metrics::counter!("switchboard_transcriber_failures_total", "kind" => "retryable")
                     .increment(1);
-                let scheduled = self.backoff.delay(attempt, &mut rand::rng());
-                let delay = retry_after.map_or(scheduled, |hint| hint.max(scheduled));
-                tracing::info!(
-                    error.message = %message, attempt, retry_in_ms = delay.as_millis() as u64,
-                    "AI failed; retrying by redelivery"
-                );
-                match self
-                    .claims
-                    .schedule_retry(item, attempt, &message, delay)
-                    .await
-                {
-                    Ok(recorded) => {
-                        if let Some(recorded) = recorded {
-                            self.publisher
-                                .recorded(std::slice::from_ref(&recorded))
-                                .await;
-                        }
-                        metrics::counter!("switchboard_transcriber_retries_total").increment(1);
-                        Outcome::Retry(Some(delay))
-                    }
-                    Err(FinishError::LeaseLost) => Outcome::Silent,
-                    Err(e) => {
-                        tracing::warn!(error.message = %e, "cannot record the retry");
-                        self.hand_back(item, attempt, Some(INFRA_RETRY)).await
-                    }
+                self.retry(item, attempt, &message, retry_after).await
+            }
+        }
+    }
+
+    /// Records the failed attempt and when the next is due, and asks JetStream to bring the
+    /// message back then: after the backoff, or the provider's `Retry-After` (capped).
+    async fn retry(
+        &self,
+        item: &WorkItem,
+        attempt: i32,
+        message: &str,
+        retry_after: Option<Duration>,
+    ) -> Outcome {
+        let scheduled = self.backoff.delay(attempt, &mut rand::rng());
+        let delay = self.backoff.honouring(retry_after, scheduled);
+        tracing::info!(
+            error.message = %message, attempt, retry_in_ms = delay.as_millis() as u64,
+            "AI failed; retrying by redelivery"
+        );
+        match self
+            .claims
+            .schedule_retry(item, attempt, message, delay)
+            .await
+        {
+            Ok(recorded) => {
+                if let Some(recorded) = recorded {
+                    self.publisher
+                        .recorded(std::slice::from_ref(&recorded))
+                        .await;
                 }
+                metrics::counter!("switchboard_transcriber_retries_total").increment(1);
+                Outcome::Retry(Some(delay))
+            }
+            Err(FinishError::LeaseLost) => Outcome::Silent,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot record the retry");
+                self.hand_back(item, attempt, Some(INFRA_RETRY)).await
             }
         }
     }
@@ -392,21 +469,39 @@ impl Worker {
         }
     }
 
-    /// Dead letter first, then `FAILED`, then (only then) terminate the message. If any step
-    /// fails the message comes back and, attempts being exhausted, lands here again.
-    async fn give_up(
+    /// Gives up on the call after attempt `attempt`. The decision is recorded first
+    /// (`calls.ai_give_up`, fenced on the attempt): from then on every redelivery finishes
+    /// the give-up (the claim answers [`Claim::Exhausted`]) and none asks the AI again, even
+    /// when the dead letter or `FAILED` cannot be written now. If the decision itself cannot
+    /// be recorded, the attempt is handed back uncounted, as if it had not happened.
+    async fn give_up(&self, item: &WorkItem, attempt: i32, error: &str, why: GiveUp) -> Outcome {
+        match self.claims.mark_give_up(item, attempt, error, why).await {
+            Ok(()) => self.finish_give_up(item, attempt, error, why).await,
+            Err(FinishError::LeaseLost) => Outcome::Silent,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot record the give-up; handing the attempt back");
+                self.hand_back(item, attempt, Some(INFRA_RETRY)).await
+            }
+        }
+    }
+
+    /// The rest of a decided give-up: dead letter, then `FAILED`, then (only then) terminate
+    /// the message. The dead letter's message id is the call and its round, so publishing it
+    /// again after a failure further on stores it once. If a step fails, the call is released
+    /// and the redelivery lands here again, through [`Claim::Exhausted`].
+    async fn finish_give_up(
         &self,
         item: &WorkItem,
         attempts: i32,
         error: &str,
-        permanent: bool,
+        why: GiveUp,
     ) -> Outcome {
         let letter = DeadLetter {
             call_id: item.call_id.clone(),
             work_version: item.version,
             attempts,
             last_error: error.to_owned(),
-            permanent,
+            permanent: why.permanent(),
             failed_at: OffsetDateTime::now_utc(),
         };
         let payload = Bytes::from(serde_json::to_vec(&letter).expect("serializable"));
@@ -415,25 +510,23 @@ impl Worker {
             nats::publish(&self.publisher.js, subject, &letter.msg_id(), payload, None).await
         {
             tracing::warn!(error.message = %e, "cannot publish the dead letter; will retry");
-            self.release(item).await;
-            return Outcome::Retry(Some(INFRA_RETRY));
+            return self.release(item, attempts).await;
         }
         metrics::counter!("switchboard_transcriber_dead_letters_total").increment(1);
-        match self.claims.fail(item, attempts, error, permanent).await {
+        match self.claims.fail(item, attempts, error, why).await {
             Ok(recorded) => {
                 if let Some(recorded) = recorded {
                     self.publisher
                         .recorded(std::slice::from_ref(&recorded))
                         .await;
                 }
-                tracing::warn!(attempts, permanent, error.message = %error, "call FAILED and dead-lettered");
+                tracing::warn!(attempts, reason = why.reason(), error.message = %error, "call FAILED and dead-lettered");
                 Outcome::Term
             }
             Err(FinishError::LeaseLost) => Outcome::Silent,
             Err(e) => {
                 tracing::warn!(error.message = %e, "cannot mark the call FAILED; will retry");
-                self.release(item).await;
-                Outcome::Retry(Some(INFRA_RETRY))
+                self.release(item, attempts).await
             }
         }
     }
@@ -448,13 +541,16 @@ impl Worker {
         Outcome::Retry(delay)
     }
 
-    async fn release(&self, item: &WorkItem) {
-        let result = sqlx::query("UPDATE calls SET ai_lease_until = NULL WHERE call_id = $1")
-            .bind(item.call_id.as_str())
-            .execute(&self.claims.pool)
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(error.message = %e, "cannot release the lease; it will expire");
+    /// After a failed step of a give-up: releases the call (still counted, still marked) so
+    /// that the redelivery, shortly, finishes the give-up without waiting out the lease.
+    async fn release(&self, item: &WorkItem, attempt: i32) -> Outcome {
+        match self.claims.release(item, attempt).await {
+            Ok(()) => Outcome::Retry(Some(INFRA_RETRY)),
+            Err(FinishError::LeaseLost) => Outcome::Silent,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot release the lease; it will expire");
+                Outcome::Retry(Some(INFRA_RETRY))
+            }
         }
     }
 

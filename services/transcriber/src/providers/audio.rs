@@ -12,15 +12,14 @@ use crate::config::AudioEncoding;
 /// Samples per packet when the call has no packet to measure (20 ms at 8 kHz).
 const DEFAULT_FRAME_SAMPLES: usize = 160;
 
-/// The largest file sent in one request: OpenAI's limit for `/v1/audio/transcriptions`
-/// (25 MB; 27 minutes of 8 kHz 16-bit mono). Longer calls fail permanently, with a message.
-pub const MAX_WAV_BYTES: usize = 25 * 1024 * 1024;
-
-/// A 16-bit PCM mono WAV file of the call, or why the audio cannot be read (permanent).
+/// A 16-bit PCM mono WAV file of the call, or why the audio cannot be read (permanent). A file
+/// larger than `max_bytes` (`AI_MAX_AUDIO_BYTES`, the bound the worker also checks the stored
+/// data against) is refused before it is allocated.
 pub fn wav(
     audio: &CallAudio,
     encoding: AudioEncoding,
     sample_rate: u32,
+    max_bytes: u64,
 ) -> Result<Vec<u8>, String> {
     let mut frames: Vec<(Option<Vec<i16>>, i64)> = Vec::new();
     let mut frame_samples = None;
@@ -47,11 +46,11 @@ pub fn wav(
         sum.checked_add(n)
     });
     match total_samples {
-        Some(n) if n.saturating_mul(2).saturating_add(44) <= MAX_WAV_BYTES => {}
+        Some(n) if n.saturating_mul(2).saturating_add(44) as u64 <= max_bytes => {}
         _ => {
             return Err(format!(
-                "the call's audio is larger than the {} MB a transcription request may carry",
-                MAX_WAV_BYTES / (1024 * 1024)
+                "the call's audio is larger than the {max_bytes} bytes (AI_MAX_AUDIO_BYTES) \
+                 a transcription request may carry"
             ));
         }
     }
@@ -123,6 +122,7 @@ pub fn pcm16_wav(samples: &[i16], sample_rate: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_MAX_AUDIO_BYTES;
 
     #[test]
     fn mulaw_expands_to_the_g711_values() {
@@ -139,7 +139,7 @@ mod tests {
             packets: vec![(0, frame.clone()), (2, frame)],
             expected: 3,
         };
-        let wav = wav(&audio, AudioEncoding::Mulaw, 8000).unwrap();
+        let wav = wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).unwrap();
         assert_eq!(&wav[0..4], b"RIFF");
         assert_eq!(&wav[8..12], b"WAVE");
         let samples: Vec<i16> = wav[44..]
@@ -159,8 +159,8 @@ mod tests {
             packets: vec![(0, frame)],
             expected: 100_000_000,
         };
-        let err = wav(&audio, AudioEncoding::Mulaw, 8000).unwrap_err();
-        assert!(err.contains("25 MB"), "{err}");
+        let err = wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).unwrap_err();
+        assert!(err.contains("26214400 bytes"), "{err}");
     }
 
     #[test]
@@ -169,6 +169,6 @@ mod tests {
             packets: vec![(0, "not base64!".into())],
             expected: 1,
         };
-        assert!(wav(&audio, AudioEncoding::Mulaw, 8000).is_err());
+        assert!(wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).is_err());
     }
 }

@@ -1,10 +1,12 @@
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use common::{CallState, subjects::StreamKind, testing::eventually};
 use futures::future::join_all;
 use time::OffsetDateTime;
+use transcriber::config::{ProviderKind, TranscriberConfig};
 
-use crate::helpers::{ingest_only, stack};
+use crate::helpers::{ingest_only, mulaw_frame, stack, start_fake};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_request_fails_the_call_fails_after_max_attempts_with_growing_gaps() {
@@ -158,4 +160,108 @@ async fn a_failed_call_retried_by_an_operator_is_archived() {
         (status, body["error"]["code"].as_str()),
         (404, Some("call_not_found"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_larger_than_the_audio_bound_fails_at_once_without_being_sent() {
+    let stack = stack(|c| c.ai.max_audio_bytes = 100).await;
+    let word = "x".repeat(40);
+
+    // 80 bytes of packet data fit; 120 do not.
+    stack.call("fits-1", &[&word, &word]).await;
+    stack
+        .wait_for("fits-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+    stack.call("huge-1", &[&word, &word, &word]).await;
+    let call = stack
+        .wait_for("huge-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(stack.transcribers[0].requests(), 1, "only fits-1 was sent");
+    assert_eq!(call["ai_attempts"], 1);
+    let error = call["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("120 bytes") && error.contains("AI_MAX_AUDIO_BYTES"),
+        "{error}"
+    );
+    let last = call["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["reason"], "audio_too_large", "{last}");
+    let dead = eventually("the dead letter", Duration::from_secs(5), || async {
+        let m = stack.env.stream_messages(StreamKind::DeadLetters).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    let letter: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(letter["call_id"], "huge-1");
+    assert_eq!(letter["permanent"], true);
+    stack.wait_work_queue_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_round_of_a_re_driven_call_is_its_own_and_a_late_item_of_an_earlier_round_is_dropped()
+{
+    let (url, fake) = start_fake(vec![(
+        StatusCode::BAD_REQUEST,
+        None,
+        r#"{"error":{"message":"unsupported audio"}}"#,
+    )])
+    .await;
+    let openai = |c: &mut TranscriberConfig| {
+        c.ai.provider = ProviderKind::Openai;
+        c.ai.base_url = url.clone();
+        // One message at a time, in stream order: the late item is looked at first.
+        c.concurrency = 1;
+    };
+    let mut stack = ingest_only().await;
+    let first = stack.add_transcriber(openai).await;
+    stack.call("rounds-1", &[&mulaw_frame()]).await;
+    stack
+        .wait_for("rounds-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+    stack.wait_work_queue_empty().await;
+    let round_1 = stack.round("rounds-1").await;
+    stack.transcribers[first].terminate().await;
+
+    // Round 1's work item turns up again, late, just before an operator re-drives the call.
+    stack
+        .publish_work_item("rounds-1", round_1, "late-round-1")
+        .await;
+    let (status, body) = stack.post("/v1/call/rounds-1/retry").await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("COMPLETED")));
+    let round_2 = stack.round("rounds-1").await;
+    assert!(round_2 > round_1);
+    stack.add_transcriber(openai).await;
+    stack.wait_work_queue_empty().await;
+    stack
+        .wait_for("rounds-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(fake.seen.lock().unwrap().len(), 2, "one request per round");
+    let attempts: Vec<(i64, i32, Option<String>)> = sqlx::query_as(
+        "SELECT work_version, attempt, outcome FROM transcription_attempts \
+         WHERE call_id = 'rounds-1' ORDER BY work_version, attempt",
+    )
+    .fetch_all(&stack.env.pool)
+    .await
+    .unwrap();
+    let failed = Some("failed".to_owned());
+    assert_eq!(
+        attempts,
+        [(round_1, 1, failed.clone()), (round_2, 1, failed)],
+        "the late item started nothing"
+    );
+    let dead = eventually("two dead letters", Duration::from_secs(5), || async {
+        let m = stack.env.stream_messages(StreamKind::DeadLetters).await;
+        (m.len() >= 2).then_some(m)
+    })
+    .await;
+    let versions: Vec<i64> = dead
+        .iter()
+        .map(|m| {
+            let letter: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            letter["work_version"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(versions, [round_1, round_2], "one dead letter per round");
 }

@@ -1,8 +1,23 @@
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
 
 use clap::Parser;
 use common::{
-    CallState,
+    CallId, CallState,
+    events::WorkItem,
+    nats,
     testing::{TestEnv, eventually},
 };
 use serde_json::{Value, json};
@@ -201,6 +216,37 @@ impl Stack {
         .await;
     }
 
+    /// The call's current round: its version when it last became `COMPLETED` (the `version`
+    /// of its work item).
+    pub async fn round(&self, call_id: &str) -> i64 {
+        self.scalar(
+            "SELECT max(version) FROM call_transitions \
+             WHERE call_id = $1 AND to_state = 'COMPLETED'",
+            call_id,
+        )
+        .await
+    }
+
+    /// Publishes a work item for round `version` of `call_id` under a message id of its own
+    /// (past JetStream's deduplication), as a late duplicate would arrive.
+    pub async fn publish_work_item(&self, call_id: &str, version: i64, msg_id: &str) {
+        let item = WorkItem {
+            call_id: CallId::parse(call_id).unwrap(),
+            version,
+            completed_at: time::OffsetDateTime::now_utc(),
+        };
+        let js = self.env.jetstream().await;
+        nats::publish(
+            &js,
+            self.env.subjects().call_completed(&item.call_id),
+            msg_id,
+            Bytes::from(serde_json::to_vec(&item).unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
     pub async fn scalar(&self, sql: &'static str, call_id: &str) -> i64 {
         sqlx::query_scalar(sql)
             .bind(call_id)
@@ -208,4 +254,47 @@ impl Stack {
             .await
             .unwrap()
     }
+}
+
+/// A local OpenAI-compatible server that answers from a script and records what it got.
+#[derive(Clone)]
+pub struct FakeStt {
+    script: Arc<Vec<(StatusCode, Option<&'static str>, &'static str)>>,
+    pub seen: Arc<Mutex<Vec<(Instant, HeaderMap, Bytes)>>>,
+}
+
+async fn transcriptions(State(fake): State<FakeStt>, headers: HeaderMap, body: Bytes) -> Response {
+    let n = {
+        let mut seen = fake.seen.lock().unwrap();
+        seen.push((Instant::now(), headers, body));
+        seen.len() - 1
+    };
+    let (status, retry_after, body) = fake.script[n.min(fake.script.len() - 1)];
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, secs.parse().unwrap());
+    }
+    response
+}
+
+pub async fn start_fake(
+    script: Vec<(StatusCode, Option<&'static str>, &'static str)>,
+) -> (String, FakeStt) {
+    let fake = FakeStt {
+        script: Arc::new(script),
+        seen: Arc::default(),
+    };
+    let app = Router::new()
+        .route("/v1/audio/transcriptions", post(transcriptions))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, fake)
+}
+
+pub fn mulaw_frame() -> String {
+    STANDARD.encode([0xFFu8; 160])
 }

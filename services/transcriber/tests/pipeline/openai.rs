@@ -1,64 +1,10 @@
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use axum::{
-    Router,
-    body::Bytes,
-    extract::State,
-    http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
-    routing::post,
-};
-use base64::{Engine, engine::general_purpose::STANDARD};
+use axum::http::{StatusCode, header};
 use common::{CallState, subjects::StreamKind, testing::eventually};
 use transcriber::config::ProviderKind;
 
-use crate::helpers::stack;
-
-/// A local OpenAI-compatible server that answers from a script and records what it got.
-#[derive(Clone)]
-struct FakeStt {
-    script: Arc<Vec<(StatusCode, Option<&'static str>, &'static str)>>,
-    seen: Arc<Mutex<Vec<(Instant, HeaderMap, Bytes)>>>,
-}
-
-async fn transcriptions(State(fake): State<FakeStt>, headers: HeaderMap, body: Bytes) -> Response {
-    let n = {
-        let mut seen = fake.seen.lock().unwrap();
-        seen.push((Instant::now(), headers, body));
-        seen.len() - 1
-    };
-    let (status, retry_after, body) = fake.script[n.min(fake.script.len() - 1)];
-    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-    if let Some(secs) = retry_after {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, secs.parse().unwrap());
-    }
-    response
-}
-
-async fn start_fake(
-    script: Vec<(StatusCode, Option<&'static str>, &'static str)>,
-) -> (String, FakeStt) {
-    let fake = FakeStt {
-        script: Arc::new(script),
-        seen: Arc::default(),
-    };
-    let app = Router::new()
-        .route("/v1/audio/transcriptions", post(transcriptions))
-        .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, fake)
-}
-
-fn mulaw_frame() -> String {
-    STANDARD.encode([0xFFu8; 160])
-}
+use crate::helpers::{mulaw_frame, stack, start_fake};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_provider_sends_a_well_formed_request_and_honours_retry_after() {
@@ -81,6 +27,8 @@ async fn the_openai_provider_sends_a_well_formed_request_and_honours_retry_after
         c.ai.model = "whisper-test".into();
         c.ai.api_key = Some("test-key".into());
         c.backoff_base_ms = 10;
+        // Retry-After is honoured up to the cap.
+        c.backoff_max_ms = 10_000;
     })
     .await;
 
@@ -179,5 +127,108 @@ async fn packet_data_that_is_not_audio_is_a_permanent_error() {
     assert!(
         fake.seen.lock().unwrap().is_empty(),
         "nothing sent to the provider"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_is_capped_at_the_backoff_max() {
+    let (url, fake) = start_fake(vec![
+        (StatusCode::TOO_MANY_REQUESTS, Some("99999999999"), "{}"),
+        (StatusCode::OK, None, r#"{"text":"thanks for waiting"}"#),
+    ])
+    .await;
+    let stack = stack(|c| {
+        c.ai.provider = ProviderKind::Openai;
+        c.ai.base_url = url;
+        c.backoff_base_ms = 10;
+        c.backoff_max_ms = 300;
+    })
+    .await;
+
+    stack.call("patient-1", &[&mulaw_frame()]).await;
+    let call = stack
+        .wait_for("patient-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(call["ai_attempts"], 2);
+    assert_eq!(fake.seen.lock().unwrap().len(), 2);
+    let (finished_at, next_attempt_at): (time::OffsetDateTime, time::OffsetDateTime) =
+        sqlx::query_as(
+            "SELECT finished_at, next_attempt_at FROM transcription_attempts \
+             WHERE call_id = 'patient-1' AND attempt = 1",
+        )
+        .fetch_one(&stack.env.pool)
+        .await
+        .unwrap();
+    // The delay is the capped hint (300 ms), not the 10 ms backoff nor 3000 years.
+    let waited = next_attempt_at - finished_at;
+    assert!(
+        waited > time::Duration::milliseconds(200) && waited <= time::Duration::milliseconds(301),
+        "next attempt scheduled {waited} after the first ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_is_asked_once_even_when_the_dead_letter_cannot_be_published_at_first() {
+    let (url, fake) = start_fake(vec![(
+        StatusCode::BAD_REQUEST,
+        None,
+        r#"{"error":{"message":"unsupported audio"}}"#,
+    )])
+    .await;
+    let stack = stack(|c| {
+        c.ai.provider = ProviderKind::Openai;
+        c.ai.base_url = url;
+    })
+    .await;
+    let js = stack.env.jetstream().await;
+    js.delete_stream(stack.env.subjects().stream_name(StreamKind::DeadLetters))
+        .await
+        .unwrap();
+
+    stack.call("dlq-down-1", &[&mulaw_frame()]).await;
+    // The give-up is recorded, the dead letter fails, the call is released for a redelivery.
+    eventually(
+        "the give-up recorded and the call released",
+        Duration::from_secs(20),
+        || async {
+            let (give_up, held): (Option<String>, bool) = sqlx::query_as(
+                "SELECT ai_give_up, ai_lease_until IS NOT NULL FROM calls \
+                 WHERE call_id = 'dlq-down-1'",
+            )
+            .fetch_one(&stack.env.pool)
+            .await
+            .unwrap();
+            (give_up.as_deref() == Some("permanent") && !held).then_some(())
+        },
+    )
+    .await;
+    common::nats::ensure_streams(&js, &stack.env.subjects(), &stack.env.config.streams)
+        .await
+        .unwrap();
+    let call = stack
+        .wait_for("dlq-down-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(fake.seen.lock().unwrap().len(), 1, "the AI was asked once");
+    assert_eq!(call["ai_attempts"], 1);
+    let last = call["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["reason"], "ai_permanent_error", "{last}");
+    let dead = eventually("the dead letter", Duration::from_secs(5), || async {
+        let m = stack.env.stream_messages(StreamKind::DeadLetters).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    stack.wait_work_queue_empty().await;
+    assert_eq!(
+        stack
+            .scalar(
+                "SELECT count(*) FROM calls WHERE call_id = $1 AND ai_give_up IS NULL",
+                "dlq-down-1"
+            )
+            .await,
+        1,
+        "the mark is cleared once FAILED"
     );
 }

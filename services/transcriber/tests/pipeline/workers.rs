@@ -1,11 +1,13 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use axum::http::StatusCode;
 use bytes::Bytes;
 use common::{CallState, nats, subjects::StreamKind, testing::eventually};
 use tokio_util::sync::CancellationToken;
+use transcriber::config::ProviderKind;
 
-use crate::helpers::{ingest_only, stack, transcriber_config};
+use crate::helpers::{ingest_only, mulaw_frame, stack, start_fake, transcriber_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_work_item_delivered_twice_makes_one_ai_request() {
@@ -159,4 +161,109 @@ async fn a_changed_ack_wait_updates_the_existing_consumer() {
     let info = consumer.info().await.unwrap();
     assert_eq!(info.config.ack_wait, Duration::from_secs(7));
     assert_eq!(info.config.max_deliver, -1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_packet_load_keeps_the_call_and_is_not_taken_over() {
+    let stack = stack(|_| {}).await;
+    stack.packet("slow-load-1", 0, "slow").await;
+    stack.packet("slow-load-1", 1, "disk").await;
+    // Reads of packets wait until the test lets them, as on a very slow disk.
+    let mut blocker = stack.env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE packets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    stack.complete("slow-load-1").await;
+    stack
+        .wait_for(
+            "slow-load-1",
+            CallState::ProcessingAi,
+            Duration::from_secs(10),
+        )
+        .await;
+    let first_lease: time::OffsetDateTime =
+        sqlx::query_scalar("SELECT ai_lease_until FROM calls WHERE call_id = 'slow-load-1'")
+            .fetch_one(&stack.env.pool)
+            .await
+            .unwrap();
+
+    // Well past the claim's lease (and the 2 s ack wait), still held by its first attempt.
+    eventually(
+        "the lease renewed past its first term",
+        Duration::from_secs(10),
+        || async {
+            let renewed: bool = sqlx::query_scalar(
+                "SELECT now() > $1 + interval '1 second' AND ai_lease_until > now() \
+                    AND ai_attempts = 1 \
+                 FROM calls WHERE call_id = 'slow-load-1'",
+            )
+            .bind(first_lease)
+            .fetch_one(&stack.env.pool)
+            .await
+            .unwrap();
+            renewed.then_some(())
+        },
+    )
+    .await;
+    blocker.rollback().await.unwrap();
+    let call = stack
+        .wait_for("slow-load-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(call["transcript"], "slow disk");
+    assert_eq!(call["ai_attempts"], 1, "never taken over");
+    assert_eq!(stack.transcribers[0].requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_item_delivered_before_its_retry_is_due_waits_for_it() {
+    let (url, fake) = start_fake(vec![
+        (StatusCode::SERVICE_UNAVAILABLE, Some("2"), "{}"),
+        (StatusCode::OK, None, r#"{"text":"right on time"}"#),
+    ])
+    .await;
+    let stack = stack(|c| {
+        c.ai.provider = ProviderKind::Openai;
+        c.ai.base_url = url;
+        c.backoff_base_ms = 10;
+        c.backoff_max_ms = 10_000;
+    })
+    .await;
+    stack.call("early-1", &[&mulaw_frame()]).await;
+    eventually("the retry scheduled", Duration::from_secs(10), || async {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT next_attempt_at IS NOT NULL AND ai_lease_until IS NULL \
+             FROM calls WHERE call_id = 'early-1'",
+        )
+        .fetch_one(&stack.env.pool)
+        .await
+        .unwrap();
+        waiting.then_some(())
+    })
+    .await;
+
+    // The same round's work item again, long before the retry is due.
+    let round = stack.round("early-1").await;
+    stack
+        .publish_work_item("early-1", round, "early-duplicate")
+        .await;
+    stack
+        .wait_for("early-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+    stack.wait_work_queue_empty().await;
+
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one retry");
+    let gap = seen[1].0 - seen[0].0;
+    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
+    let early: i64 = stack
+        .scalar(
+            "SELECT count(*) FROM transcription_attempts a, transcription_attempts b \
+             WHERE a.call_id = $1 AND b.call_id = a.call_id AND a.attempt = 1 \
+               AND b.attempt = 2 AND b.started_at < a.next_attempt_at",
+            "early-1",
+        )
+        .await;
+    assert_eq!(early, 0, "attempt 2 did not start before it was due");
 }
