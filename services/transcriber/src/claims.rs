@@ -279,17 +279,20 @@ impl Claims {
         .bind(item.call_id.as_str())
         .fetch_all(&mut *tx)
         .await?;
-        let expected: Option<i64> = sqlx::query_scalar(
-            "SELECT GREATEST(COALESCE(total_packets, 0), COALESCE(last_sequence + 1, 0)) \
+        let (start, expected): (i64, i64) = sqlx::query_as(
+            "SELECT sequence_start, GREATEST(COALESCE(total_packets, 0), \
+                    COALESCE(last_sequence + 1 - sequence_start, 0)) \
              FROM calls WHERE call_id = $1",
         )
         .bind(item.call_id.as_str())
         .fetch_optional(&mut *tx)
-        .await?;
+        .await?
+        .unwrap_or((0, 0));
         tx.commit().await?;
         Ok(Loaded::Audio(CallAudio {
             packets,
-            expected: expected.unwrap_or(0),
+            expected,
+            start,
         }))
     }
 

@@ -138,6 +138,7 @@ mod tests {
         let audio = CallAudio {
             packets: vec![(0, frame.clone()), (2, frame)],
             expected: 3,
+            start: 0,
         };
         let wav = wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).unwrap();
         assert_eq!(&wav[0..4], b"RIFF");
@@ -158,6 +159,7 @@ mod tests {
         let audio = CallAudio {
             packets: vec![(0, frame)],
             expected: 100_000_000,
+            start: 0,
         };
         let err = wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).unwrap_err();
         assert!(err.contains("26214400 bytes"), "{err}");
@@ -168,6 +170,7 @@ mod tests {
         let audio = CallAudio {
             packets: vec![(0, "not base64!".into())],
             expected: 1,
+            start: 0,
         };
         assert!(wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).is_err());
     }

@@ -14,8 +14,12 @@ use crate::config::{AiConfig, ProviderKind};
 pub struct CallAudio {
     /// (sequence, data), sorted by sequence.
     pub packets: Vec<(i64, String)>,
-    /// How many sequences the call should have (`total_packets`, or the highest seen + 1).
+    /// How many sequences the call should have (`total_packets`, or as many as up to the
+    /// highest seen).
     pub expected: i64,
+    /// The call's first sequence number (`SEQUENCE_START` when it began: 0 or 1), so a call
+    /// counted from 1 does not start with a missing packet 0.
+    pub start: i64,
 }
 
 impl CallAudio {
@@ -23,7 +27,7 @@ impl CallAudio {
     /// for a packet, `(None, count)` for `count` missing ones.
     pub fn with_gaps(&self) -> Vec<(Option<&str>, i64)> {
         let mut out = Vec::with_capacity(self.packets.len() + 1);
-        let mut next = 0;
+        let mut next = self.start;
         for (sequence, data) in &self.packets {
             if *sequence > next {
                 out.push((None, sequence - next));
@@ -31,8 +35,9 @@ impl CallAudio {
             out.push((Some(data.as_str()), 1));
             next = sequence + 1;
         }
-        if self.expected > next {
-            out.push((None, self.expected - next));
+        let end = self.start + self.expected;
+        if end > next {
+            out.push((None, end - next));
         }
         out
     }
@@ -100,6 +105,7 @@ mod tests {
         let audio = CallAudio {
             packets: vec![(1, "b".into()), (2, "c".into()), (5, "f".into())],
             expected: 8,
+            start: 0,
         };
         assert_eq!(
             audio.with_gaps(),
@@ -110,6 +116,26 @@ mod tests {
                 (None, 2),
                 (Some("f"), 1),
                 (None, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_call_counted_from_one_has_no_phantom_packet_zero() {
+        // Five packets declared, numbered 1..=5; 3 and 5 never came.
+        let audio = CallAudio {
+            packets: vec![(1, "a".into()), (2, "b".into()), (4, "d".into())],
+            expected: 5,
+            start: 1,
+        };
+        assert_eq!(
+            audio.with_gaps(),
+            vec![
+                (Some("a"), 1),
+                (Some("b"), 1),
+                (None, 1),
+                (Some("d"), 1),
+                (None, 1)
             ]
         );
     }

@@ -91,6 +91,7 @@ mod tests {
                 (3, "friend".into()),
             ],
             expected: 5,
+            start: 0,
         };
         assert_eq!(transcript(&audio), "hello there […] friend […]");
     }
