@@ -27,7 +27,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::{Router, extract::State, response::Response, routing::get};
-use common::{db, http, nats, outbox::Publisher, subjects::Subjects};
+use common::{
+    db, http, nats,
+    outbox::Publisher,
+    subjects::Subjects,
+    tasks::{CriticalTasks, TaskHealth},
+};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +46,8 @@ use crate::{
 struct OpsState {
     pool: PgPool,
     nats: async_nats::Client,
+    /// Whether the worker is still running.
+    tasks: TaskHealth,
 }
 
 /// A built transcriber: connected, consumer in place, bound, not yet pulling.
@@ -48,6 +55,7 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     worker: Arc<Worker>,
+    tasks: TaskHealth,
 }
 
 impl App {
@@ -89,10 +97,15 @@ impl App {
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on {} (TRANSCRIBER_ADDR)", config.addr))?;
+        let tasks = TaskHealth::default();
         let router = Router::new()
             .route("/readyz", get(readyz))
             .merge(http::operational_routes())
-            .with_state(OpsState { pool, nats: client });
+            .with_state(OpsState {
+                pool,
+                nats: client,
+                tasks: tasks.clone(),
+            });
         tracing::info!(
             provider = worker.provider.name(),
             concurrency = config.concurrency,
@@ -103,6 +116,7 @@ impl App {
             listener,
             router,
             worker,
+            tasks,
         })
     }
 
@@ -118,11 +132,14 @@ impl App {
     /// Pulls and serves until `shutdown` fires, then drains as [`Worker::run`] describes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "transcriber listening");
-        let worker = tokio::spawn(self.worker.clone().run(shutdown.clone()));
+        // A transcriber whose worker stopped would look healthy while transcribing nothing.
+        let mut tasks = CriticalTasks::new(self.tasks, shutdown.clone());
+        tasks.spawn("worker", self.worker.clone().run(shutdown.clone()));
         let served = http::serve(self.listener, self.router, shutdown).await;
-        worker.await.context("worker task")??;
+        let worker = tasks.join().await;
         tracing::info!("transcriber stopped");
-        served.context("serving HTTP")
+        served.context("serving HTTP")?;
+        worker
     }
 }
 
@@ -141,5 +158,6 @@ async fn readyz(State(state): State<OpsState>) -> Response {
     http::readiness(vec![
         http::check_postgres(&state.pool).await,
         http::check_nats(&state.nats),
+        state.tasks.check(),
     ])
 }
