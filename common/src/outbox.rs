@@ -39,6 +39,25 @@ impl Publisher {
         Self { js, subjects, pool }
     }
 
+    /// Publishes one packet event with its `Nats-Msg-Id` (`<call_id>:<sequence>`) and waits
+    /// for the acknowledgement. Marking it published is the caller's (its batch's outbox row).
+    pub async fn packet(
+        &self,
+        event: &PacketEvent,
+        request_id: Option<&str>,
+    ) -> Result<(), String> {
+        let payload = Bytes::from(serde_json::to_vec(event).map_err(|e| e.to_string())?);
+        nats::publish(
+            &self.js,
+            self.subjects.packets(&event.call_id),
+            &PacketEvent::msg_id(&event.call_id, event.sequence),
+            payload,
+            request_id,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     /// Publishes status events (concurrently) and marks those JetStream acknowledged.
     /// Returns how many were acknowledged; the rest are left to the relay and logged.
     pub async fn statuses(&self, events: &[(i64, &StatusEvent)]) -> usize {
@@ -192,17 +211,7 @@ impl Relay {
                         timestamp: sent,
                         received_at: at,
                     };
-                    let payload =
-                        Bytes::from(serde_json::to_vec(&event).map_err(|e| e.to_string())?);
-                    nats::publish(
-                        &self.publisher.js,
-                        self.publisher.subjects.packets(&event.call_id),
-                        &PacketEvent::msg_id(&event.call_id, sequence),
-                        payload,
-                        None,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())
+                    self.publisher.packet(&event, None).await
                 },
             ))
             .await;

@@ -386,3 +386,67 @@ pub async fn list_calls(
     .fetch_all(db)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(transcript: Option<String>, last_error: Option<String>) -> CallRow {
+        let now = OffsetDateTime::now_utc();
+        CallRow {
+            call_id: CallId::parse("long-call").unwrap(),
+            state: CallState::Archived,
+            version: 5,
+            packets_received: 180_000,
+            first_sequence: Some(0),
+            last_sequence: Some(179_999),
+            total_packets: None,
+            sequence_start: 0,
+            missing_packets: 0,
+            ai_attempts: 1,
+            transcript,
+            sentiment_label: Some("neutral".into()),
+            sentiment_score: Some(0.0),
+            last_error,
+            created_at: now,
+            updated_at: now,
+            last_packet_at: now,
+            completed_at: Some(now),
+            next_attempt_at: None,
+        }
+    }
+
+    #[test]
+    fn a_status_event_stays_small_however_long_the_transcript_and_error() {
+        // An hour-long call's transcript and a provider's whole error page.
+        let transcript = "ça va très bien, merci ".repeat(20_000);
+        let error = "<html>".repeat(100_000);
+        let event = row(Some(transcript.clone()), Some(error)).status_event(None, "ai_succeeded");
+        let size = serde_json::to_vec(&event).unwrap().len();
+        assert!(size < 4096, "a status event of {size} bytes");
+        assert!(transcript.starts_with(event.transcript.as_deref().unwrap()));
+        assert_eq!(
+            event.transcript.unwrap().chars().count(),
+            TRANSCRIPT_PREVIEW_CHARS
+        );
+        assert_eq!(
+            event.transcript_chars,
+            Some(transcript.chars().count() as i64)
+        );
+        assert!(event.transcript_truncated);
+        assert_eq!(
+            event.last_error.unwrap().chars().count(),
+            ERROR_PREVIEW_CHARS
+        );
+    }
+
+    #[test]
+    fn a_short_transcript_is_carried_whole() {
+        let event = row(Some("thank you".into()), None).status_event(None, "ai_succeeded");
+        assert_eq!(event.transcript.as_deref(), Some("thank you"));
+        assert_eq!(event.transcript_chars, Some(9));
+        assert!(!event.transcript_truncated);
+        let none = row(None, None).status_event(None, "first_packet");
+        assert_eq!((none.transcript, none.transcript_chars), (None, None));
+    }
+}

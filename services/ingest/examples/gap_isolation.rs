@@ -31,7 +31,8 @@ async fn main() -> anyhow::Result<()> {
     let send = |call: String, seq: i64| {
         let (client, url, data) = (client.clone(), url.clone(), data.clone());
         async move {
-            let body = serde_json::json!({"sequence": seq, "data": data, "timestamp": seq as f64 * 0.02});
+            let body =
+                serde_json::json!({"sequence": seq, "data": data, "timestamp": seq as f64 * 0.02});
             let started = Instant::now();
             let response = client
                 .post(format!("{url}/v1/call/stream/{call}"))
@@ -73,7 +74,10 @@ async fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         }
         if lossy_gaps > 0 {
-            println!("built {lossy_gaps} gaps in {:.1} s", started.elapsed().as_secs_f64());
+            println!(
+                "built {lossy_gaps} gaps in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
         }
         let clean = format!("clean-{run}-{lossy_gaps}");
         let (clean_latencies, lossy_latencies) = tokio::try_join!(

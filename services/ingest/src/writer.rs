@@ -32,11 +32,9 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use common::{
     CallId, CallState,
     events::{PacketEvent, ProgressEvent},
-    nats,
     outbox::Publisher,
     store::{self, CallRow, MissingRange, Recorded},
 };
@@ -177,6 +175,9 @@ struct Writer {
     max_batch: usize,
     /// `SEQUENCE_START`: the first sequence number of the calls this writer creates.
     sequence_start: i64,
+    /// Outbox rows whose packets JetStream has acknowledged, back to the writer, which deletes
+    /// them in its next batch's transaction: no commit of their own on the hot path.
+    acknowledged: mpsc::UnboundedSender<Vec<i64>>,
 }
 
 impl PacketWriter {
@@ -187,13 +188,15 @@ impl PacketWriter {
         sequence_start: i64,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (acknowledged, acknowledged_rx) = mpsc::unbounded_channel();
         let writer = Writer {
             pool,
             publisher,
             max_batch,
             sequence_start,
+            acknowledged,
         };
-        let task = tokio::spawn(run(rx, writer));
+        let task = tokio::spawn(run(rx, acknowledged_rx, writer));
         (Self { tx }, task)
     }
 
@@ -208,9 +211,15 @@ impl PacketWriter {
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Job>, writer: Writer) {
+async fn run(
+    mut rx: mpsc::Receiver<Job>,
+    mut acknowledged: mpsc::UnboundedReceiver<Vec<i64>>,
+    writer: Writer,
+) {
     let mut jobs = Vec::with_capacity(writer.max_batch);
     let mut progress = HashSet::new();
+    // Acknowledged outbox rows not deleted yet.
+    let mut done: Vec<i64> = Vec::new();
     let mut report = tokio::time::interval(PROGRESS_EVERY);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Each batch's publishing runs on its own task; shutdown waits for them.
@@ -224,13 +233,21 @@ async fn run(mut rx: mpsc::Receiver<Job>, writer: Writer) {
                 }
                 let batch = std::mem::replace(&mut jobs, Vec::with_capacity(writer.max_batch));
                 progress.extend(batch.iter().map(|j| j.packet.call_id.to_string()));
-                write_batch(&writer, &publishing, batch).await;
+                let deletes = std::mem::take(&mut done);
+                done = write_batch(&writer, &publishing, batch, deletes).await;
             }
-            _ = report.tick(), if !progress.is_empty() => {
+            Some(ids) = acknowledged.recv() => done.extend(ids),
+            _ = report.tick(), if !progress.is_empty() || !done.is_empty() => {
                 let due: Vec<String> = progress.drain().collect();
+                let deletes = std::mem::take(&mut done);
                 let writer = writer.clone();
-                // Off the write path: a report is a nicety, never a delay for packets.
+                // Off the write path: a report is a nicety, never a delay for packets; and
+                // acknowledged outbox rows that no batch carried (quiet times) go now.
                 tokio::spawn(async move {
+                    clear_outbox(&writer.pool, deletes).await;
+                    if due.is_empty() {
+                        return;
+                    }
                     if let Err(e) = publish_progress(&writer.pool, &writer.publisher, &due).await {
                         tracing::debug!(error.message = %e, "progress report skipped");
                     }
@@ -240,7 +257,27 @@ async fn run(mut rx: mpsc::Receiver<Job>, writer: Writer) {
     }
     publishing.close();
     publishing.wait().await;
+    acknowledged.close();
+    while let Some(ids) = acknowledged.recv().await {
+        done.extend(ids);
+    }
+    clear_outbox(&writer.pool, done).await;
     tracing::debug!("packet writer stopped");
+}
+
+/// Deletes acknowledged outbox rows outside a batch (quiet times, shutdown).
+async fn clear_outbox(pool: &PgPool, ids: Vec<i64>) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = sqlx::query("DELETE FROM packet_outbox WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(pool)
+        .await
+    {
+        // Harmless: the relay publishes them again and JetStream drops the copies.
+        tracing::warn!(error.message = %e, "cannot clear the packet outbox");
+    }
 }
 
 /// How often the calls that received packets get a progress report: once per period, so at
@@ -281,31 +318,43 @@ async fn publish_progress(
     Ok(())
 }
 
-/// Commits one batch, then hands it to a task of its own that publishes and answers.
-async fn write_batch(writer: &Writer, publishing: &tokio_util::task::TaskTracker, jobs: Vec<Job>) {
+/// Commits one batch (deleting the acknowledged outbox rows `deletes` in the same
+/// transaction), then hands it to a task of its own that publishes and answers. Returns the
+/// deletes still to do (the batch failed).
+async fn write_batch(
+    writer: &Writer,
+    publishing: &tokio_util::task::TaskTracker,
+    jobs: Vec<Job>,
+    deletes: Vec<i64>,
+) -> Vec<i64> {
     let started = Instant::now();
     let (packets, replies): (Vec<NewPacket>, Vec<Reply>) =
         jobs.into_iter().map(|job| (job.packet, job.reply)).unzip();
-    let (results, outbox) = store_batch(writer, &packets).await;
+    let (results, outbox, deleted) = store_batch(writer, &packets, &deletes).await;
     metrics::histogram!("switchboard_ingest_batch_size").record(packets.len() as f64);
     metrics::histogram!("switchboard_ingest_batch_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    let (pool, publisher) = (writer.pool.clone(), writer.publisher.clone());
     publishing.spawn(publish_and_answer(
-        pool, publisher, packets, replies, results, outbox,
+        writer.clone(),
+        packets,
+        replies,
+        results,
+        outbox,
     ));
+    if deleted { Vec::new() } else { deletes }
 }
 
 /// Stores a batch: in one transaction, or (if one packet is poison) one by one. Returns a
-/// verdict per packet and the outbox rows written.
+/// verdict per packet, the outbox rows written, and whether `deletes` were deleted.
 async fn store_batch(
     writer: &Writer,
     packets: &[NewPacket],
-) -> (Vec<Result<Stored, WriteError>>, Vec<i64>) {
-    match commit_with_retry(writer, packets).await {
+    deletes: &[i64],
+) -> (Vec<Result<Stored, WriteError>>, Vec<i64>, bool) {
+    match commit_with_retry(writer, packets, deletes).await {
         Ok(batch) => {
             announce(&writer.publisher, batch.created);
-            (batch.results, batch.outbox.into_iter().collect())
+            (batch.results, batch.outbox.into_iter().collect(), true)
         }
         Err(failure) if packets.len() > 1 && !failure.is_unavailable() => {
             // Validation should make this impossible, but if one packet is poison, store
@@ -317,7 +366,7 @@ async fn store_batch(
             let mut results = Vec::with_capacity(packets.len());
             let mut outbox = Vec::new();
             for packet in packets {
-                match commit_batch(writer, std::slice::from_ref(packet)).await {
+                match commit_batch(writer, std::slice::from_ref(packet), &[]).await {
                     Ok(mut batch) => {
                         announce(&writer.publisher, batch.created);
                         outbox.extend(batch.outbox);
@@ -326,21 +375,21 @@ async fn store_batch(
                     Err(failure) => results.push(Err(WriteError::from_failure(&failure))),
                 }
             }
-            (results, outbox)
+            (results, outbox, false)
         }
         Err(failure) => (
             vec![Err(WriteError::from_failure(&failure)); packets.len()],
             Vec::new(),
+            false,
         ),
     }
 }
 
 /// Publishes every stored packet of a batch (duplicates too: their first attempt may have
 /// missed JetStream, and `Nats-Msg-Id` makes the copy a no-op), answers each request, and
-/// clears the batch's outbox rows once every new packet is acknowledged.
+/// hands the batch's outbox rows back for deletion once every new packet is acknowledged.
 async fn publish_and_answer(
-    pool: PgPool,
-    publisher: Publisher,
+    writer: Writer,
     packets: Vec<NewPacket>,
     replies: Vec<Reply>,
     results: Vec<Result<Stored, WriteError>>,
@@ -348,7 +397,7 @@ async fn publish_and_answer(
 ) {
     let started = Instant::now();
     let published = join_all(packets.iter().zip(&results).map(|(packet, result)| {
-        let publisher = &publisher;
+        let publisher = &writer.publisher;
         async move {
             let Ok(stored) = result else { return Ok(()) };
             publish_packet(publisher, packet, stored).await
@@ -367,15 +416,9 @@ async fn publish_and_answer(
         // published regardless.
         reply.send(result).ok();
     }
-    if all_acknowledged
-        && !outbox.is_empty()
-        && let Err(e) = sqlx::query("DELETE FROM packet_outbox WHERE id = ANY($1)")
-            .bind(&outbox)
-            .execute(&pool)
-            .await
-    {
-        // Harmless: the relay publishes them again and JetStream drops the copies.
-        tracing::warn!(error.message = %e, "cannot clear the packet outbox");
+    if all_acknowledged && !outbox.is_empty() {
+        // The writer deletes them with its next batch (the relay leaves young rows alone).
+        writer.acknowledged.send(outbox).ok();
     }
 }
 
@@ -392,16 +435,7 @@ async fn publish_packet(
         timestamp: stored.sent_at,
         received_at: stored.received_at,
     };
-    let payload = Bytes::from(serde_json::to_vec(&event).map_err(|e| e.to_string())?);
-    nats::publish(
-        &publisher.js,
-        publisher.subjects.packets(&packet.call_id),
-        &PacketEvent::msg_id(&packet.call_id, packet.sequence),
-        payload,
-        packet.request_id.as_deref(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+    publisher.packet(&event, packet.request_id.as_deref()).await
 }
 
 /// Publishes the status events of calls the batch created, without holding up the writer.
@@ -429,10 +463,11 @@ struct BatchOutcome {
 async fn commit_with_retry(
     writer: &Writer,
     packets: &[NewPacket],
+    deletes: &[i64],
 ) -> Result<BatchOutcome, BatchFailure> {
     let mut tries = 0;
     loop {
-        match commit_batch(writer, packets).await {
+        match commit_batch(writer, packets, deletes).await {
             Err(failure) if tries < 3 && failure.is_conflict() => {
                 tries += 1;
                 metrics::counter!("switchboard_ingest_batch_retries_total").increment(1);
@@ -472,11 +507,12 @@ type Existing = (String, f64, OffsetDateTime);
 
 /// One transaction, one phase per statement: lock (or create) the calls, insert the new
 /// packets, read what was already stored under the other keys, update the counters and gaps,
-/// read the missing ranges to answer with, record creations, write the outbox row. Then the
-/// verdicts, computed without the database.
+/// read the missing ranges to answer with, record creations, write the outbox row (and delete
+/// the acknowledged ones, `deletes`). Then the verdicts, computed without the database.
 async fn commit_batch(
     writer: &Writer,
     packets: &[NewPacket],
+    deletes: &[i64],
 ) -> Result<BatchOutcome, BatchFailure> {
     let mut tx = writer.pool.begin().await.map_err(|error| BatchFailure {
         error,
@@ -510,7 +546,7 @@ async fn commit_batch(
     update_counts(&mut tx, &mut calls, &inserted).await?;
     let missing = missing_for_answers(&mut tx, &calls).await?;
     let recorded = record_creations(&mut tx, &created).await?;
-    let outbox = write_outbox(&mut tx, &inserted).await?;
+    let outbox = write_outbox(&mut tx, &inserted, deletes).await?;
     tx.commit().await?;
     Ok(BatchOutcome {
         results: verdicts(
@@ -793,11 +829,19 @@ async fn record_creations(
     store::record_transitions(tx, changed).await
 }
 
-/// The batch's outbox row: its new packets, until JetStream has acknowledged them.
+/// The batch's outbox row: its new packets, until JetStream has acknowledged them. Also
+/// deletes the rows of earlier batches that have been acknowledged since.
 async fn write_outbox(
     tx: &mut PgConnection,
     inserted: &HashMap<Key, OffsetDateTime>,
+    deletes: &[i64],
 ) -> Result<Option<i64>, sqlx::Error> {
+    if !deletes.is_empty() {
+        sqlx::query("DELETE FROM packet_outbox WHERE id = ANY($1)")
+            .bind(deletes)
+            .execute(&mut *tx)
+            .await?;
+    }
     if inserted.is_empty() {
         return Ok(None);
     }

@@ -328,6 +328,30 @@ impl Hub {
         }
     }
 
+    /// Prepares to follow the stream `stream_id` whose first retained event is `first`:
+    /// on a stream other than the one the hub holds (recreated, restored, or the first one),
+    /// the hub starts over and connected sockets are told to reconnect. Returns the sequence
+    /// to resume after.
+    fn start_on(&self, stream_id: &str, first: u64) -> u64 {
+        let mut state = self.state.write().expect("hub lock");
+        if state.stream_id != stream_id {
+            if !state.stream_id.is_empty() {
+                tracing::warn!(
+                    stream.old = %state.stream_id, stream.new = %stream_id,
+                    "the status stream was recreated; starting over and resetting clients"
+                );
+                self.generation.send_modify(|g| *g += 1);
+            }
+            *state = State {
+                stream_id: stream_id.to_owned(),
+                floor: first,
+                last_seq: first.saturating_sub(1),
+                ..State::default()
+            };
+        }
+        state.last_seq
+    }
+
     async fn follow_once(
         &self,
         js: &jetstream::Context,
@@ -344,25 +368,7 @@ impl Hub {
         // A stream recreated since we last read it (purged, restored) starts its sequences
         // again: everything we hold is from another stream.
         let stream_id = info.created.unix_timestamp_nanos().to_string();
-        let resume_after = {
-            let mut state = self.state.write().expect("hub lock");
-            if state.stream_id != stream_id {
-                if !state.stream_id.is_empty() {
-                    tracing::warn!(
-                        stream.old = %state.stream_id, stream.new = %stream_id,
-                        "the status stream was recreated; starting over and resetting clients"
-                    );
-                    self.generation.send_modify(|g| *g += 1);
-                }
-                *state = State {
-                    stream_id: stream_id.clone(),
-                    floor: stream_state.first_sequence,
-                    last_seq: stream_state.first_sequence.saturating_sub(1),
-                    ..State::default()
-                };
-            }
-            state.last_seq
-        };
+        let resume_after = self.start_on(&stream_id, stream_state.first_sequence);
         let caught_up_at = stream_state.last_sequence;
         let deliver_policy = if resume_after >= stream_state.first_sequence {
             DeliverPolicy::ByStartSequence {

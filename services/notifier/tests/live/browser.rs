@@ -199,6 +199,14 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
         futures::future::join_all(chunk.iter().map(|e| notifier.publish(e))).await;
     }
     notifier.wait_applied(CALLS).await;
+    // The test process holds the notifier (and this test's own copies of the events).
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+        .unwrap_or_default();
+    println!("resident memory with {CALLS} calls in the hub: {rss} kB (test process)");
 
     // A snapshot of ten thousand calls comes in pages, newest first, none of them large.
     let mut ws = notifier.connect("").await;
