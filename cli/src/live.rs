@@ -27,6 +27,8 @@ pub struct Live {
     last_seq: Option<u64>,
     /// The stream those sequences belong to (from the last snapshot).
     stream: Option<String>,
+    /// The `seq` and `stream` of a snapshot whose pages are still arriving.
+    pending: Option<(Option<u64>, Option<String>)>,
     /// The calls followed (all when empty).
     call_ids: Vec<String>,
     /// Grows while reconnects fail or end at once; reset by a frame.
@@ -45,6 +47,7 @@ impl Live {
             socket: None,
             last_seq: None,
             stream: None,
+            pending: None,
             call_ids: Vec::new(),
             backoff: FIRST_BACKOFF,
         }
@@ -113,11 +116,18 @@ impl Live {
                     match frame["type"].as_str() {
                         // A snapshot replaces the view: its sequence (and stream) is where we
                         // are now, even if lower than before (another replica, a new stream).
+                        // A paged snapshot is a resume point only once its last page is
+                        // in: a connection lost halfway starts over with a whole snapshot.
                         Some("snapshot") => {
-                            self.last_seq = seq;
-                            self.stream = frame["stream"].as_str().map(str::to_owned);
+                            self.pending = Some((seq, frame["stream"].as_str().map(str::to_owned)));
+                            self.last_seq = None;
+                            self.stream = None;
+                            if frame["more"] != true {
+                                self.complete_snapshot();
+                            }
                         }
-                        Some("status") => {
+                        Some("snapshot_page") if frame["more"] != true => self.complete_snapshot(),
+                        Some("status") if self.pending.is_none() => {
                             if let Some(seq) = seq {
                                 self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
                             }
@@ -133,6 +143,13 @@ impl Live {
                 }
                 Some(Ok(_)) => continue,
             }
+        }
+    }
+
+    fn complete_snapshot(&mut self) {
+        if let Some((seq, stream)) = self.pending.take() {
+            self.last_seq = seq;
+            self.stream = stream;
         }
     }
 

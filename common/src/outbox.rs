@@ -182,15 +182,33 @@ impl Relay {
     /// publish, NATS down, a client that gave up): published again as stored, with their
     /// `Nats-Msg-Id`, and the row removed once every one is acknowledged.
     async fn relay_packets(&self) -> anyhow::Result<usize> {
-        let pool = &self.publisher.pool;
+        let mut published = 0;
+        // Pass after pass while there is a backlog (after an outage), so that rows are
+        // republished well inside the stream's duplicate window where possible.
+        loop {
+            let (acknowledged, claimed) = self.relay_packet_rows().await?;
+            published += acknowledged;
+            if claimed < PACKET_OUTBOX_BATCH as usize || acknowledged == 0 {
+                return Ok(published);
+            }
+        }
+    }
+
+    /// One pass over at most [`PACKET_OUTBOX_BATCH`] outbox rows that no other relay holds
+    /// (`SKIP LOCKED`: replicas share the backlog instead of all republishing the same rows).
+    /// Returns the events acknowledged and the rows claimed.
+    async fn relay_packet_rows(&self) -> anyhow::Result<(usize, usize)> {
+        let mut tx = self.publisher.pool.begin().await?;
         let rows: Vec<(i64, Vec<String>, Vec<i64>)> = sqlx::query_as(
             "SELECT id, call_ids, sequences FROM packet_outbox \
-             WHERE at < now() - make_interval(secs => $1) ORDER BY id LIMIT $2",
+             WHERE at < now() - make_interval(secs => $1) ORDER BY id LIMIT $2 \
+             FOR UPDATE SKIP LOCKED",
         )
         .bind(self.grace.as_secs_f64())
         .bind(PACKET_OUTBOX_BATCH)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
+        let claimed = rows.len();
         let mut published = 0;
         for (id, call_ids, sequences) in rows {
             let stored: Vec<(String, i64, String, f64, OffsetDateTime)> = sqlx::query_as(
@@ -200,7 +218,7 @@ impl Relay {
             )
             .bind(&call_ids)
             .bind(&sequences)
-            .fetch_all(pool)
+            .fetch_all(&mut *tx)
             .await?;
             let results = join_all(stored.into_iter().map(
                 |(call_id, sequence, data, sent, at)| async move {
@@ -225,10 +243,11 @@ impl Relay {
             }
             sqlx::query("DELETE FROM packet_outbox WHERE id = $1")
                 .bind(id)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
         }
-        Ok(published)
+        tx.commit().await?;
+        Ok((published, claimed))
     }
 
     /// Status events and work items not acknowledged yet.

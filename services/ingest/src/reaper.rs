@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::{self, IDLE_TIMEOUT};
 
-/// Calls one pass completes at most.
-pub const PASS_LIMIT: i64 = 200;
+/// Calls one pass completes at most. Small enough that the row locks a pass holds (a packet
+/// arriving for one of them waits for the pass) last a few milliseconds.
+pub const PASS_LIMIT: i64 = 50;
 
 pub async fn run(
     publisher: Publisher,

@@ -244,7 +244,7 @@ async fn run(
                 // Off the write path: a report is a nicety, never a delay for packets; and
                 // acknowledged outbox rows that no batch carried (quiet times) go now.
                 tokio::spawn(async move {
-                    clear_outbox(&writer.pool, deletes).await;
+                    clear_outbox(&writer, deletes).await;
                     if due.is_empty() {
                         return;
                     }
@@ -261,22 +261,23 @@ async fn run(
     while let Some(ids) = acknowledged.recv().await {
         done.extend(ids);
     }
-    clear_outbox(&writer.pool, done).await;
+    clear_outbox(&writer, done).await;
     tracing::debug!("packet writer stopped");
 }
 
-/// Deletes acknowledged outbox rows outside a batch (quiet times, shutdown).
-async fn clear_outbox(pool: &PgPool, ids: Vec<i64>) {
+/// Deletes acknowledged outbox rows outside a batch (quiet times, shutdown). Rows it could
+/// not delete go back to the writer for its next batch, when it has a next one.
+async fn clear_outbox(writer: &Writer, ids: Vec<i64>) {
     if ids.is_empty() {
         return;
     }
     if let Err(e) = sqlx::query("DELETE FROM packet_outbox WHERE id = ANY($1)")
         .bind(&ids)
-        .execute(pool)
+        .execute(&writer.pool)
         .await
     {
-        // Harmless: the relay publishes them again and JetStream drops the copies.
-        tracing::warn!(error.message = %e, "cannot clear the packet outbox");
+        tracing::warn!(error.message = %e, "cannot clear the packet outbox yet");
+        writer.acknowledged.send(ids).ok();
     }
 }
 
@@ -395,27 +396,32 @@ async fn publish_and_answer(
     results: Vec<Result<Stored, WriteError>>,
     outbox: Vec<i64>,
 ) {
-    let started = Instant::now();
-    let published = join_all(packets.iter().zip(&results).map(|(packet, result)| {
-        let publisher = &writer.publisher;
-        async move {
-            let Ok(stored) = result else { return Ok(()) };
-            publish_packet(publisher, packet, stored).await
-        }
-    }))
+    // Each request is answered as soon as its own packet is acknowledged, not when the
+    // slowest of the batch is.
+    let answered = join_all(packets.iter().zip(results).zip(replies).map(
+        |((packet, result), reply)| {
+            let publisher = &writer.publisher;
+            async move {
+                let started = Instant::now();
+                let result = match result {
+                    Ok(stored) => match publish_packet(publisher, packet, &stored).await {
+                        Ok(()) => Ok(stored),
+                        Err(e) => Err(WriteError::Unpublished(e)),
+                    },
+                    Err(e) => Err(e),
+                };
+                metrics::histogram!("switchboard_ingest_publish_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let acknowledged = !matches!(result, Err(WriteError::Unpublished(_)));
+                // The request may have gone (client disconnected): the packet is stored and
+                // published regardless.
+                reply.send(result).ok();
+                acknowledged
+            }
+        },
+    ))
     .await;
-    metrics::histogram!("switchboard_ingest_publish_duration_seconds")
-        .record(started.elapsed().as_secs_f64());
-    let all_acknowledged = published.iter().all(Result::is_ok);
-    for ((reply, result), published) in replies.into_iter().zip(results).zip(published) {
-        let result = match (result, published) {
-            (Ok(_), Err(e)) => Err(WriteError::Unpublished(e)),
-            (result, _) => result,
-        };
-        // The request may have gone (client disconnected): the packet is stored and
-        // published regardless.
-        reply.send(result).ok();
-    }
+    let all_acknowledged = answered.into_iter().all(|acknowledged| acknowledged);
     if all_acknowledged && !outbox.is_empty() {
         // The writer deletes them with its next batch (the relay leaves young rows alone).
         writer.acknowledged.send(outbox).ok();

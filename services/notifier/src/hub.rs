@@ -93,15 +93,22 @@ impl Filter {
     }
 }
 
+/// The state of every (filtered) call at one point of one stream.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The stream sequence it is current at.
+    pub seq: u64,
+    /// The identity of the stream `seq` belongs to.
+    pub stream: String,
+    /// The latest event of each call, in stream order.
+    pub calls: Vec<Arc<Update>>,
+}
+
 /// How a socket starts.
 #[derive(Debug)]
 pub enum Start {
-    /// The current state of every (filtered) call, at `seq`.
-    Snapshot {
-        seq: u64,
-        calls: Vec<Arc<Update>>,
-        reset: bool,
-    },
+    /// The current state of every (filtered) call.
+    Snapshot { snapshot: Snapshot, reset: bool },
     /// Exactly the (filtered) events after the client's `since`.
     Replay(Vec<Arc<Update>>),
 }
@@ -264,23 +271,17 @@ impl Hub {
                     .collect(),
             ),
             since => Start::Snapshot {
-                seq: state.last_seq,
-                calls: snapshot_of(&state, filter),
+                snapshot: snapshot_of(&state, filter),
                 reset: since.is_some(),
             },
         };
         (start, subscription)
     }
 
-    /// The identity of the stream the sequences belong to.
-    pub fn stream_id(&self) -> String {
-        self.state.read().expect("hub lock").stream_id.clone()
-    }
-
-    /// A fresh snapshot (after a lag or a change of subscriptions) and its sequence.
-    pub fn snapshot(&self, filter: &Filter) -> (u64, Vec<Arc<Update>>) {
+    /// A fresh snapshot (after a lag or a change of subscriptions).
+    pub fn snapshot(&self, filter: &Filter) -> Snapshot {
         let state = self.state.read().expect("hub lock");
-        (state.last_seq, snapshot_of(&state, filter))
+        snapshot_of(&state, filter)
     }
 
     /// Forgets calls whose latest event is older than `retention` (the stream forgets them too).
@@ -433,10 +434,11 @@ impl Hub {
     }
 }
 
-/// The latest event of each (filtered) call, in stream order. Runs under the read lock, so
-/// it only clones pointers; the text of a snapshot is built by the socket, outside the lock.
-fn snapshot_of(state: &State, filter: &Filter) -> Vec<Arc<Update>> {
-    match filter {
+/// The latest event of each (filtered) call, in stream order, with the sequence and stream
+/// they are current at: all three read under one lock, so they always belong together. Only
+/// pointers are cloned; the text of a snapshot is built by the socket, outside the lock.
+fn snapshot_of(state: &State, filter: &Filter) -> Snapshot {
+    let calls = match filter {
         Filter::All => state.by_seq.values().cloned().collect(),
         Filter::Only(ids) => {
             let mut calls: Vec<Arc<Update>> = ids
@@ -446,6 +448,11 @@ fn snapshot_of(state: &State, filter: &Filter) -> Vec<Arc<Update>> {
             calls.sort_by_key(|u| u.seq);
             calls
         }
+    };
+    Snapshot {
+        seq: state.last_seq,
+        stream: state.stream_id.clone(),
+        calls,
     }
 }
 
@@ -481,7 +488,7 @@ mod tests {
         hub.apply(2, event("a", 2, CallState::Completed));
         hub.apply(3, event("a", 1, CallState::InProgress));
         hub.apply(4, event("a", 2, CallState::Completed));
-        let (seq, calls) = hub.snapshot(&Filter::All);
+        let Snapshot { seq, calls, .. } = hub.snapshot(&Filter::All);
         assert_eq!(seq, 4);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].version, 2);

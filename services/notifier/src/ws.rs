@@ -39,7 +39,7 @@ use tokio::{
 
 use crate::{
     AppState,
-    hub::{Filter, Start, Subscription, Update},
+    hub::{Filter, Snapshot, Start, Subscription, Update},
 };
 
 /// What a client may send.
@@ -85,7 +85,6 @@ pub async fn upgrade(
 
 struct Socket {
     sink: SplitSink<WebSocket, Message>,
-    hub: Arc<crate::hub::Hub>,
     send_timeout: Duration,
     /// Told to clients in snapshots: how often to expect a heartbeat, how long calls stay.
     heartbeat_secs: u64,
@@ -124,15 +123,15 @@ impl Socket {
 
     /// Sends the state of every (followed) call at `seq`: newest first, in pages of
     /// [`SNAPSHOT_PAGE_CALLS`] (see `common::live`).
-    async fn snapshot(&mut self, seq: u64, calls: &[Arc<Update>], reset: bool) -> Result<(), Gone> {
+    async fn snapshot(&mut self, snapshot: &Snapshot, reset: bool) -> Result<(), Gone> {
+        let Snapshot { seq, stream, calls } = snapshot;
+        let seq = *seq;
         let total = calls.len();
         let mut pages = calls.rchunks(SNAPSHOT_PAGE_CALLS).peekable();
         let mut text = format!(
             "{{\"type\":\"snapshot\",\"seq\":{seq},\"reset\":{reset},\"stream\":\"{}\",\
              \"heartbeat_secs\":{},\"retention_secs\":{},\"total\":{total},",
-            self.hub.stream_id(),
-            self.heartbeat_secs,
-            self.retention_secs
+            stream, self.heartbeat_secs, self.retention_secs
         );
         loop {
             let page = pages.next().unwrap_or_default();
@@ -215,7 +214,6 @@ async fn run(socket: WebSocket, app: AppState, params: LiveQuery) {
     let (sink, stream) = socket.split();
     let mut socket = Socket {
         sink,
-        hub: app.hub.clone(),
         send_timeout: app.send_timeout,
         heartbeat_secs: app.ping_interval.as_secs(),
         retention_secs: app.retention.as_secs(),
@@ -243,7 +241,7 @@ async fn run(socket: WebSocket, app: AppState, params: LiveQuery) {
         metrics::counter!("switchboard_notifier_resumes_total").increment(1);
     }
     let started = match start {
-        Start::Snapshot { seq, calls, reset } => socket.snapshot(seq, &calls, reset).await,
+        Start::Snapshot { snapshot, reset } => socket.snapshot(&snapshot, reset).await,
         Start::Replay(updates) => socket.replay(params.since.unwrap_or(0), &updates).await,
     };
     let outcome = match started {
@@ -314,8 +312,8 @@ impl Live<'_> {
                         metrics::counter!("switchboard_notifier_lagged_total").increment(1);
                         let lagged = serde_json::json!({"type": "lagged", "missed": missed}).to_string();
                         socket.send(lagged).await?;
-                        let (seq, calls) = self.app.hub.snapshot(filter);
-                        socket.snapshot(seq, &calls, true).await?;
+                        let snapshot = self.app.hub.snapshot(filter);
+                        socket.snapshot(&snapshot, true).await?;
                     }
                     Err(RecvError::Closed) => return Ok(()),
                 },
@@ -378,8 +376,8 @@ impl Live<'_> {
             Some(Ok(Message::Text(text))) => match handle_client_message(&text, filter) {
                 Ok(()) => {
                     // The view changed: replace it with a fresh snapshot.
-                    let (seq, calls) = self.app.hub.snapshot(filter);
-                    socket.snapshot(seq, &calls, true).await
+                    let snapshot = self.app.hub.snapshot(filter);
+                    socket.snapshot(&snapshot, true).await
                 }
                 Err(message) => socket.error(&message).await,
             },
