@@ -7,11 +7,14 @@
 //! # Layout
 //! - [`call_id`]: the validated call identifier (it becomes a NATS subject token).
 //! - [`call_state`]: the call states and the transitions allowed between them.
+//! - [`reason`]: why a call moved (the reason of every transition).
 //! - [`config`]: settings shared by all services (environment variables first).
 //! - [`telemetry`]: tracing subscriber (text or JSON) and the Prometheus recorder.
 //! - [`shutdown`]: a root cancellation token fired by SIGTERM / ctrl-c.
 //! - [`db`]: the Postgres pool and the one embedded [`db::MIGRATOR`].
-//! - [`store`]: reads of calls and the one compare-and-set that moves a call between states.
+//! - [`store`]: reads of calls.
+//! - [`calls`]: every write to `calls` and `call_transitions` (the one owner), among them the
+//!   compare-and-set that moves a call between states.
 //! - [`subjects`]: every NATS subject and stream name, derived from `SWITCHBOARD_PREFIX`.
 //! - [`events`]: the payloads published on those subjects.
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
@@ -24,6 +27,7 @@
 
 pub mod call_id;
 pub mod call_state;
+pub mod calls;
 pub mod config;
 pub mod db;
 pub mod events;
@@ -31,6 +35,7 @@ pub mod http;
 pub mod live;
 pub mod nats;
 pub mod outbox;
+pub mod reason;
 pub mod shutdown;
 pub mod store;
 pub mod subjects;
@@ -42,3 +47,4 @@ pub mod tls;
 
 pub use call_id::CallId;
 pub use call_state::CallState;
+pub use reason::Reason;

@@ -163,12 +163,26 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<common::store::TransitionError> for ApiError {
-    fn from(e: common::store::TransitionError) -> Self {
+impl From<common::calls::TransitionError> for ApiError {
+    fn from(e: common::calls::TransitionError) -> Self {
         match e {
-            common::store::TransitionError::Database(e) => ApiError::database(e),
+            common::calls::TransitionError::Database(e) => ApiError::database(e),
             // A move the state machine forbids is a bug here, never the client's mistake.
-            common::store::TransitionError::Illegal(e) => ApiError::Internal(e.into()),
+            common::calls::TransitionError::Illegal(e) => ApiError::Internal(e.into()),
+        }
+    }
+}
+
+/// The one place a lifecycle error becomes an HTTP answer.
+impl From<crate::lifecycle::LifecycleError> for ApiError {
+    fn from(e: crate::lifecycle::LifecycleError) -> Self {
+        use crate::lifecycle::LifecycleError as E;
+        match e {
+            E::NotFound(call_id) => ApiError::CallNotFound(call_id),
+            e @ E::TotalTooSmall { .. } => ApiError::invalid_field("total_packets", e.to_string()),
+            E::NotFailed { call_id, state } => ApiError::CallNotFailed { call_id, state },
+            E::Connect(e) => ApiError::database_connect(e),
+            E::Store(e) => e.into(),
         }
     }
 }

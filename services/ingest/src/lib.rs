@@ -15,10 +15,11 @@
 //! - [`gaps`]: a call's missing sequences, kept incrementally.
 //! - [`lifecycle`]: completing a call (endpoint and idle reaper alike).
 //! - [`reaper`]: completes calls that went quiet.
+//! - [`relay`]: the outbox relay: republishes what JetStream has not acknowledged.
 //! - [`openapi`]: the OpenAPI document behind `/docs`.
 //!
 //! Background tasks started by [`App::run_until_stopped`]: the packet writer, the idle
-//! reaper and the outbox relay (`common::outbox`).
+//! reaper and the outbox relay.
 
 pub mod config;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod gaps;
 pub mod lifecycle;
 pub mod openapi;
 pub mod reaper;
+pub mod relay;
 pub mod routes;
 pub mod writer;
 
@@ -35,16 +37,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use common::tasks::{CriticalTasks, TaskHealth};
-use common::{
-    db, nats,
-    outbox::{Publisher, Relay},
-    subjects::Subjects,
-};
+use common::{db, nats, outbox::Publisher, subjects::Subjects};
 use futures::FutureExt;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::IngestConfig, routes::AppState, writer::PacketWriter};
+use crate::{config::IngestConfig, relay::Relay, routes::AppState, writer::PacketWriter};
 
 /// A built ingest service: connected, migrated, bound, not yet serving.
 pub struct App {
@@ -131,6 +129,7 @@ impl App {
         tasks.spawn(
             "idle reaper",
             reaper::run(
+                state.pool.clone(),
                 state.publisher.clone(),
                 config.call_idle_timeout(),
                 background.clone(),
@@ -140,6 +139,7 @@ impl App {
             "outbox relay",
             Relay {
                 publisher: state.publisher.clone(),
+                pool: state.pool.clone(),
                 interval: config.outbox_relay_interval(),
                 grace: config.outbox_relay_interval(),
             }

@@ -1,20 +1,43 @@
 //! Moving a call through the states ingest owns: `IN_PROGRESS -> COMPLETED` (completion
 //! endpoint and idle reaper) and `FAILED -> COMPLETED` (operator retry). Both end with a work
-//! item for the transcriber.
+//! item for the transcriber. Errors are this module's own ([`LifecycleError`]); the routes turn
+//! them into HTTP answers (`crate::error`).
 
 use common::{
-    CallId, CallState,
+    CallId, CallState, Reason,
+    calls::{self, Changes, Recorded, TransitionError},
     events::WorkItem,
     outbox::Publisher,
-    store::{self, CallRow, Changes},
+    store::{self, CallRow},
 };
+use sqlx::PgPool;
 
-use crate::error::ApiError;
+/// Why a lifecycle change could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("no call with id {0:?}")]
+    NotFound(CallId),
+    /// The declared `total_packets` is below what was received.
+    #[error(
+        "total_packets is {total}, but sequence {last} was received (this call counts from \
+         {start}, so total_packets must be at least {})", last - start + 1
+    )]
+    TotalTooSmall { total: i64, last: i64, start: i64 },
+    /// A retry of a call that is not `FAILED`.
+    #[error("call {call_id:?} is {state}, not FAILED")]
+    NotFailed { call_id: CallId, state: CallState },
+    /// No connection could be had (the database is unavailable, whatever the error says).
+    #[error("cannot reach the database")]
+    Connect(#[source] sqlx::Error),
+    #[error(transparent)]
+    Store(#[from] TransitionError),
+}
 
-/// Why a call was completed, recorded in its history and status event.
-pub const COMPLETED_BY_PBX: &str = "completed_by_pbx";
-pub const IDLE_TIMEOUT: &str = "idle_timeout";
-pub const OPERATOR_RETRY: &str = "operator_retry";
+impl From<sqlx::Error> for LifecycleError {
+    fn from(e: sqlx::Error) -> Self {
+        LifecycleError::Store(TransitionError::Database(e))
+    }
+}
 
 #[derive(Debug)]
 pub enum Completion {
@@ -28,50 +51,33 @@ pub enum Completion {
 /// `IN_PROGRESS -> COMPLETED`, idempotently, then the work item and the status event. (The
 /// idle reaper completes calls in batches of its own, through the same compare-and-set.)
 pub async fn complete_call(
+    pool: &PgPool,
     publisher: &Publisher,
     call_id: &CallId,
     total_packets: Option<i64>,
-    reason: &str,
-) -> Result<Completion, ApiError> {
-    let mut tx = publisher
-        .pool
-        .begin()
-        .await
-        .map_err(ApiError::database_connect)?;
-    // Waits for an in-flight packet batch of this call to commit: every packet accepted
-    // before the completion is in the call, every one after it gets 409.
-    let current: Option<(String, Option<i64>, i64)> = sqlx::query_as(
-        "SELECT state, last_sequence, sequence_start FROM calls WHERE call_id = $1 \
-         FOR NO KEY UPDATE",
-    )
-    .bind(call_id.as_str())
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(ApiError::database)?;
-    let Some((state, last_sequence, start)) = current else {
-        return Err(ApiError::CallNotFound(call_id.clone()));
-    };
-    if state != CallState::InProgress.as_str() {
-        tx.rollback().await.map_err(ApiError::database)?;
-        return already_done(publisher, call_id).await;
+) -> Result<Completion, LifecycleError> {
+    let mut tx = pool.begin().await.map_err(LifecycleError::Connect)?;
+    let call = calls::completion::lock(&mut tx, call_id)
+        .await?
+        .ok_or_else(|| LifecycleError::NotFound(call_id.clone()))?;
+    if call.state != CallState::InProgress {
+        tx.rollback().await?;
+        return already_done(pool, call_id)
+            .await
+            .map(Completion::AlreadyDone);
     }
-    if let (Some(total), Some(last)) = (total_packets, last_sequence)
-        && start + total - 1 < last
-    {
-        return Err(ApiError::invalid_field(
-            "total_packets",
-            format!(
-                "total_packets is {total}, but sequence {last} was received \
-                 (this call counts from {start}, so total_packets must be at least {})",
-                last - start + 1
-            ),
-        ));
+    if let (Some(total), Some(last)) = (total_packets, call.last_sequence) {
+        let start = call.sequence_start;
+        if start + total - 1 < last {
+            return Err(LifecycleError::TotalTooSmall { total, last, start });
+        }
     }
     let changes = Changes {
         total_packets,
         ..Changes::default()
     };
-    let recorded = store::transition(
+    let reason = Reason::CompletedByPbx;
+    let recorded = calls::transition(
         &mut tx,
         call_id,
         CallState::InProgress,
@@ -79,66 +85,55 @@ pub async fn complete_call(
         reason,
         changes,
     )
-    .await
-    .map_err(ApiError::from)?;
-    let Some(recorded) = recorded else {
-        // Unreachable while we hold the row lock, but never report a change we did not make.
-        tx.rollback().await.map_err(ApiError::database)?;
-        return already_done(publisher, call_id).await;
-    };
-    tx.commit().await.map_err(ApiError::database)?;
-
+    .await?
+    .expect("the call is locked in IN_PROGRESS");
+    tx.commit().await?;
     announce_completed(publisher, &recorded, reason).await;
     Ok(Completion::Completed(recorded.call))
 }
 
 /// `FAILED -> COMPLETED` with the attempt counter reset: the transcriber gets a new work item
-/// and the call a fresh round of attempts. `Err(state)` if the call is not `FAILED`.
+/// and the call a fresh round of attempts.
 pub async fn retry_call(
+    pool: &PgPool,
     publisher: &Publisher,
     call_id: &CallId,
-) -> Result<Result<CallRow, CallState>, ApiError> {
-    let mut tx = publisher
-        .pool
-        .begin()
-        .await
-        .map_err(ApiError::database_connect)?;
+) -> Result<CallRow, LifecycleError> {
+    let mut tx = pool.begin().await.map_err(LifecycleError::Connect)?;
     let changes = Changes {
-        attempts: store::Attempts::Reset,
+        attempts: calls::Attempts::Reset,
         next_attempt_at: Some(None),
         ..Changes::default()
     };
-    let recorded = store::transition(
+    let reason = Reason::OperatorRetry;
+    let recorded = calls::transition(
         &mut tx,
         call_id,
         CallState::Failed,
         CallState::Completed,
-        OPERATOR_RETRY,
+        reason,
         changes,
     )
-    .await
-    .map_err(ApiError::from)?;
+    .await?;
     let Some(recorded) = recorded else {
-        tx.rollback().await.map_err(ApiError::database)?;
-        return match already_done(publisher, call_id).await? {
-            Completion::AlreadyDone(row) | Completion::Completed(row) => Ok(Err(row.state)),
-        };
+        tx.rollback().await?;
+        let call = already_done(pool, call_id).await?;
+        return Err(LifecycleError::NotFailed {
+            call_id: call_id.clone(),
+            state: call.state,
+        });
     };
-    tx.commit().await.map_err(ApiError::database)?;
-    announce_completed(publisher, &recorded, OPERATOR_RETRY).await;
-    Ok(Ok(recorded.call))
+    tx.commit().await?;
+    announce_completed(publisher, &recorded, reason).await;
+    Ok(recorded.call)
 }
 
 /// Publishes the work item and the status event of a call that just became `COMPLETED`.
 /// What JetStream does not acknowledge now, the outbox relay publishes later.
-pub(crate) async fn announce_completed(
-    publisher: &Publisher,
-    recorded: &store::Recorded,
-    reason: &str,
-) {
+pub(crate) async fn announce_completed(publisher: &Publisher, recorded: &Recorded, reason: Reason) {
     let call = &recorded.call;
-    tracing::info!(call.id = %call.call_id, call.version = call.version, reason, "call completed");
-    metrics::counter!("switchboard_ingest_calls_completed_total", "reason" => reason.to_owned())
+    tracing::info!(call.id = %call.call_id, call.version = call.version, %reason, "call completed");
+    metrics::counter!("switchboard_ingest_calls_completed_total", "reason" => reason.as_str())
         .increment(1);
     let item = WorkItem {
         call_id: call.call_id.clone(),
@@ -151,10 +146,8 @@ pub(crate) async fn announce_completed(
     );
 }
 
-async fn already_done(publisher: &Publisher, call_id: &CallId) -> Result<Completion, ApiError> {
-    store::get_call(&publisher.pool, call_id)
-        .await
-        .map_err(ApiError::database)?
-        .map(Completion::AlreadyDone)
-        .ok_or_else(|| ApiError::CallNotFound(call_id.clone()))
+async fn already_done(pool: &PgPool, call_id: &CallId) -> Result<CallRow, LifecycleError> {
+    store::get_call(pool, call_id)
+        .await?
+        .ok_or_else(|| LifecycleError::NotFound(call_id.clone()))
 }

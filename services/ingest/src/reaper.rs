@@ -9,20 +9,22 @@
 use std::time::Duration;
 
 use common::{
-    CallState,
+    CallState, Reason,
+    calls::{self, Changes},
     outbox::Publisher,
-    store::{self, Changes},
 };
 use futures::future::join_all;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::lifecycle::{self, IDLE_TIMEOUT};
+use crate::lifecycle;
 
 /// Calls one pass completes at most. Small enough that the row locks a pass holds (a packet
 /// arriving for one of them waits for the pass) last a few milliseconds.
 pub const PASS_LIMIT: i64 = 50;
 
 pub async fn run(
+    pool: PgPool,
     publisher: Publisher,
     idle_timeout: Duration,
     shutdown: CancellationToken,
@@ -38,7 +40,7 @@ pub async fn run(
         }
         // A full pass means there may be more: go on at once (a backlog after an outage).
         loop {
-            match reap_once(&publisher, idle_timeout, PASS_LIMIT).await {
+            match reap_once(&pool, &publisher, idle_timeout, PASS_LIMIT).await {
                 Ok(n) if n as i64 == PASS_LIMIT && !shutdown.is_cancelled() => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -53,31 +55,22 @@ pub async fn run(
 /// Completes up to `limit` calls idle for longer than `idle_timeout` that no other
 /// transaction holds; returns how many it completed.
 pub async fn reap_once(
+    pool: &PgPool,
     publisher: &Publisher,
     idle_timeout: Duration,
     limit: i64,
 ) -> anyhow::Result<usize> {
-    let mut tx = publisher.pool.begin().await?;
-    let idle: Vec<String> = sqlx::query_scalar(
-        "SELECT call_id FROM calls WHERE state = $3 \
-         AND last_packet_at < now() - make_interval(secs => $1) \
-         ORDER BY last_packet_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
-    )
-    .bind(idle_timeout.as_secs_f64())
-    .bind(limit)
-    .bind(CallState::InProgress.as_str())
-    .fetch_all(&mut *tx)
-    .await?;
+    let mut tx = pool.begin().await?;
+    let idle = calls::completion::lock_idle(&mut tx, idle_timeout, limit).await?;
     let mut completed = Vec::with_capacity(idle.len());
-    for id in idle {
-        let call_id = common::CallId::parse(id)?;
+    for call_id in idle {
         // The rows are locked and were idle under the lock: each moves, once.
-        let recorded = store::transition(
+        let recorded = calls::transition(
             &mut tx,
             &call_id,
             CallState::InProgress,
             CallState::Completed,
-            IDLE_TIMEOUT,
+            Reason::IdleTimeout,
             Changes::default(),
         )
         .await?;
@@ -85,9 +78,9 @@ pub async fn reap_once(
     }
     tx.commit().await?;
     join_all(
-        completed
-            .iter()
-            .map(|recorded| lifecycle::announce_completed(publisher, recorded, IDLE_TIMEOUT)),
+        completed.iter().map(|recorded| {
+            lifecycle::announce_completed(publisher, recorded, Reason::IdleTimeout)
+        }),
     )
     .await;
     Ok(completed.len())

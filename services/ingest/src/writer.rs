@@ -33,10 +33,11 @@ use std::{
 };
 
 use common::{
-    CallId, CallState,
+    CallId, CallState, Reason,
+    calls::{self, Recorded, packets::CallCounts},
     events::{PacketEvent, ProgressEvent},
     outbox::Publisher,
-    store::{self, CallRow, MissingRange, Recorded},
+    store::{self, MissingRange},
 };
 use futures::future::join_all;
 use sqlx::{PgConnection, PgPool};
@@ -290,17 +291,7 @@ async fn publish_progress(
     publisher: &Publisher,
     calls: &[String],
 ) -> anyhow::Result<()> {
-    let rows: Vec<CallRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        common::call_columns_sql!(),
-        " FROM calls WHERE call_id = ANY($1) AND state = $2"
-    ))
-    .bind(calls)
-    .bind(CallState::InProgress.as_str())
-    .fetch_all(pool)
-    .await?;
-    let client = publisher.js.client();
-    for row in rows {
+    for row in store::calls_in_state(pool, calls, CallState::InProgress).await? {
         let event = ProgressEvent {
             call_id: row.call_id.clone(),
             packets_received: row.packets_received,
@@ -308,13 +299,7 @@ async fn publish_progress(
             last_sequence: row.last_sequence,
             at: time::OffsetDateTime::now_utc(),
         };
-        let payload = serde_json::to_vec(&event)?;
-        client
-            .publish(
-                publisher.subjects.call_progress(&row.call_id),
-                payload.into(),
-            )
-            .await?;
+        publisher.progress(&event).await?;
     }
     Ok(())
 }
@@ -484,27 +469,6 @@ async fn commit_with_retry(
     }
 }
 
-/// A call as the batch found it (under its row lock), then as the batch left it.
-#[derive(Debug, Clone)]
-struct CallCounts {
-    state: CallState,
-    sequence_start: i64,
-    last_sequence: Option<i64>,
-    packets_received: i64,
-    total_packets: Option<i64>,
-}
-
-impl CallCounts {
-    /// Sequences expected so far less those received (see `common::call_columns_sql`).
-    fn missing_packets(&self) -> i64 {
-        let end = self
-            .last_sequence
-            .map_or(self.sequence_start, |l| l + 1)
-            .max(self.sequence_start + self.total_packets.unwrap_or(0));
-        end - self.sequence_start - self.packets_received
-    }
-}
-
 /// A packet's key: (call, sequence).
 type Key = (String, i64);
 
@@ -551,7 +515,8 @@ async fn commit_batch(
     let existing = lookup_existing(&mut tx, &lookups).await?;
     update_counts(&mut tx, &mut calls, &inserted).await?;
     let missing = missing_for_answers(&mut tx, &calls).await?;
-    let recorded = record_creations(&mut tx, &created).await?;
+    let recorded =
+        calls::completion::record_creations(&mut tx, &created, Reason::FirstPacket).await?;
     let outbox = write_outbox(&mut tx, &inserted, deletes).await?;
     tx.commit().await?;
     Ok(BatchOutcome {
@@ -583,7 +548,7 @@ async fn lock_or_create_calls(
     let mut call_ids: Vec<&str> = packets.iter().map(|p| p.call_id.as_str()).collect();
     call_ids.sort_unstable();
     call_ids.dedup();
-    let mut calls = lock_calls(tx, &call_ids).await?;
+    let mut calls = calls::packets::lock(tx, &call_ids).await?;
     let mut created = Vec::new();
     if calls.len() < call_ids.len() {
         let new_ids: Vec<&str> = call_ids
@@ -591,59 +556,11 @@ async fn lock_or_create_calls(
             .copied()
             .filter(|id| !calls.contains_key(*id))
             .collect();
-        created = sqlx::query_scalar(
-            "INSERT INTO calls (call_id, state, sequence_start) \
-             SELECT id, $2, $3 FROM unnest($1::text[]) AS id \
-             ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
-        )
-        .bind(&new_ids)
-        .bind(CallState::INITIAL.as_str())
-        .bind(sequence_start)
-        .fetch_all(&mut *tx)
-        .await?;
+        created = calls::packets::create(tx, &new_ids, sequence_start).await?;
         // Those another replica created meanwhile exist now: lock them too.
-        calls.extend(lock_calls(tx, &new_ids).await?);
+        calls.extend(calls::packets::lock(tx, &new_ids).await?);
     }
     Ok((calls, created))
-}
-
-/// Locks the calls among `ids` that exist (in id order: two writers never deadlock).
-async fn lock_calls(
-    tx: &mut PgConnection,
-    ids: &[&str],
-) -> Result<HashMap<String, CallCounts>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Locked {
-        call_id: String,
-        state: String,
-        sequence_start: i64,
-        last_sequence: Option<i64>,
-        packets_received: i64,
-        total_packets: Option<i64>,
-    }
-    let rows: Vec<Locked> = sqlx::query_as(
-        "SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
-         FROM calls WHERE call_id = ANY($1) ORDER BY call_id FOR NO KEY UPDATE",
-    )
-    .bind(ids)
-    .fetch_all(tx)
-    .await?;
-    rows.into_iter()
-        .map(|row| {
-            let state = row
-                .state
-                .parse()
-                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-            let counts = CallCounts {
-                state,
-                sequence_start: row.sequence_start,
-                last_sequence: row.last_sequence,
-                packets_received: row.packets_received,
-                total_packets: row.total_packets,
-            };
-            Ok((row.call_id, counts))
-        })
-        .collect()
 }
 
 /// The first packet of each (call, sequence) in the batch is the one that may be stored; any
@@ -743,24 +660,11 @@ async fn update_counts(
         .collect();
     gaps::apply(tx, &before, &stored).await?;
     let (ids, seqs): (Vec<&str>, Vec<i64>) = inserted.keys().map(|(c, s)| (c.as_str(), *s)).unzip();
-    let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
-        "UPDATE calls c SET packets_received = c.packets_received + v.n, \
-             first_sequence = LEAST(c.first_sequence, v.lo), \
-             last_sequence = GREATEST(c.last_sequence, v.hi), \
-             last_packet_at = now() \
-         FROM (SELECT call_id, count(*) AS n, min(seq) AS lo, max(seq) AS hi \
-               FROM UNNEST($1::text[], $2::int8[]) AS u(call_id, seq) GROUP BY call_id) v \
-         WHERE c.call_id = v.call_id \
-         RETURNING c.call_id, c.packets_received, c.last_sequence",
-    )
-    .bind(&ids)
-    .bind(&seqs)
-    .fetch_all(&mut *tx)
-    .await?;
-    for (id, received, last) in rows {
-        if let Some(call) = calls.get_mut(&id) {
-            call.packets_received = received;
-            call.last_sequence = last;
+    let rows = calls::packets::add_packets(tx, &ids, &seqs).await?;
+    for row in rows {
+        if let Some(call) = calls.get_mut(&row.call_id) {
+            call.packets_received = row.packets_received;
+            call.last_sequence = row.last_sequence;
         }
     }
     Ok(())
@@ -810,29 +714,6 @@ async fn missing_for_answers(
         }
     }
     Ok(missing)
-}
-
-/// The `call_transitions` rows (and status events) of the calls this batch created.
-async fn record_creations(
-    tx: &mut PgConnection,
-    created: &[String],
-) -> Result<Vec<Recorded>, sqlx::Error> {
-    if created.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows: Vec<CallRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        common::call_columns_sql!(),
-        " FROM calls WHERE call_id = ANY($1)"
-    ))
-    .bind(created)
-    .fetch_all(&mut *tx)
-    .await?;
-    let changed = rows
-        .into_iter()
-        .map(|row| (None, row, "first_packet"))
-        .collect();
-    store::record_transitions(tx, changed).await
 }
 
 /// The batch's outbox row: its new packets, until JetStream has acknowledged them. Also

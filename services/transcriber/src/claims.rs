@@ -1,6 +1,6 @@
 //! The transcriber's side of a call in Postgres: claiming it, holding it while the AI works,
-//! and recording how each attempt ended. Every state change goes through
-//! `common::store` (compare-and-set + history + status event).
+//! and recording how each attempt ended. Every write to the call goes through `common::calls`
+//! (the compare-and-set, the lease and attempt columns); the attempts table is this module's.
 //!
 //! Who holds a call is a lease (`calls.ai_lease_until`): set at the claim, renewed with every
 //! progress acknowledgement, cleared when the attempt ends. A second delivery of the same work
@@ -16,21 +16,26 @@
 use std::{ops::ControlFlow, time::Duration};
 
 use common::{
-    CallState,
+    CallState, Reason,
+    calls::{
+        self, Attempts, Changes, Recorded, TransitionError,
+        ai::{ClaimView, GiveUp},
+    },
     events::{Sentiment, WorkItem},
-    store::{self, Attempts, Changes, Recorded, TransitionError},
 };
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 
 use crate::providers::CallAudio;
 
-pub const CLAIMED: &str = "ai_claimed";
-pub const RETRY_SCHEDULED: &str = "ai_retry_scheduled";
-pub const SUCCEEDED: &str = "ai_succeeded";
-pub const GAVE_UP: &str = "ai_gave_up";
-pub const PERMANENT_ERROR: &str = "ai_permanent_error";
-pub const AUDIO_TOO_LARGE: &str = "audio_too_large";
+/// The reason of the `FAILED` transition of each kind of give-up.
+pub fn failed_reason(why: GiveUp) -> Reason {
+    match why {
+        GiveUp::Exhausted => Reason::AiGaveUp,
+        GiveUp::Permanent => Reason::AiPermanentError,
+        GiveUp::AudioTooLarge => Reason::AudioTooLarge,
+    }
+}
 
 #[derive(Debug)]
 pub enum Claim {
@@ -61,67 +66,6 @@ pub enum Claim {
     Unknown,
 }
 
-/// Why a call is given up on. Recorded in `calls.ai_give_up` from the decision until the call
-/// is `FAILED`, so that a redelivery finishes the give-up the same way without asking the AI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GiveUp {
-    /// Retryable failures until no attempts were left.
-    Exhausted,
-    /// The provider refused the call for good.
-    Permanent,
-    /// The call's stored audio is larger than `AI_MAX_AUDIO_BYTES`: it was never loaded.
-    AudioTooLarge,
-}
-
-impl GiveUp {
-    /// Its value in `calls.ai_give_up`.
-    fn as_str(self) -> &'static str {
-        match self {
-            GiveUp::Exhausted => "exhausted",
-            GiveUp::Permanent => "permanent",
-            GiveUp::AudioTooLarge => "audio_too_large",
-        }
-    }
-
-    /// The decision recorded in `calls.ai_give_up`, if any (its CHECK allows only our values).
-    fn from_column(value: Option<&str>) -> Option<GiveUp> {
-        match value? {
-            "permanent" => Some(GiveUp::Permanent),
-            "audio_too_large" => Some(GiveUp::AudioTooLarge),
-            _ => Some(GiveUp::Exhausted),
-        }
-    }
-
-    /// The reason of the `FAILED` transition.
-    pub fn reason(self) -> &'static str {
-        match self {
-            GiveUp::Exhausted => GAVE_UP,
-            GiveUp::Permanent => PERMANENT_ERROR,
-            GiveUp::AudioTooLarge => AUDIO_TOO_LARGE,
-        }
-    }
-
-    /// Whether no retry could help (a dead letter's `permanent`).
-    pub fn permanent(self) -> bool {
-        self != GiveUp::Exhausted
-    }
-}
-
-/// What a claim reads of the call, under its row lock.
-#[derive(sqlx::FromRow)]
-struct ClaimRow {
-    state: String,
-    ai_attempts: i32,
-    lease_left_ms: Option<f64>,
-    /// Until `next_attempt_at`, when a retry is scheduled.
-    due_in_ms: Option<f64>,
-    last_error: Option<String>,
-    ai_give_up: Option<String>,
-    /// The current round: the call's version when it last became `COMPLETED` (a work item's
-    /// `version`).
-    round: Option<i64>,
-}
-
 /// What loading a call's audio found.
 #[derive(Debug)]
 pub enum Loaded {
@@ -143,27 +87,12 @@ pub struct Claims {
 }
 
 impl Claims {
-    pub async fn claim(&self, item: &WorkItem) -> Result<Claim, sqlx::Error> {
+    pub async fn claim(&self, item: &WorkItem) -> Result<Claim, TransitionError> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<ClaimRow> = sqlx::query_as(
-            "SELECT state, ai_attempts, \
-                (EXTRACT(EPOCH FROM (ai_lease_until - now())) * 1000)::float8 AS lease_left_ms, \
-                (EXTRACT(EPOCH FROM (next_attempt_at - now())) * 1000)::float8 AS due_in_ms, \
-                last_error, ai_give_up, \
-                (SELECT max(t.version) FROM call_transitions t \
-                 WHERE t.call_id = calls.call_id AND t.to_state = 'COMPLETED') AS round \
-             FROM calls WHERE call_id = $1 FOR UPDATE",
-        )
-        .bind(item.call_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
+        let Some(row) = calls::ai::lock_for_claim(&mut tx, &item.call_id).await? else {
             return Ok(Claim::Unknown);
         };
-        let state: CallState = row
-            .state
-            .parse()
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        let state = row.state;
         if matches!(
             state,
             CallState::Archived | CallState::Failed | CallState::InProgress
@@ -209,14 +138,14 @@ impl Claims {
         &self,
         tx: &mut PgConnection,
         item: &WorkItem,
-        row: ClaimRow,
+        row: ClaimView,
     ) -> Result<ControlFlow<Claim, i32>, sqlx::Error> {
-        if let Some(ms) = row.lease_left_ms.filter(|ms| *ms > 0.0) {
+        if let Some(left) = row.lease_left {
             // A little past the lease, so the next look finds it expired.
-            let retry_in = Duration::from_millis(ms as u64 + 250);
+            let retry_in = left + Duration::from_millis(250);
             return Ok(ControlFlow::Break(Claim::Busy { retry_in }));
         }
-        let give_up = GiveUp::from_column(row.ai_give_up.as_deref());
+        let give_up = row.give_up;
         if give_up.is_some() || row.ai_attempts >= self.max_attempts {
             // Take the lease so that no other delivery starts on it meanwhile.
             self.hold(tx, item).await?;
@@ -228,30 +157,16 @@ impl Claims {
                 why: give_up.unwrap_or(GiveUp::Exhausted),
             }));
         }
-        if let Some(ms) = row.due_in_ms.filter(|ms| *ms > 0.0) {
-            let due_in = Duration::from_millis(ms.ceil() as u64);
+        if let Some(due_in) = row.due_in {
             return Ok(ControlFlow::Break(Claim::NotYetDue { due_in }));
         }
-        let attempt = sqlx::query_scalar(
-            "UPDATE calls SET ai_attempts = ai_attempts + 1, next_attempt_at = NULL \
-             WHERE call_id = $1 RETURNING ai_attempts",
-        )
-        .bind(item.call_id.as_str())
-        .fetch_one(tx)
-        .await?;
+        let attempt = calls::ai::count_attempt(tx, &item.call_id).await?;
         Ok(ControlFlow::Continue(attempt))
     }
 
     /// Sets the lease: this delivery holds the call for `lease` from now.
     async fn hold(&self, tx: &mut PgConnection, item: &WorkItem) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) WHERE call_id = $1",
-        )
-        .bind(item.call_id.as_str())
-        .bind(self.lease.as_secs_f64())
-        .execute(tx)
-        .await?;
-        Ok(())
+        calls::ai::hold(tx, &item.call_id, self.lease).await
     }
 
     /// The call's packets in order and how many it should have; or, without reading them,
@@ -299,17 +214,7 @@ impl Claims {
     /// Extends the lease while the AI works on attempt `attempt` (and only while that
     /// attempt still owns the call).
     pub async fn renew(&self, item: &WorkItem, attempt: i32) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE calls SET ai_lease_until = now() + make_interval(secs => $2) \
-             WHERE call_id = $1 AND state = $3 AND ai_attempts = $4",
-        )
-        .bind(item.call_id.as_str())
-        .bind(self.lease.as_secs_f64())
-        .bind(CallState::ProcessingAi.as_str())
-        .bind(attempt)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        calls::ai::renew(&self.pool, &item.call_id, attempt, self.lease).await
     }
 
     /// Records, before the dead letter goes out, that this call is being given up on, so a
@@ -321,18 +226,10 @@ impl Claims {
         error: &str,
         why: GiveUp,
     ) -> Result<(), FinishError> {
-        let marked = sqlx::query(
-            "UPDATE calls SET ai_give_up = $4, last_error = $5 \
-             WHERE call_id = $1 AND state = $2 AND ai_attempts = $3",
-        )
-        .bind(item.call_id.as_str())
-        .bind(CallState::ProcessingAi.as_str())
-        .bind(attempt)
-        .bind(why.as_str())
-        .bind(storable(error))
-        .execute(&self.pool)
-        .await?;
-        if marked.rows_affected() == 0 {
+        let marked =
+            calls::ai::mark_give_up(&self.pool, &item.call_id, attempt, why, &storable(error))
+                .await?;
+        if !marked {
             return Err(FinishError::LeaseLost);
         }
         Ok(())
@@ -358,7 +255,7 @@ impl Claims {
             error: None,
             next_attempt_at: None,
         };
-        self.finish(item, attempt, end, CallState::Archived, SUCCEEDED, changes)
+        self.finish(item, attempt, end, Reason::AiSucceeded, changes)
             .await
     }
 
@@ -383,15 +280,8 @@ impl Claims {
             error: Some(error),
             next_attempt_at: Some(next),
         };
-        self.finish(
-            item,
-            attempt,
-            end,
-            CallState::ProcessingAi,
-            RETRY_SCHEDULED,
-            changes,
-        )
-        .await
+        self.finish(item, attempt, end, Reason::AiRetryScheduled, changes)
+            .await
     }
 
     /// `PROCESSING_AI -> FAILED` with the last error, the reason saying why.
@@ -409,30 +299,21 @@ impl Claims {
             next_attempt_at: Some(None),
             ..Changes::default()
         };
-        let reason = why.reason();
+        let reason = failed_reason(why);
         let end = End {
             outcome: "failed",
             error: Some(error),
             next_attempt_at: None,
         };
-        self.finish(item, attempt, end, CallState::Failed, reason, changes)
-            .await
+        self.finish(item, attempt, end, reason, changes).await
     }
 
     /// Hands an unfinished attempt back (shutdown): it does not count, the lease is cleared
     /// so the redelivery can start at once.
     pub async fn abandon(&self, item: &WorkItem, attempt: i32) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let handed_back = sqlx::query(
-            "UPDATE calls SET ai_attempts = GREATEST(ai_attempts - 1, 0), ai_lease_until = NULL \
-             WHERE call_id = $1 AND state = $2 AND ai_attempts = $3",
-        )
-        .bind(item.call_id.as_str())
-        .bind(CallState::ProcessingAi.as_str())
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?;
-        if handed_back.rows_affected() == 0 {
+        let handed_back = calls::ai::hand_back(&mut tx, &item.call_id, attempt).await?;
+        if !handed_back {
             // Another worker owns the call now: leave it alone.
             return Ok(());
         }
@@ -449,59 +330,37 @@ impl Claims {
     /// (a give-up whose dead letter or `FAILED` could not be written): the attempt stays
     /// counted and the give-up mark stays, so the next delivery finishes the give-up.
     pub async fn release(&self, item: &WorkItem, attempt: i32) -> Result<(), FinishError> {
-        let released = sqlx::query(
-            "UPDATE calls SET ai_lease_until = NULL \
-             WHERE call_id = $1 AND state = $2 AND ai_attempts = $3",
-        )
-        .bind(item.call_id.as_str())
-        .bind(CallState::ProcessingAi.as_str())
-        .bind(attempt)
-        .execute(&self.pool)
-        .await?;
-        if released.rows_affected() == 0 {
+        let released = calls::ai::release(&self.pool, &item.call_id, attempt).await?;
+        if !released {
             return Err(FinishError::LeaseLost);
         }
         Ok(())
     }
 
-    /// Moves the call from `PROCESSING_AI` to `to` (or records an event in place when `to`
-    /// is `PROCESSING_AI`), closes the attempt and releases the lease, in one transaction.
+    /// Moves the call from `PROCESSING_AI` to where `reason` leads (or records an event in
+    /// place when that is `PROCESSING_AI`), closes the attempt and releases the lease, in one
+    /// transaction.
     async fn finish(
         &self,
         item: &WorkItem,
         attempt: i32,
         end: End<'_>,
-        to: CallState,
-        reason: &str,
+        reason: Reason,
         changes: Changes,
     ) -> Result<Option<Recorded>, FinishError> {
         let mut tx = self.pool.begin().await?;
-        let from = CallState::ProcessingAi;
+        let (from, to) = (CallState::ProcessingAi, reason.leads_to());
         // Fencing: only the attempt that owns the call may end it. A worker whose lease ran
         // out while another took the call over must not touch it.
-        let owner: Option<(String, i32)> =
-            sqlx::query_as("SELECT state, ai_attempts FROM calls WHERE call_id = $1 FOR UPDATE")
-                .bind(item.call_id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-        if owner != Some((from.as_str().to_owned(), attempt)) {
+        if !calls::ai::lock_if_owned(&mut tx, &item.call_id, attempt).await? {
             return Err(FinishError::LeaseLost);
         }
         let recorded = if to == from {
-            store::note(&mut tx, &item.call_id, from, reason, changes).await?
+            calls::note(&mut tx, &item.call_id, from, reason, changes).await?
         } else {
-            store::transition(&mut tx, &item.call_id, from, to, reason, changes)
-                .await
-                .map_err(into_sqlx)?
+            calls::transition(&mut tx, &item.call_id, from, to, reason, changes).await?
         };
-        sqlx::query(
-            "UPDATE calls SET ai_lease_until = NULL, \
-                    ai_give_up = CASE WHEN state = 'PROCESSING_AI' THEN ai_give_up END \
-             WHERE call_id = $1",
-        )
-        .bind(item.call_id.as_str())
-        .execute(&mut *tx)
-        .await?;
+        calls::ai::end_hold(&mut tx, &item.call_id).await?;
         end_attempt(&mut tx, item, attempt, &end).await?;
         tx.commit().await?;
         Ok(recorded)
@@ -509,22 +368,21 @@ impl Claims {
 }
 
 /// `COMPLETED -> PROCESSING_AI`, attempts + 1: the first attempt of a round.
-async fn start_round(tx: &mut PgConnection, item: &WorkItem) -> Result<Recorded, sqlx::Error> {
+async fn start_round(tx: &mut PgConnection, item: &WorkItem) -> Result<Recorded, TransitionError> {
     let changes = Changes {
         attempts: Attempts::Increment,
         next_attempt_at: Some(None),
         ..Changes::default()
     };
-    let recorded = store::transition(
+    let recorded = calls::transition(
         tx,
         &item.call_id,
         CallState::Completed,
         CallState::ProcessingAi,
-        CLAIMED,
+        Reason::AiClaimed,
         changes,
     )
-    .await
-    .map_err(into_sqlx)?
+    .await?
     .expect("the row is locked in COMPLETED");
     Ok(recorded)
 }
@@ -565,19 +423,17 @@ pub enum FinishError {
     #[error("another worker owns the call now")]
     LeaseLost,
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Store(#[from] TransitionError),
+}
+
+impl From<sqlx::Error> for FinishError {
+    fn from(e: sqlx::Error) -> Self {
+        FinishError::Store(TransitionError::Database(e))
+    }
 }
 
 /// Text as Postgres takes it: provider answers may contain NUL characters, which `TEXT`
 /// refuses, and which would otherwise fail every attempt to record the answer.
 fn storable(text: &str) -> String {
     text.replace('\0', "")
-}
-
-fn into_sqlx(e: TransitionError) -> sqlx::Error {
-    match e {
-        TransitionError::Database(e) => e,
-        // The transitions used here are all allowed; reaching this is a bug in this module.
-        TransitionError::Illegal(e) => sqlx::Error::Protocol(e.to_string()),
-    }
 }

@@ -9,10 +9,9 @@ use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, PullConsumer, pull},
 };
-use bytes::Bytes;
 use common::{
+    calls::ai::GiveUp,
     events::{DeadLetter, WorkItem},
-    nats,
     outbox::Publisher,
     subjects::{StreamKind, Subjects},
 };
@@ -24,7 +23,7 @@ use tracing::Instrument;
 
 use crate::{
     backoff::Backoff,
-    claims::{Claim, Claims, FinishError, GiveUp, Loaded},
+    claims::{self, Claim, Claims, FinishError, Loaded},
     config::TranscriberConfig,
     providers::{CallAudio, Provider, ProviderError},
     sentiment,
@@ -504,11 +503,7 @@ impl Worker {
             permanent: why.permanent(),
             failed_at: OffsetDateTime::now_utc(),
         };
-        let payload = Bytes::from(serde_json::to_vec(&letter).expect("serializable"));
-        let subject = self.publisher.subjects.dlq_transcribe(&item.call_id);
-        if let Err(e) =
-            nats::publish(&self.publisher.js, subject, &letter.msg_id(), payload, None).await
-        {
+        if let Err(e) = self.publisher.dead_letter(&letter).await {
             tracing::warn!(error.message = %e, "cannot publish the dead letter; will retry");
             return self.release(item, attempts).await;
         }
@@ -520,7 +515,7 @@ impl Worker {
                         .recorded(std::slice::from_ref(&recorded))
                         .await;
                 }
-                tracing::warn!(attempts, reason = why.reason(), error.message = %error, "call FAILED and dead-lettered");
+                tracing::warn!(attempts, reason = %claims::failed_reason(why), error.message = %error, "call FAILED and dead-lettered");
                 Outcome::Term
             }
             Err(FinishError::LeaseLost) => Outcome::Silent,

@@ -14,7 +14,7 @@ use super::AppState;
 use crate::{
     error::ApiError,
     extract::{CallIdPath, OptionalJson, QueryParams},
-    lifecycle::{self, COMPLETED_BY_PBX, Completion},
+    lifecycle::{self, Completion},
 };
 
 /// Most missing ranges listed by `GET /v1/call/{call_id}`.
@@ -196,7 +196,7 @@ pub async fn complete_call(
         ));
     }
     let completion =
-        lifecycle::complete_call(&app.publisher, &call_id, total_packets, COMPLETED_BY_PBX).await?;
+        lifecycle::complete_call(&app.pool, &app.publisher, &call_id, total_packets).await?;
     let (changed, row) = match completion {
         Completion::Completed(row) => (true, row),
         Completion::AlreadyDone(row) => (false, row),
@@ -221,10 +221,8 @@ pub async fn retry_call(
     State(app): State<AppState>,
     CallIdPath(call_id): CallIdPath,
 ) -> Result<Json<CallSummary>, ApiError> {
-    match lifecycle::retry_call(&app.publisher, &call_id).await? {
-        Ok(row) => Ok(Json(row.into())),
-        Err(state) => Err(ApiError::CallNotFailed { call_id, state }),
-    }
+    let row = lifecycle::retry_call(&app.pool, &app.publisher, &call_id).await?;
+    Ok(Json(row.into()))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

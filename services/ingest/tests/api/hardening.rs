@@ -226,16 +226,20 @@ async fn replicas_share_the_idle_calls_and_complete_each_once() {
     );
     let idle = Duration::from_secs(60);
     // Two replicas' reapers at once, in passes of 25.
-    let replica = |publisher: common::outbox::Publisher| async move {
-        let mut done = 0;
-        loop {
-            let n = ingest::reaper::reap_once(&publisher, idle, 25)
-                .await
-                .unwrap();
-            if n == 0 {
-                return done;
+    let pool = app.env.pool.clone();
+    let replica = |publisher: common::outbox::Publisher| {
+        let pool = pool.clone();
+        async move {
+            let mut done = 0;
+            loop {
+                let n = ingest::reaper::reap_once(&pool, &publisher, idle, 25)
+                    .await
+                    .unwrap();
+                if n == 0 {
+                    return done;
+                }
+                done += n;
             }
-            done += n;
         }
     };
     let (a, b) = tokio::join!(replica(publisher.clone()), replica(publisher.clone()));
@@ -267,7 +271,7 @@ async fn a_nats_outage_costs_the_reaper_one_timeout_per_pass_not_one_per_call() 
     // does not time performance.
     let completed = tokio::time::timeout(
         Duration::from_secs(30),
-        ingest::reaper::reap_once(&publisher, Duration::from_secs(60), 200),
+        ingest::reaper::reap_once(&app.env.pool, &publisher, Duration::from_secs(60), 200),
     )
     .await
     .expect("a pass does not wait on NATS call by call")

@@ -192,7 +192,10 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
                 completed_at: Some(now),
                 next_attempt_at: None,
             };
-            row.status_event(Some(common::CallState::ProcessingAi), "ai_succeeded")
+            row.status_event(
+                Some(common::CallState::ProcessingAi),
+                common::Reason::AiSucceeded,
+            )
         })
         .collect();
     for chunk in events.chunks(500) {

@@ -1,0 +1,83 @@
+//! The outbox marks on calls and their history: which status events and work items JetStream
+//! has acknowledged, and which are still to publish.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, types::Json};
+use time::OffsetDateTime;
+
+use crate::{
+    CallId, CallState,
+    events::{StatusEvent, WorkItem},
+};
+
+/// Marks these `call_transitions` rows' status events as acknowledged.
+pub async fn mark_statuses(pool: &PgPool, transition_ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE call_transitions SET published_at = now() WHERE id = ANY($1)")
+        .bind(transition_ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Status events older than `grace` that JetStream has not acknowledged, oldest first, with
+/// their `call_transitions` row ids.
+pub async fn unpublished_statuses(
+    pool: &PgPool,
+    grace: Duration,
+    limit: i64,
+) -> Result<Vec<(i64, StatusEvent)>, sqlx::Error> {
+    let rows: Vec<(i64, Json<StatusEvent>)> = sqlx::query_as(
+        "SELECT id, event FROM call_transitions \
+         WHERE published_at IS NULL AND at < now() - make_interval(secs => $1) \
+         ORDER BY id LIMIT $2",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, event)| (id, event.0)).collect())
+}
+
+/// Marks a work item acknowledged, if the call is still in the round it was published for.
+pub async fn mark_work_item(pool: &PgPool, item: &WorkItem) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE calls SET work_item_published_at = now() \
+         WHERE call_id = $1 AND version = $2 AND state = $3",
+    )
+    .bind(item.call_id.as_str())
+    .bind(item.version)
+    .bind(CallState::Completed.as_str())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Work items of `COMPLETED` calls that JetStream has not acknowledged, older than `grace`.
+pub async fn unpublished_work_items(
+    pool: &PgPool,
+    grace: Duration,
+    limit: i64,
+) -> Result<Vec<WorkItem>, sqlx::Error> {
+    // The state is spelled out (not bound) so that the planner can use the partial index
+    // `calls_work_item_unpublished`, which has the same predicate.
+    let rows: Vec<(String, i64, OffsetDateTime)> = sqlx::query_as(
+        "SELECT call_id, version, COALESCE(completed_at, updated_at) FROM calls \
+         WHERE state = 'COMPLETED' AND work_item_published_at IS NULL \
+           AND updated_at < now() - make_interval(secs => $1) \
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(call_id, version, completed_at)| {
+            Ok(WorkItem {
+                call_id: CallId::parse(call_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                version,
+                completed_at,
+            })
+        })
+        .collect()
+}
