@@ -41,10 +41,11 @@ impl Publisher {
     pub async fn dead_letter(
         &self,
         letter: &DeadLetter,
+        request_id: Option<&str>,
     ) -> Result<(), jetstream::context::PublishError> {
         let payload = Bytes::from(serde_json::to_vec(letter).expect("a dead letter serializes"));
         let subject = self.subjects.dlq_transcribe(&letter.call_id);
-        nats::publish(&self.js, subject, &letter.msg_id(), payload, None).await
+        nats::publish(&self.js, subject, &letter.msg_id(), payload, request_id).await
     }
 
     /// A progress report on core NATS: not kept, not acknowledged (each supersedes the last).
@@ -78,7 +79,12 @@ impl Publisher {
 
     /// Publishes status events (concurrently) and marks those JetStream acknowledged.
     /// Returns how many were acknowledged; the rest are left to the relay and logged.
-    pub async fn statuses(&self, events: &[(i64, &StatusEvent)]) -> usize {
+    /// `request_id` is the request that caused them, carried as a NATS header.
+    pub async fn statuses(
+        &self,
+        events: &[(i64, &StatusEvent)],
+        request_id: Option<&str>,
+    ) -> usize {
         if events.is_empty() {
             return 0;
         }
@@ -89,7 +95,7 @@ impl Publisher {
                 self.subjects.call_status(&event.call_id),
                 &event.msg_id(),
                 payload,
-                None,
+                request_id,
             )
             .await;
             (*id, event, result)
@@ -115,20 +121,21 @@ impl Publisher {
     }
 
     /// Publishes the status events of freshly committed transitions.
-    pub async fn recorded(&self, recorded: &[Recorded]) -> usize {
+    pub async fn recorded(&self, recorded: &[Recorded], request_id: Option<&str>) -> usize {
         let events: Vec<_> = recorded
             .iter()
             .map(|r| (r.transition_id, &r.event))
             .collect();
-        self.statuses(&events).await
+        self.statuses(&events, request_id).await
     }
 
     /// Publishes a work item for the transcriber and marks it published. Returns whether
     /// JetStream acknowledged it.
-    pub async fn work_item(&self, item: &WorkItem) -> bool {
+    pub async fn work_item(&self, item: &WorkItem, request_id: Option<&str>) -> bool {
         let payload = Bytes::from(serde_json::to_vec(item).expect("serializable"));
         let subject = self.subjects.call_completed(&item.call_id);
-        if let Err(e) = nats::publish(&self.js, subject, &item.msg_id(), payload, None).await {
+        if let Err(e) = nats::publish(&self.js, subject, &item.msg_id(), payload, request_id).await
+        {
             tracing::warn!(
                 call.id = %item.call_id, error.message = %e,
                 "work item not published yet; the outbox relay will retry"

@@ -55,6 +55,7 @@ pub async fn complete_call(
     publisher: &Publisher,
     call_id: &CallId,
     total_packets: Option<i64>,
+    request_id: Option<&str>,
 ) -> Result<Completion, LifecycleError> {
     let mut tx = pool.begin().await.map_err(LifecycleError::Connect)?;
     let call = calls::completion::lock(&mut tx, call_id)
@@ -88,7 +89,7 @@ pub async fn complete_call(
     .await?
     .expect("the call is locked in IN_PROGRESS");
     tx.commit().await?;
-    announce_completed(publisher, &recorded, reason).await;
+    announce_completed(publisher, &recorded, reason, request_id).await;
     Ok(Completion::Completed(recorded.call))
 }
 
@@ -98,6 +99,7 @@ pub async fn retry_call(
     pool: &PgPool,
     publisher: &Publisher,
     call_id: &CallId,
+    request_id: Option<&str>,
 ) -> Result<CallRow, LifecycleError> {
     let mut tx = pool.begin().await.map_err(LifecycleError::Connect)?;
     let changes = Changes {
@@ -124,13 +126,19 @@ pub async fn retry_call(
         });
     };
     tx.commit().await?;
-    announce_completed(publisher, &recorded, reason).await;
+    announce_completed(publisher, &recorded, reason, request_id).await;
     Ok(recorded.call)
 }
 
 /// Publishes the work item and the status event of a call that just became `COMPLETED`.
-/// What JetStream does not acknowledge now, the outbox relay publishes later.
-pub(crate) async fn announce_completed(publisher: &Publisher, recorded: &Recorded, reason: Reason) {
+/// What JetStream does not acknowledge now, the outbox relay publishes later. `request_id` is
+/// the request that completed it (none for the idle reaper), carried as a NATS header.
+pub(crate) async fn announce_completed(
+    publisher: &Publisher,
+    recorded: &Recorded,
+    reason: Reason,
+    request_id: Option<&str>,
+) {
     let call = &recorded.call;
     tracing::info!(call.id = %call.call_id, call.version = call.version, %reason, "call completed");
     metrics::counter!("switchboard_ingest_calls_completed_total", "reason" => reason.as_str())
@@ -141,8 +149,8 @@ pub(crate) async fn announce_completed(publisher: &Publisher, recorded: &Recorde
         completed_at: call.completed_at.unwrap_or(call.updated_at),
     };
     tokio::join!(
-        publisher.work_item(&item),
-        publisher.recorded(std::slice::from_ref(recorded))
+        publisher.work_item(&item, request_id),
+        publisher.recorded(std::slice::from_ref(recorded), request_id)
     );
 }
 

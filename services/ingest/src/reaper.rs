@@ -77,11 +77,9 @@ pub async fn reap_once(
         completed.extend(recorded);
     }
     tx.commit().await?;
-    join_all(
-        completed.iter().map(|recorded| {
-            lifecycle::announce_completed(publisher, recorded, Reason::IdleTimeout)
-        }),
-    )
+    join_all(completed.iter().map(|recorded| {
+        lifecycle::announce_completed(publisher, recorded, Reason::IdleTimeout, None)
+    }))
     .await;
     Ok(completed.len())
 }

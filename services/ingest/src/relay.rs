@@ -132,10 +132,10 @@ impl Relay {
         let statuses =
             calls::published::unpublished_statuses(pool, self.grace, RELAY_BATCH).await?;
         let events: Vec<_> = statuses.iter().map(|(id, e)| (*id, e)).collect();
-        let mut published = self.publisher.statuses(&events).await;
+        let mut published = self.publisher.statuses(&events, None).await;
         let items = calls::published::unpublished_work_items(pool, self.grace, RELAY_BATCH).await?;
         for item in items {
-            if self.publisher.work_item(&item).await {
+            if self.publisher.work_item(&item, None).await {
                 published += 1;
             }
         }

@@ -339,7 +339,7 @@ async fn store_batch(
 ) -> (Vec<Result<Stored, WriteError>>, Vec<i64>, bool) {
     match commit_with_retry(writer, packets, deletes).await {
         Ok(batch) => {
-            announce(&writer.publisher, batch.created);
+            announce(&writer.publisher, packets, batch.created);
             (batch.results, batch.outbox.into_iter().collect(), true)
         }
         Err(failure) if packets.len() > 1 && !failure.is_unavailable() => {
@@ -354,7 +354,11 @@ async fn store_batch(
             for packet in packets {
                 match commit_batch(writer, std::slice::from_ref(packet), &[]).await {
                     Ok(mut batch) => {
-                        announce(&writer.publisher, batch.created);
+                        announce(
+                            &writer.publisher,
+                            std::slice::from_ref(packet),
+                            batch.created,
+                        );
                         outbox.extend(batch.outbox);
                         results.push(batch.results.pop().expect("one result per packet"));
                     }
@@ -429,14 +433,29 @@ async fn publish_packet(
     publisher.packet(&event, packet.request_id.as_deref()).await
 }
 
-/// Publishes the status events of calls the batch created, without holding up the writer.
-fn announce(publisher: &Publisher, created: Vec<Recorded>) {
+/// Publishes the status events of calls the batch created, without holding up the writer,
+/// each with the request id of the packet that created it.
+fn announce(publisher: &Publisher, packets: &[NewPacket], created: Vec<Recorded>) {
     if created.is_empty() {
         return;
     }
+    let request_ids: HashMap<String, Option<String>> = created
+        .iter()
+        .map(|r| {
+            let id = packets
+                .iter()
+                .find(|p| p.call_id == r.call.call_id)
+                .and_then(|p| p.request_id.clone());
+            (r.call.call_id.to_string(), id)
+        })
+        .collect();
     let publisher = publisher.clone();
     tokio::spawn(async move {
-        publisher.recorded(&created).await;
+        join_all(created.iter().map(|recorded| {
+            let request_id = request_ids[recorded.call.call_id.as_str()].as_deref();
+            publisher.recorded(std::slice::from_ref(recorded), request_id)
+        }))
+        .await;
     });
 }
 

@@ -105,6 +105,38 @@ pub async fn ensure_consumer(
         .with_context(|| format!("creating or updating consumer {}", config.consumer))
 }
 
+/// A work item as delivered: the item, and the id of the request that caused it (the
+/// `X-Request-Id` header ingest published it with), carried on everything this delivery
+/// publishes so one call can be followed through the three services.
+pub struct Work {
+    item: WorkItem,
+    request_id: Option<String>,
+}
+
+impl Work {
+    fn from_message(message: &jetstream::Message) -> Result<Work, serde_json::Error> {
+        let item = serde_json::from_slice(&message.payload)?;
+        let request_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(common::nats::REQUEST_ID_HEADER))
+            .map(|v| v.as_str().to_owned());
+        Ok(Work { item, request_id })
+    }
+
+    fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+}
+
+/// A delivery is its work item wherever one is asked for (claims, attempts).
+impl std::ops::Deref for Work {
+    type Target = WorkItem;
+    fn deref(&self) -> &WorkItem {
+        &self.item
+    }
+}
+
 impl Worker {
     /// Pulls and processes work until `shutdown` fires; then stops pulling, lets in-flight
     /// calls finish for `shutdown_grace`, and hands the rest back to JetStream.
@@ -232,7 +264,7 @@ impl Worker {
         message: &jetstream::Message,
         hand_back: &CancellationToken,
     ) -> Outcome {
-        let item: WorkItem = match serde_json::from_slice(&message.payload) {
+        let item = match Work::from_message(message) {
             Ok(item) => item,
             Err(e) => {
                 tracing::error!(error.message = %e, "unreadable work item; terminating it");
@@ -289,7 +321,7 @@ impl Worker {
                 tracing::Span::current().record("ai.attempt", attempt);
                 if let Some(recorded) = recorded {
                     self.publisher
-                        .recorded(std::slice::from_ref(&recorded))
+                        .recorded(std::slice::from_ref(&recorded), item.request_id())
                         .await;
                 }
                 self.attempt(message, &item, attempt, hand_back).await
@@ -301,7 +333,7 @@ impl Worker {
     async fn attempt(
         &self,
         message: &jetstream::Message,
-        item: &WorkItem,
+        item: &Work,
         attempt: i32,
         hand_back: &CancellationToken,
     ) -> Outcome {
@@ -342,7 +374,7 @@ impl Worker {
     async fn load(
         &self,
         message: &jetstream::Message,
-        item: &WorkItem,
+        item: &Work,
         attempt: i32,
         hand_back: &CancellationToken,
     ) -> Result<CallAudio, Outcome> {
@@ -376,7 +408,7 @@ impl Worker {
     /// Acts on the provider's answer to attempt `attempt`.
     async fn answer(
         &self,
-        item: &WorkItem,
+        item: &Work,
         attempt: i32,
         result: Result<String, ProviderError>,
     ) -> Outcome {
@@ -410,7 +442,7 @@ impl Worker {
     /// message back then: after the backoff, or the provider's `Retry-After` (capped).
     async fn retry(
         &self,
-        item: &WorkItem,
+        item: &Work,
         attempt: i32,
         message: &str,
         retry_after: Option<Duration>,
@@ -429,7 +461,7 @@ impl Worker {
             Ok(recorded) => {
                 if let Some(recorded) = recorded {
                     self.publisher
-                        .recorded(std::slice::from_ref(&recorded))
+                        .recorded(std::slice::from_ref(&recorded), item.request_id())
                         .await;
                 }
                 metrics::counter!("switchboard_transcriber_retries_total").increment(1);
@@ -443,7 +475,7 @@ impl Worker {
         }
     }
 
-    async fn succeed(&self, item: &WorkItem, attempt: i32, transcript: String) -> Outcome {
+    async fn succeed(&self, item: &Work, attempt: i32, transcript: String) -> Outcome {
         let sentiment = sentiment::analyse(&transcript);
         match self
             .claims
@@ -453,7 +485,7 @@ impl Worker {
             Ok(recorded) => {
                 if let Some(recorded) = recorded {
                     self.publisher
-                        .recorded(std::slice::from_ref(&recorded))
+                        .recorded(std::slice::from_ref(&recorded), item.request_id())
                         .await;
                 }
                 tracing::info!(attempt, "call archived");
@@ -473,7 +505,7 @@ impl Worker {
     /// the give-up (the claim answers [`Claim::Exhausted`]) and none asks the AI again, even
     /// when the dead letter or `FAILED` cannot be written now. If the decision itself cannot
     /// be recorded, the attempt is handed back uncounted, as if it had not happened.
-    async fn give_up(&self, item: &WorkItem, attempt: i32, error: &str, why: GiveUp) -> Outcome {
+    async fn give_up(&self, item: &Work, attempt: i32, error: &str, why: GiveUp) -> Outcome {
         match self.claims.mark_give_up(item, attempt, error, why).await {
             Ok(()) => self.finish_give_up(item, attempt, error, why).await,
             Err(FinishError::LeaseLost) => Outcome::Silent,
@@ -490,7 +522,7 @@ impl Worker {
     /// and the redelivery lands here again, through [`Claim::Exhausted`].
     async fn finish_give_up(
         &self,
-        item: &WorkItem,
+        item: &Work,
         attempts: i32,
         error: &str,
         why: GiveUp,
@@ -503,7 +535,7 @@ impl Worker {
             permanent: why.permanent(),
             failed_at: OffsetDateTime::now_utc(),
         };
-        if let Err(e) = self.publisher.dead_letter(&letter).await {
+        if let Err(e) = self.publisher.dead_letter(&letter, item.request_id()).await {
             tracing::warn!(error.message = %e, "cannot publish the dead letter; will retry");
             return self.release(item, attempts).await;
         }
@@ -512,7 +544,7 @@ impl Worker {
             Ok(recorded) => {
                 if let Some(recorded) = recorded {
                     self.publisher
-                        .recorded(std::slice::from_ref(&recorded))
+                        .recorded(std::slice::from_ref(&recorded), item.request_id())
                         .await;
                 }
                 tracing::warn!(attempts, reason = %claims::failed_reason(why), error.message = %error, "call FAILED and dead-lettered");
@@ -528,7 +560,7 @@ impl Worker {
 
     /// Hands the attempt back uncounted, for redelivery after `delay`: at once on shutdown,
     /// after a short wait when our own infrastructure failed.
-    async fn hand_back(&self, item: &WorkItem, attempt: i32, delay: Option<Duration>) -> Outcome {
+    async fn hand_back(&self, item: &Work, attempt: i32, delay: Option<Duration>) -> Outcome {
         if let Err(e) = self.claims.abandon(item, attempt).await {
             tracing::warn!(error.message = %e, "cannot hand the attempt back; its lease will expire");
             return Outcome::Retry(Some(INFRA_RETRY));
@@ -538,7 +570,7 @@ impl Worker {
 
     /// After a failed step of a give-up: releases the call (still counted, still marked) so
     /// that the redelivery, shortly, finishes the give-up without waiting out the lease.
-    async fn release(&self, item: &WorkItem, attempt: i32) -> Outcome {
+    async fn release(&self, item: &Work, attempt: i32) -> Outcome {
         match self.claims.release(item, attempt).await {
             Ok(()) => Outcome::Retry(Some(INFRA_RETRY)),
             Err(FinishError::LeaseLost) => Outcome::Silent,
@@ -554,7 +586,7 @@ impl Worker {
     async fn with_progress<T>(
         &self,
         message: &jetstream::Message,
-        item: &WorkItem,
+        item: &Work,
         attempt: i32,
         work: impl Future<Output = T>,
     ) -> T {

@@ -1,6 +1,6 @@
 //! Calls: read one, list them, complete one.
 
-use axum::{Json, extract::State};
+use axum::{Json, extract::State, http::HeaderMap};
 use common::{
     CallState,
     events::Sentiment,
@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use crate::{
     error::ApiError,
-    extract::{CallIdPath, OptionalJson, QueryParams},
+    extract::{CallIdPath, OptionalJson, QueryParams, request_id},
     lifecycle::{self, Completion},
 };
 
@@ -181,6 +181,7 @@ pub struct CompleteResponse {
 pub async fn complete_call(
     State(app): State<AppState>,
     CallIdPath(call_id): CallIdPath,
+    headers: HeaderMap,
     OptionalJson(body): OptionalJson<CompleteBody>,
 ) -> Result<Json<CompleteResponse>, ApiError> {
     let total_packets = body.and_then(|b| b.total_packets);
@@ -195,8 +196,14 @@ pub async fn complete_call(
             ),
         ));
     }
-    let completion =
-        lifecycle::complete_call(&app.pool, &app.publisher, &call_id, total_packets).await?;
+    let completion = lifecycle::complete_call(
+        &app.pool,
+        &app.publisher,
+        &call_id,
+        total_packets,
+        request_id(&headers),
+    )
+    .await?;
     let (changed, row) = match completion {
         Completion::Completed(row) => (true, row),
         Completion::AlreadyDone(row) => (false, row),
@@ -220,8 +227,10 @@ pub async fn complete_call(
 pub async fn retry_call(
     State(app): State<AppState>,
     CallIdPath(call_id): CallIdPath,
+    headers: HeaderMap,
 ) -> Result<Json<CallSummary>, ApiError> {
-    let row = lifecycle::retry_call(&app.pool, &app.publisher, &call_id).await?;
+    let row =
+        lifecycle::retry_call(&app.pool, &app.publisher, &call_id, request_id(&headers)).await?;
     Ok(Json(row.into()))
 }
 

@@ -300,3 +300,57 @@ async fn readiness_names_the_background_tasks() {
         .cloned();
     assert_eq!(tasks.unwrap()["ok"], true);
 }
+
+/// The request id a PBX sends (or ingest assigns) travels on what the request causes: the
+/// packet event, the `first_packet` status event, the work item and the `COMPLETED` event.
+#[tokio::test]
+async fn the_request_id_travels_on_every_event_a_request_causes() {
+    let app = spawn_app().await;
+    let id = call_id();
+    let send = |path: String, body: serde_json::Value, request: &'static str| {
+        app.client
+            .post(app.url(&path))
+            .header("x-request-id", request)
+            .json(&body)
+            .send()
+    };
+    let packet = json!({"sequence": 0, "data": "a", "timestamp": 1.0});
+    let response = send(format!("/v1/call/stream/{id}"), packet, "req-packet")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let response = send(format!("/v1/call/{id}/complete"), json!({}), "req-complete")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let header = |m: &async_nats::jetstream::message::StreamMessage| {
+        m.headers
+            .get(common::nats::REQUEST_ID_HEADER)
+            .map(|v| v.as_str().to_owned())
+    };
+    let packets = app.env.stream_messages(StreamKind::Packets).await;
+    assert_eq!(header(&packets[0]).as_deref(), Some("req-packet"));
+    let work = app.env.stream_messages(StreamKind::Work).await;
+    assert_eq!(header(&work[0]).as_deref(), Some("req-complete"));
+    let statuses = eventually("both status events", Duration::from_secs(10), || async {
+        let s = app.env.stream_messages(StreamKind::Status).await;
+        (s.len() == 2).then_some(s)
+    })
+    .await;
+    let by_state: Vec<(String, Option<String>)> = statuses
+        .iter()
+        .map(|m| {
+            let event: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            (event["state"].as_str().unwrap().to_owned(), header(m))
+        })
+        .collect();
+    assert!(
+        by_state.contains(&("IN_PROGRESS".into(), Some("req-packet".into()))),
+        "{by_state:?}"
+    );
+    assert!(
+        by_state.contains(&("COMPLETED".into(), Some("req-complete".into()))),
+        "{by_state:?}"
+    );
+}

@@ -56,3 +56,46 @@ async fn missing_packets_are_marked_in_the_simulated_transcript() {
 
     assert_eq!(call["transcript"], "hello […] world");
 }
+
+/// The request that completed a call is followed to its end: the transcriber's status events
+/// carry the work item's `X-Request-Id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_id_of_the_completion_travels_on_the_transcribers_events() {
+    let stack = stack(|_| {}).await;
+    stack.packet("traced-1", 0, "hello").await;
+    let response = stack
+        .client
+        .post(format!("{}/v1/call/traced-1/complete", stack.ingest_url))
+        .header("x-request-id", "req-trace-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    stack
+        .wait_for("traced-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+
+    let statuses = common::testing::eventually(
+        "the transcriber's status events",
+        Duration::from_secs(10),
+        || async {
+            let all = stack.env.stream_messages(StreamKind::Status).await;
+            let theirs: Vec<_> = all
+                .into_iter()
+                .filter(|m| {
+                    let e: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                    matches!(e["state"].as_str(), Some("PROCESSING_AI" | "ARCHIVED"))
+                })
+                .collect();
+            (theirs.len() == 2).then_some(theirs)
+        },
+    )
+    .await;
+    for message in statuses {
+        let header = message
+            .headers
+            .get(common::nats::REQUEST_ID_HEADER)
+            .map(|v| v.as_str().to_owned());
+        assert_eq!(header.as_deref(), Some("req-trace-1"));
+    }
+}
