@@ -76,17 +76,33 @@ pub enum Loaded {
     },
 }
 
+/// The transcriber's handle on calls in Postgres.
 #[derive(Clone)]
 pub struct Claims {
-    pub pool: PgPool,
-    /// Names this process in the attempts table.
-    pub worker: String,
+    pool: PgPool,
+    /// Names this process in the attempts table (`<hostname>-<pid>`).
+    worker: String,
     /// How long a claim holds without renewal (the consumer's ack wait).
-    pub lease: Duration,
-    pub max_attempts: i32,
+    lease: Duration,
+    /// `TRANSCRIBE_MAX_ATTEMPTS`.
+    max_attempts: i32,
 }
 
 impl Claims {
+    pub fn new(pool: PgPool, lease: Duration, max_attempts: i32) -> Self {
+        Claims {
+            pool,
+            worker: worker_name(),
+            lease,
+            max_attempts,
+        }
+    }
+
+    /// Attempts a round may make before the call is given up on.
+    pub fn max_attempts(&self) -> i32 {
+        self.max_attempts
+    }
+
     pub async fn claim(&self, item: &WorkItem) -> Result<Claim, TransitionError> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = calls::ai::lock_for_claim(&mut tx, &item.call_id).await? else {
@@ -436,4 +452,15 @@ impl From<sqlx::Error> for FinishError {
 /// refuses, and which would otherwise fail every attempt to record the answer.
 fn storable(text: &str) -> String {
     text.replace('\0', "")
+}
+
+/// `<hostname>-<pid>`: names this process in the attempts table.
+fn worker_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "transcriber".into());
+    format!("{host}-{}", std::process::id())
 }

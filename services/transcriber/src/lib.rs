@@ -37,10 +37,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    backoff::Backoff, claims::Claims, config::TranscriberConfig, providers::Provider,
-    worker::Worker,
-};
+use crate::{config::TranscriberConfig, providers::Provider, worker::Worker};
 
 #[derive(Clone)]
 struct OpsState {
@@ -73,27 +70,13 @@ impl App {
             .context("provisioning JetStream streams")?;
         let consumer = worker::ensure_consumer(&js, &subjects, &config).await?;
         let provider = Arc::new(Provider::from_config(&config.ai)?);
-        let worker = Arc::new(Worker {
+        let worker = Arc::new(Worker::new(
             consumer,
-            claims: Claims {
-                pool: pool.clone(),
-                worker: worker_name(),
-                lease: config.ack_wait(),
-                max_attempts: config.max_attempts,
-            },
+            pool.clone(),
             provider,
-            publisher: Publisher::new(js, subjects, pool.clone()),
-            backoff: Backoff {
-                base: std::time::Duration::from_millis(config.backoff_base_ms),
-                max: std::time::Duration::from_millis(config.backoff_max_ms),
-            },
-            max_attempts: config.max_attempts,
-            concurrency: config.concurrency,
-            ai_timeout: config.ai_timeout(),
-            max_audio_bytes: config.ai.max_audio_bytes,
-            progress_every: config.ack_wait() / 3,
-            shutdown_grace: config.shutdown_grace(),
-        });
+            Publisher::new(js, subjects, pool.clone()),
+            &config,
+        ));
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on {} (TRANSCRIBER_ADDR)", config.addr))?;
@@ -107,7 +90,7 @@ impl App {
                 tasks: tasks.clone(),
             });
         tracing::info!(
-            provider = worker.provider.name(),
+            provider = worker.provider().name(),
             concurrency = config.concurrency,
             max_attempts = config.max_attempts,
             "transcriber ready"
@@ -126,7 +109,7 @@ impl App {
 
     /// The provider in use (tests count its requests).
     pub fn provider(&self) -> Arc<Provider> {
-        self.worker.provider.clone()
+        self.worker.provider().clone()
     }
 
     /// Pulls and serves until `shutdown` fires, then drains as [`Worker::run`] describes.
@@ -141,17 +124,6 @@ impl App {
         served.context("serving HTTP")?;
         worker
     }
-}
-
-/// `<hostname>-<pid>`: names this process in the attempts table.
-fn worker_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "transcriber".into());
-    format!("{host}-{}", std::process::id())
 }
 
 async fn readyz(State(state): State<OpsState>) -> Response {

@@ -50,20 +50,23 @@ pub enum Outcome {
     Silent,
 }
 
+/// Pulls work items and runs one attempt per delivery. Built once per process from the
+/// settings ([`Worker::new`]); everything it holds is its own.
 pub struct Worker {
-    pub consumer: PullConsumer,
-    pub claims: Claims,
-    pub provider: Arc<Provider>,
-    pub publisher: Publisher,
-    pub backoff: Backoff,
-    pub max_attempts: i32,
-    pub concurrency: usize,
-    pub ai_timeout: Duration,
+    consumer: PullConsumer,
+    /// The call's side in Postgres (claims, leases, attempts; `TRANSCRIBE_MAX_ATTEMPTS`).
+    claims: Claims,
+    provider: Arc<Provider>,
+    publisher: Publisher,
+    backoff: Backoff,
+    /// `TRANSCRIBE_CONCURRENCY`: attempts in flight at most.
+    concurrency: usize,
+    ai_timeout: Duration,
     /// `AI_MAX_AUDIO_BYTES`: calls with more packet data are failed before they are loaded.
-    pub max_audio_bytes: u64,
+    max_audio_bytes: u64,
     /// How often a worker tells JetStream (and Postgres) it is still on a call.
-    pub progress_every: Duration,
-    pub shutdown_grace: Duration,
+    progress_every: Duration,
+    shutdown_grace: Duration,
 }
 
 /// On shutdown, the open pull request may still bring messages (until it expires): hand each
@@ -138,6 +141,35 @@ impl std::ops::Deref for Work {
 }
 
 impl Worker {
+    pub fn new(
+        consumer: PullConsumer,
+        pool: sqlx::PgPool,
+        provider: Arc<Provider>,
+        publisher: Publisher,
+        config: &TranscriberConfig,
+    ) -> Self {
+        Worker {
+            consumer,
+            claims: Claims::new(pool, config.ack_wait(), config.max_attempts),
+            provider,
+            publisher,
+            backoff: Backoff {
+                base: Duration::from_millis(config.backoff_base_ms),
+                max: Duration::from_millis(config.backoff_max_ms),
+            },
+            concurrency: config.concurrency,
+            ai_timeout: config.ai_timeout(),
+            max_audio_bytes: config.ai.max_audio_bytes,
+            progress_every: config.ack_wait() / 3,
+            shutdown_grace: config.shutdown_grace(),
+        }
+    }
+
+    /// The AI provider calls are sent to.
+    pub fn provider(&self) -> &Arc<Provider> {
+        &self.provider
+    }
+
     /// Pulls and processes work until `shutdown` fires; then stops pulling, lets in-flight
     /// calls finish for `shutdown_grace`, and hands the rest back to JetStream.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -420,7 +452,9 @@ impl Worker {
                     .increment(1);
                 self.give_up(item, attempt, &error, GiveUp::Permanent).await
             }
-            Err(ProviderError::Retryable { message, .. }) if attempt >= self.max_attempts => {
+            Err(ProviderError::Retryable { message, .. })
+                if attempt >= self.claims.max_attempts() =>
+            {
                 tracing::warn!(error.message = %message, attempt, "AI failed; no attempts left");
                 metrics::counter!("switchboard_transcriber_failures_total", "kind" => "retryable")
                     .increment(1);
