@@ -262,11 +262,18 @@ impl Worker {
             .next()
             .unwrap_or_default()
             .to_owned();
+        let request_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(common::nats::REQUEST_ID_HEADER))
+            .map_or("", |v| v.as_str())
+            .to_owned();
         let span = tracing::info_span!(
             "delivery",
             call.id = %call_id,
             delivery.attempt = delivered,
             stream.sequence = stream_sequence,
+            request.id = %request_id,
             ai.attempt = tracing::field::Empty,
         );
         async {
