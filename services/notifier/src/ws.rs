@@ -24,7 +24,7 @@ use axum::{
 };
 use common::{
     CallId,
-    http::ErrorBody,
+    http::{ErrorBody, ErrorResponse as _},
     live::{LiveQuery, MAX_CLIENT_MESSAGE_BYTES, MAX_SUBSCRIBED_CALLS, SNAPSHOT_PAGE_CALLS},
 };
 use futures::{
