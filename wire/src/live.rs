@@ -1,12 +1,18 @@
-//! The live view's connection contract: the WebSocket path and its query parameters, in one
-//! place. The notifier parses with [`LiveQuery::parse`]; `pbx` builds its URLs with
-//! [`LiveQuery::to_query`]; the dashboard's script builds the same parameters (and is tested in
-//! a real browser against the real notifier). A client resumes after a reconnect with the
-//! `seq` and `stream` of the last frames it saw: `?since=<seq>&stream=<stream>`.
+//! The live view's contract: the WebSocket path and its query parameters, and the frames the
+//! notifier sends ([`LiveFrame`]), in one place. The notifier parses with [`LiveQuery::parse`];
+//! `pbx` builds its URLs with [`LiveQuery::to_query`] and reads [`LiveFrame`]s; the dashboard's
+//! script builds the same parameters (and is tested in a real browser against the real
+//! notifier). A client resumes after a reconnect with the `seq` and `stream` of the last frames
+//! it saw: `?since=<seq>&stream=<stream>`.
 
 use std::collections::BTreeSet;
 
-use crate::CallId;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    CallId,
+    events::{ProgressEvent, StatusEvent},
+};
 
 /// Where the notifier serves the live view.
 pub const WS_PATH: &str = "/ws";
@@ -97,6 +103,75 @@ impl LiveQuery {
     }
 }
 
+/// One frame from the notifier, tagged by `type`.
+///
+/// The notifier writes these itself, serialising each event once for every socket (see its
+/// `hub` and `ws` modules); this type is what they mean, and a test here parses frames exactly
+/// as the notifier builds them. A `seq` is a sequence of the status stream named by the last
+/// snapshot's `stream`: what a client resumes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveFrame {
+    /// The state of every followed call, newest first; the first page when `more`.
+    Snapshot(Snapshot),
+    /// A further page of the snapshot with the same `seq`; the last one has `more: false`.
+    SnapshotPage(SnapshotPage),
+    /// A call changed state (or noted a change, e.g. a retry scheduled).
+    Status(SequencedStatus),
+    /// Packet counts of a streaming call; not part of its history (no `seq`).
+    Progress(ProgressEvent),
+    /// Sent every `heartbeat_secs`, so that a client notices a dead connection.
+    Heartbeat {
+        /// The highest sequence this client has been sent.
+        seq: u64,
+    },
+    /// The client fell behind by `missed` events; a snapshot marked `reset` follows.
+    Lagged { missed: u64 },
+    /// The notifier did not understand a client message (the connection stays open).
+    Error { message: String },
+    /// A frame of a type this build does not know (from a newer notifier): skip it.
+    #[serde(other)]
+    Unknown,
+}
+
+/// `{"type":"snapshot", ...}`: the first (often only) page of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The stream sequence the snapshot is current at.
+    pub seq: u64,
+    /// `true` when the client asked to resume (`since`) and could not: start the view over.
+    pub reset: bool,
+    /// The identity of the status stream `seq` belongs to (pass back as `stream`).
+    pub stream: String,
+    /// How often a heartbeat comes, in seconds.
+    pub heartbeat_secs: u64,
+    /// How long a call stays in the live view after its last change, in seconds.
+    pub retention_secs: u64,
+    /// Calls in the whole snapshot, over all its pages.
+    pub total: u64,
+    /// This page's calls, newest first (at most [`SNAPSHOT_PAGE_CALLS`]).
+    pub calls: Vec<SequencedStatus>,
+    /// Whether `snapshot_page` frames follow.
+    pub more: bool,
+}
+
+/// `{"type":"snapshot_page", ...}`: the next calls of the snapshot with this `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotPage {
+    pub seq: u64,
+    pub calls: Vec<SequencedStatus>,
+    pub more: bool,
+}
+
+/// A status event with its sequence in the status stream: a `status` frame, or an entry of a
+/// snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequencedStatus {
+    #[serde(flatten)]
+    pub event: StatusEvent,
+    pub seq: u64,
+}
+
 /// Percent-encodes anything but unreserved characters (a stream id is digits today).
 fn encode(value: &str) -> String {
     value
@@ -150,6 +225,101 @@ mod tests {
         assert!(parse(&[("foo", "1")]).unwrap_err().contains("foo"));
         assert!(parse(&[("stream", "1")]).unwrap_err().contains("since"));
         assert!(parse(&[("since", "1"), ("stream", "")]).is_err());
+    }
+
+    /// Frames written exactly as the notifier's builders write them (`hub::Update::new`,
+    /// `Hub::progress`, `ws::Socket::{snapshot, ping, error}` and the lagged notice).
+    const STATUS: &str = r#"{"type":"status","ai_attempts":0,"at":"2025-11-25T16:00:00.123456Z","call_id":"c1","last_error":null,"missing_packets":2,"next_attempt_at":null,"packets_received":8,"previous_state":null,"reason":"first_packet","sentiment":null,"seq":7,"state":"IN_PROGRESS","transcript":null,"transcript_chars":null,"transcript_truncated":false,"version":1}"#;
+    const ENTRY: &str = r#"{"ai_attempts":1,"at":"2025-11-25T16:00:03Z","call_id":"c2","last_error":null,"missing_packets":0,"next_attempt_at":null,"packets_received":250,"previous_state":"PROCESSING_AI","reason":"ai_succeeded","sentiment":{"label":"positive","score":0.61},"seq":9,"state":"ARCHIVED","transcript":"thank you for calling","transcript_chars":21,"transcript_truncated":false,"version":4}"#;
+    const PROGRESS: &str = r#"{"at":"2025-11-25T16:00:02.5Z","call_id":"c1","last_sequence":9,"missing_packets":2,"packets_received":8,"type":"progress"}"#;
+
+    fn snapshot(more: bool) -> String {
+        format!(
+            "{{\"type\":\"snapshot\",\"seq\":9,\"reset\":false,\"stream\":\"1764086400123456789\",\
+             \"heartbeat_secs\":30,\"retention_secs\":86400,\"total\":2,\"calls\":[{ENTRY},{}],\"more\":{more}}}",
+            &STATUS.replacen("\"type\":\"status\",", "", 1)
+        )
+    }
+
+    #[test]
+    fn every_frame_the_notifier_builds_is_understood() {
+        let LiveFrame::Status(status) = serde_json::from_str(STATUS).unwrap() else {
+            panic!("a status frame");
+        };
+        assert_eq!((status.seq, status.event.version), (7, 1));
+        assert_eq!(status.event.call_id.as_str(), "c1");
+
+        let LiveFrame::Snapshot(snap) = serde_json::from_str(&snapshot(true)).unwrap() else {
+            panic!("a snapshot frame");
+        };
+        assert_eq!(
+            (snap.seq, snap.total, snap.more, snap.reset),
+            (9, 2, true, false)
+        );
+        assert_eq!(snap.stream, "1764086400123456789");
+        assert_eq!((snap.heartbeat_secs, snap.retention_secs), (30, 86400));
+        assert_eq!(snap.calls.iter().map(|c| c.seq).collect::<Vec<_>>(), [9, 7]);
+        assert_eq!(
+            snap.calls[0].event.sentiment.as_ref().unwrap().label,
+            "positive"
+        );
+
+        let page =
+            format!("{{\"type\":\"snapshot_page\",\"seq\":9,\"calls\":[{ENTRY}],\"more\":false}}");
+        let LiveFrame::SnapshotPage(page) = serde_json::from_str(&page).unwrap() else {
+            panic!("a snapshot page");
+        };
+        assert_eq!((page.seq, page.calls.len(), page.more), (9, 1, false));
+
+        let LiveFrame::Progress(progress) = serde_json::from_str(PROGRESS).unwrap() else {
+            panic!("a progress frame");
+        };
+        assert_eq!(progress.last_sequence, Some(9));
+
+        let simple = [
+            (
+                r#"{"type":"heartbeat","seq":9}"#,
+                LiveFrame::Heartbeat { seq: 9 },
+            ),
+            (
+                r#"{"type":"lagged","missed":12}"#,
+                LiveFrame::Lagged { missed: 12 },
+            ),
+            (
+                r#"{"type":"error","message":"not understood"}"#,
+                LiveFrame::Error {
+                    message: "not understood".into(),
+                },
+            ),
+            (r#"{"type":"from_the_future","x":1}"#, LiveFrame::Unknown),
+        ];
+        for (text, frame) in simple {
+            assert_eq!(
+                serde_json::from_str::<LiveFrame>(text).unwrap(),
+                frame,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = [
+            STATUS.to_owned(),
+            snapshot(false),
+            PROGRESS.to_owned(),
+            r#"{"type":"heartbeat","seq":9}"#.to_owned(),
+            r#"{"type":"lagged","missed":12}"#.to_owned(),
+            r#"{"type":"error","message":"no"}"#.to_owned(),
+        ];
+        for text in frames {
+            let frame: LiveFrame = serde_json::from_str(&text).unwrap();
+            let again = serde_json::to_string(&frame).unwrap();
+            assert_eq!(serde_json::from_str::<LiveFrame>(&again).unwrap(), frame);
+            // The same JSON, whatever the order of its keys.
+            let as_value = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+            assert_eq!(as_value(&again), as_value(&text), "{text}");
+        }
     }
 
     #[test]
