@@ -103,6 +103,17 @@ impl LiveQuery {
     }
 }
 
+/// What a client may send on the live socket: `{"type":"subscribe","call_ids":[..]}`. The
+/// answer to either is a snapshot (marked `reset`) of the calls now followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// Follow these calls too (a socket that followed every call follows only these).
+    Subscribe { call_ids: Vec<String> },
+    /// Stop following these calls.
+    Unsubscribe { call_ids: Vec<String> },
+}
+
 /// One frame from the notifier, tagged by `type`.
 ///
 /// The notifier writes these itself, serialising each event once for every socket (see its
