@@ -229,3 +229,36 @@ pub fn describe_calls(page: &CallPage) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DETAIL: &str = r#"{"call_id":"c1","state":"ARCHIVED","version":4,"packets_received":6,"first_sequence":0,"last_sequence":9,"total_packets":10,"missing_packets":4,"ai_attempts":1,"transcript":"hello there","sentiment":{"label":"positive","score":0.5},"last_error":null,"created_at":"2025-11-25T16:00:00.123456Z","updated_at":"2025-11-25T16:00:01Z","last_packet_at":"2025-11-25T16:00:00.5Z","completed_at":"2025-11-25T16:00:00.9Z","next_attempt_at":null,"missing":[{"from":2,"to":2},{"from":5,"to":7}],"history":[{"version":1,"from_state":null,"to_state":"IN_PROGRESS","reason":"first_packet","at":"2025-11-25T16:00:00.123456Z"}]}"#;
+
+    #[test]
+    fn a_call_reads_with_its_ranges_sentiment_and_history() {
+        let detail: CallDetail = serde_json::from_str(DETAIL).unwrap();
+        let text = describe_call(&detail);
+        assert!(text.contains("state       ARCHIVED (version 4)"), "{text}");
+        assert!(text.contains("sequences 0..9 of 10 declared"), "{text}");
+        assert!(text.contains("missing     4 (2, 5-7)"), "{text}");
+        assert!(text.contains("sentiment   positive (+0.50)"), "{text}");
+        assert!(
+            text.contains("2025-11-25T16:00:00.123456Z  · -> IN_PROGRESS  (first_packet)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_status_line_shows_the_clock_state_and_reason() {
+        let event: StatusEvent = serde_json::from_str(
+            r#"{"call_id":"c1","state":"FAILED","previous_state":"PROCESSING_AI","version":5,"at":"2025-11-25T16:04:05.5Z","reason":"ai_gave_up","packets_received":3,"missing_packets":0,"ai_attempts":5,"last_error":"boom","transcript":null,"sentiment":null,"next_attempt_at":null}"#,
+        )
+        .unwrap();
+        let text = line(&event, false);
+        assert!(text.starts_with("16:04:05  c1 "), "{text}");
+        assert!(text.contains(" FAILED "), "{text}");
+        assert!(text.ends_with("(ai_gave_up)  error: boom"), "{text}");
+    }
+}
