@@ -3,19 +3,16 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
+use wire::api::{
+    CallDetail, CallPage, CallSummary, CompleteBody, CompleteResponse, ErrorBody, PacketBody,
+    PacketReceipt, PacketStatus,
+};
 
 #[derive(Clone)]
 pub struct Ingest {
     client: reqwest::Client,
     base: String,
-}
-
-/// What ingest said about one packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PacketOutcome {
-    Accepted,
-    Duplicate,
 }
 
 impl Ingest {
@@ -41,15 +38,20 @@ impl Ingest {
         }
     }
 
-    /// Turns an API error body into one line: `409 call_not_failed: ...`.
-    async fn check(response: reqwest::Response) -> anyhow::Result<Value> {
+    /// Reads a success as `T`, and turns an API error body into one line:
+    /// `409 call_not_failed: ...`.
+    async fn check<T: DeserializeOwned>(response: reqwest::Response) -> anyhow::Result<T> {
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(body);
+            return response
+                .json()
+                .await
+                .context("ingest answered with a body pbx does not understand");
         }
-        let code = body["error"]["code"].as_str().unwrap_or("error");
-        let message = body["error"]["message"].as_str().unwrap_or("(no message)");
+        let (code, message) = match response.json::<ErrorBody>().await {
+            Ok(ErrorBody { error }) => (error.code, error.message),
+            Err(_) => ("error".to_owned(), "(no message)".to_owned()),
+        };
         anyhow::bail!("{} {code}: {message}", status.as_u16())
     }
 
@@ -61,8 +63,12 @@ impl Ingest {
         sequence: i64,
         data: &str,
         timestamp: f64,
-    ) -> anyhow::Result<(PacketOutcome, Duration)> {
-        let body = json!({"sequence": sequence, "data": data, "timestamp": timestamp});
+    ) -> anyhow::Result<(PacketStatus, Duration)> {
+        let body = PacketBody {
+            sequence,
+            data: data.to_owned(),
+            timestamp,
+        };
         let url = format!("{}/v1/call/stream/{call_id}", self.base);
         for attempt in 1.. {
             let started = Instant::now();
@@ -83,23 +89,26 @@ impl Ingest {
                 continue;
             }
             let elapsed = started.elapsed();
-            let body = Self::check(response)
+            let receipt: PacketReceipt = Self::check(response)
                 .await
                 .with_context(|| format!("packet {sequence} of {call_id}"))?;
-            let outcome = match body["status"].as_str() {
-                Some("duplicate") => PacketOutcome::Duplicate,
-                _ => PacketOutcome::Accepted,
-            };
-            return Ok((outcome, elapsed));
+            return Ok((receipt.status, elapsed));
         }
         unreachable!("the loop returns")
     }
 
-    pub async fn complete(&self, call_id: &str, total_packets: i64) -> anyhow::Result<Value> {
+    pub async fn complete(
+        &self,
+        call_id: &str,
+        total_packets: i64,
+    ) -> anyhow::Result<CompleteResponse> {
+        let body = CompleteBody {
+            total_packets: Some(total_packets),
+        };
         let response = self
             .client
             .post(format!("{}/v1/call/{call_id}/complete", self.base))
-            .json(&json!({"total_packets": total_packets}))
+            .json(&body)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -108,7 +117,7 @@ impl Ingest {
             .with_context(|| format!("completing {call_id}"))
     }
 
-    pub async fn call(&self, call_id: &str) -> anyhow::Result<Value> {
+    pub async fn call(&self, call_id: &str) -> anyhow::Result<CallDetail> {
         let response = self
             .client
             .get(format!("{}/v1/call/{call_id}", self.base))
@@ -118,7 +127,7 @@ impl Ingest {
         Self::check(response).await
     }
 
-    pub async fn calls(&self, state: Option<&str>, limit: u32) -> anyhow::Result<Value> {
+    pub async fn calls(&self, state: Option<&str>, limit: u32) -> anyhow::Result<CallPage> {
         // States are plain words and limit a number: nothing here needs escaping.
         let mut url = format!("{}/v1/calls?limit={limit}", self.base);
         if let Some(state) = state {
@@ -137,7 +146,7 @@ impl Ingest {
         Self::check(response).await
     }
 
-    pub async fn retry(&self, call_id: &str) -> anyhow::Result<Value> {
+    pub async fn retry(&self, call_id: &str) -> anyhow::Result<CallSummary> {
         let response = self
             .client
             .post(format!("{}/v1/call/{call_id}/retry", self.base))

@@ -84,7 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { call_id, json } => {
             let call = ingest.call(&call_id).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&call)?);
+                println!("{}", self::json(&call, true)?);
             } else {
                 print!("{}", watch::describe_call(&call));
             }
@@ -93,7 +93,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Calls { state, limit, json } => {
             let page = ingest.calls(state.as_deref(), limit).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&page)?);
+                println!("{}", self::json(&page, true)?);
             } else {
                 print!("{}", watch::describe_calls(&page));
             }
@@ -103,9 +103,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let call = ingest.retry(&call_id).await?;
             println!(
                 "{call_id}: {} (attempts reset; the transcriber will pick it up)",
-                call["state"].as_str().unwrap_or("?")
+                call.state
             );
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What `--json` prints: the value as JSON, its keys sorted, as pbx has always printed them
+/// (it printed `serde_json::Value`s, whose objects are sorted maps). `pretty` spreads it over
+/// lines.
+pub fn json(value: &impl serde::Serialize, pretty: bool) -> anyhow::Result<String> {
+    let value = serde_json::to_value(value)?;
+    Ok(if pretty {
+        serde_json::to_string_pretty(&value)?
+    } else {
+        value.to_string()
+    })
 }

@@ -4,16 +4,15 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use common::{
-    CallId,
-    live::{LiveQuery, WS_PATH},
-};
 use futures::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
     tungstenite::{Message, protocol::WebSocketConfig},
+};
+use wire::{
+    CallId,
+    live::{ClientMessage, LiveFrame, LiveQuery, WS_PATH},
 };
 
 /// More calls than this are subscribed to by message rather than in the URL.
@@ -28,7 +27,7 @@ pub struct Live {
     /// The stream those sequences belong to (from the last snapshot).
     stream: Option<String>,
     /// The `seq` and `stream` of a snapshot whose pages are still arriving.
-    pending: Option<(Option<u64>, Option<String>)>,
+    pending: Option<(u64, String)>,
     /// The calls followed (all when empty).
     call_ids: Vec<String>,
     /// Grows while reconnects fail or end at once; reset by a frame.
@@ -92,9 +91,12 @@ impl Live {
                 })?;
         if call_ids.len() > IDS_IN_URL {
             // Too many for a URL: subscribe by message (the answer is a snapshot of them).
-            let subscribe = serde_json::json!({"type": "subscribe", "call_ids": call_ids});
+            let subscribe = ClientMessage::Subscribe {
+                call_ids: call_ids.to_vec(),
+            };
+            let subscribe = serde_json::to_string(&subscribe).context("a subscribe message")?;
             socket
-                .send(Message::Text(subscribe.to_string().into()))
+                .send(Message::Text(subscribe.into()))
                 .await
                 .context("subscribing to the calls")?;
         }
@@ -102,37 +104,36 @@ impl Live {
         Ok(())
     }
 
-    /// The next snapshot, status, lagged or error frame; `None` if the connection ended.
-    pub async fn next(&mut self) -> Option<Value> {
+    /// The next snapshot, status, progress, lagged or error frame; `None` if the connection
+    /// ended. Heartbeats, and frames this build does not understand, are skipped.
+    pub async fn next(&mut self) -> Option<LiveFrame> {
         let socket = self.socket.as_mut()?;
         loop {
             match socket.next().await {
                 Some(Ok(Message::Text(text))) => {
-                    let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                    let Ok(frame) = serde_json::from_str::<LiveFrame>(&text) else {
                         continue;
                     };
                     self.backoff = FIRST_BACKOFF;
-                    let seq = frame["seq"].as_u64();
-                    match frame["type"].as_str() {
+                    match &frame {
                         // A snapshot replaces the view: its sequence (and stream) is where we
                         // are now, even if lower than before (another replica, a new stream).
                         // A paged snapshot is a resume point only once its last page is
                         // in: a connection lost halfway starts over with a whole snapshot.
-                        Some("snapshot") => {
-                            self.pending = Some((seq, frame["stream"].as_str().map(str::to_owned)));
+                        LiveFrame::Snapshot(snapshot) => {
+                            self.pending = Some((snapshot.seq, snapshot.stream.clone()));
                             self.last_seq = None;
                             self.stream = None;
-                            if frame["more"] != true {
+                            if !snapshot.more {
                                 self.complete_snapshot();
                             }
                         }
-                        Some("snapshot_page") if frame["more"] != true => self.complete_snapshot(),
-                        Some("status") if self.pending.is_none() => {
-                            if let Some(seq) = seq {
-                                self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
-                            }
+                        LiveFrame::SnapshotPage(page) if !page.more => self.complete_snapshot(),
+                        LiveFrame::Status(status) if self.pending.is_none() => {
+                            let seq = status.seq;
+                            self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
                         }
-                        Some("heartbeat") => continue,
+                        LiveFrame::Heartbeat { .. } | LiveFrame::Unknown => continue,
                         _ => {}
                     }
                     return Some(frame);
@@ -148,8 +149,8 @@ impl Live {
 
     fn complete_snapshot(&mut self) {
         if let Some((seq, stream)) = self.pending.take() {
-            self.last_seq = seq;
-            self.stream = stream;
+            self.last_seq = Some(seq);
+            self.stream = Some(stream);
         }
     }
 

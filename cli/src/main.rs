@@ -16,7 +16,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    common::tls::install_crypto_provider();
+    // reqwest is built with `rustls-no-provider`: use ring, as the services do, rather than
+    // aws-lc-rs (a C build). Err only if a provider is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {

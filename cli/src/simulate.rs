@@ -15,15 +15,9 @@ use futures::{StreamExt, stream};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
-use serde_json::Value;
+use wire::{CallState, MissingRange, api::PacketStatus, events::StatusEvent, live::LiveFrame};
 
-use crate::{
-    api::{Ingest, PacketOutcome},
-    cli::Endpoints,
-    live::Live,
-    sentences,
-    stats::Percentiles,
-};
+use crate::{api::Ingest, cli::Endpoints, live::Live, sentences, stats::Percentiles};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
@@ -142,7 +136,7 @@ struct CallResult {
 /// What the notifier told us about a call.
 #[derive(Debug, Clone)]
 struct Final {
-    state: String,
+    state: CallState,
     attempts: i64,
     seen_at: Instant,
 }
@@ -287,30 +281,31 @@ pub async fn run(
     })
 }
 
-fn record(frame: &Value, prefix: &str, finals: &Mutex<HashMap<String, Final>>, bar: &ProgressBar) {
-    let entries: Vec<&Value> = match frame["type"].as_str() {
-        Some("snapshot" | "snapshot_page") => frame["calls"]
-            .as_array()
-            .map(|c| c.iter().collect())
-            .unwrap_or_default(),
-        Some("status") => vec![frame],
+fn record(
+    frame: &LiveFrame,
+    prefix: &str,
+    finals: &Mutex<HashMap<String, Final>>,
+    bar: &ProgressBar,
+) {
+    let entries: Vec<&StatusEvent> = match frame {
+        LiveFrame::Snapshot(snapshot) => snapshot.calls.iter().map(|c| &c.event).collect(),
+        LiveFrame::SnapshotPage(page) => page.calls.iter().map(|c| &c.event).collect(),
+        LiveFrame::Status(status) => vec![&status.event],
         _ => return,
     };
     for call in entries {
-        let (Some(id), Some(state)) = (call["call_id"].as_str(), call["state"].as_str()) else {
-            continue;
-        };
+        let id = call.call_id.as_str();
         if !id.starts_with(prefix) {
             continue;
         }
         let mut finals = finals.lock().unwrap();
-        if matches!(state, "ARCHIVED" | "FAILED") {
+        if matches!(call.state, CallState::Archived | CallState::Failed) {
             // The first time only: a later snapshot repeats it and must not move the time.
             finals.entry(id.to_owned()).or_insert_with(|| {
                 bar.inc(1);
                 Final {
-                    state: state.to_owned(),
-                    attempts: call["ai_attempts"].as_i64().unwrap_or(0),
+                    state: call.state,
+                    attempts: i64::from(call.ai_attempts),
                     seen_at: Instant::now(),
                 }
             });
@@ -340,10 +335,10 @@ async fn stream_call(
             result.sent += 1;
             result.latencies.push(latency);
             match outcome {
-                PacketOutcome::Accepted => {
+                PacketStatus::Accepted => {
                     result.accepted.insert(*seq);
                 }
-                PacketOutcome::Duplicate => result.duplicates_reported += 1,
+                PacketStatus::Duplicate => result.duplicates_reported += 1,
             }
             bar.inc(1);
         }
@@ -387,7 +382,10 @@ async fn summarise(
         latencies.extend_from_slice(&result.latencies);
         match finals.get(call_id) {
             Some(f) => {
-                *summary.final_states.entry(f.state.clone()).or_default() += 1;
+                *summary
+                    .final_states
+                    .entry(f.state.as_str().to_owned())
+                    .or_default() += 1;
                 *summary.attempts.entry(f.attempts).or_default() += 1;
                 if let Some(done) = result.completed_at {
                     completion.push(f.seen_at.saturating_duration_since(done));
@@ -399,9 +397,9 @@ async fn summarise(
             .call(call_id)
             .await
             .with_context(|| format!("reading back {call_id}"))?;
-        let received = stored["packets_received"].as_i64().unwrap_or(0);
+        let received = stored.call.packets_received;
         summary.lost_packets += (result.accepted.len() as i64 - received).max(0);
-        if missing_sequences(&stored) != *dropped {
+        if missing_sequences(&stored.missing) != *dropped {
             summary.missing_mismatches += 1;
         }
     }
@@ -411,13 +409,8 @@ async fn summarise(
     Ok(summary)
 }
 
-fn missing_sequences(call: &Value) -> BTreeSet<i64> {
-    call["missing"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|r| r["from"].as_i64().unwrap_or(0)..=r["to"].as_i64().unwrap_or(-1))
-        .collect()
+fn missing_sequences(missing: &[MissingRange]) -> BTreeSet<i64> {
+    missing.iter().flat_map(|r| r.from..=r.to).collect()
 }
 
 fn render(s: &Summary, seed: u64) -> String {
@@ -548,7 +541,10 @@ mod tests {
 
     #[test]
     fn missing_ranges_expand_to_sequences() {
-        let call = serde_json::json!({"missing": [{"from": 2, "to": 3}, {"from": 7, "to": 7}]});
-        assert_eq!(missing_sequences(&call), BTreeSet::from([2, 3, 7]));
+        let missing = [
+            MissingRange { from: 2, to: 3 },
+            MissingRange { from: 7, to: 7 },
+        ];
+        assert_eq!(missing_sequences(&missing), BTreeSet::from([2, 3, 7]));
     }
 }

@@ -2,7 +2,13 @@
 
 use std::{fmt::Write as _, io::IsTerminal, process::ExitCode, time::Duration};
 
-use serde_json::Value;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use wire::{
+    CallState,
+    api::{CallDetail, CallPage},
+    events::StatusEvent,
+    live::LiveFrame,
+};
 
 use crate::{cli::Endpoints, live::Live};
 
@@ -27,97 +33,103 @@ pub async fn run(endpoints: &Endpoints, options: Options) -> anyhow::Result<Exit
             continue;
         };
         if options.json {
-            println!("{frame}");
+            println!("{}", crate::cli::json(&frame, false)?);
             continue;
         }
-        match frame["type"].as_str() {
-            Some("snapshot") => {
-                let calls = frame["calls"].as_array().cloned().unwrap_or_default();
-                let what = if frame["reset"] == true {
+        match frame {
+            LiveFrame::Snapshot(snapshot) => {
+                let what = if snapshot.reset {
                     "fresh snapshot"
                 } else {
                     "snapshot"
                 };
-                let total = frame["total"].as_u64().unwrap_or(calls.len() as u64);
                 println!(
-                    "── {what}: {total} calls (seq {}), newest first",
-                    frame["seq"]
+                    "── {what}: {} calls (seq {}), newest first",
+                    snapshot.total, snapshot.seq
                 );
-                for call in &calls {
-                    println!("{}", line(call, colour));
+                for call in &snapshot.calls {
+                    println!("{}", line(&call.event, colour));
                 }
-                if frame["more"] != true {
+                if !snapshot.more {
                     println!("── live");
                 }
             }
-            Some("snapshot_page") => {
-                for call in frame["calls"].as_array().into_iter().flatten() {
-                    println!("{}", line(call, colour));
+            LiveFrame::SnapshotPage(page) => {
+                for call in &page.calls {
+                    println!("{}", line(&call.event, colour));
                 }
-                if frame["more"] != true {
+                if !page.more {
                     println!("── live");
                 }
             }
-            Some("status") => println!("{}", line(&frame, colour)),
-            Some("progress") => {} // packet counts between changes: too chatty for a log
-            Some("lagged") => println!(
-                "── fell behind ({} events); resynchronising",
-                frame["missed"]
-            ),
-            Some("error") => eprintln!("pbx: notifier says: {}", frame["message"]),
-            _ => {}
+            LiveFrame::Status(status) => println!("{}", line(&status.event, colour)),
+            // Packet counts between changes: too chatty for a log.
+            LiveFrame::Progress(_) | LiveFrame::Heartbeat { .. } | LiveFrame::Unknown => {}
+            LiveFrame::Lagged { missed } => {
+                println!("── fell behind ({missed} events); resynchronising")
+            }
+            LiveFrame::Error { message } => eprintln!("pbx: notifier says: {message:?}"),
         }
     }
 }
 
-fn paint(state: &str, colour: bool) -> String {
+fn paint(state: CallState, colour: bool) -> String {
+    let name = state.as_str();
     if !colour {
-        return state.to_owned();
+        return name.to_owned();
     }
     let code = match state {
-        "IN_PROGRESS" => "34",
-        "COMPLETED" => "37",
-        "PROCESSING_AI" => "33",
-        "ARCHIVED" => "32",
-        "FAILED" => "31",
-        _ => "0",
+        CallState::InProgress => "34",
+        CallState::Completed => "37",
+        CallState::ProcessingAi => "33",
+        CallState::Archived => "32",
+        CallState::Failed => "31",
     };
-    format!("\x1b[{code}m{state}\x1b[0m")
+    format!("\x1b[{code}m{name}\x1b[0m")
+}
+
+/// A time as the API writes it (RFC 3339).
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
+}
+
+/// `hh:mm:ss` of a time, in the offset it came with (UTC from Switchboard).
+fn clock(at: OffsetDateTime) -> String {
+    format!("{:02}:{:02}:{:02}", at.hour(), at.minute(), at.second())
+}
+
+/// An optional number as JSON would write it.
+fn number(n: Option<i64>) -> String {
+    n.map_or_else(|| "null".to_owned(), |n| n.to_string())
 }
 
 /// One readable line per status event.
-pub fn line(e: &Value, colour: bool) -> String {
-    let state = e["state"].as_str().unwrap_or("?");
+pub fn line(e: &StatusEvent, colour: bool) -> String {
     let mut out = format!(
         "{}  {:<24} {:<13} v{:<3} packets {:<6} missing {:<4} attempts {}",
-        e["at"]
-            .as_str()
-            .and_then(|t| t.get(11..19))
-            .unwrap_or("--:--:--"),
-        e["call_id"].as_str().unwrap_or("?"),
-        paint(state, colour),
-        e["version"],
-        e["packets_received"],
-        e["missing_packets"],
-        e["ai_attempts"],
+        clock(e.at),
+        e.call_id.as_str(),
+        paint(e.state, colour),
+        e.version,
+        e.packets_received,
+        e.missing_packets,
+        e.ai_attempts,
     );
-    if let Some(reason) = e["reason"].as_str() {
-        let _ = write!(out, "  ({reason})");
-    }
-    if let Some(error) = e["last_error"].as_str().filter(|_| state != "ARCHIVED") {
+    let _ = write!(out, "  ({})", e.reason);
+    if let Some(error) = e
+        .last_error
+        .as_deref()
+        .filter(|_| e.state != CallState::Archived)
+    {
         let _ = write!(out, "  error: {error}");
     }
-    if let Some(next) = e["next_attempt_at"].as_str() {
-        let _ = write!(out, "  next try {}", next.get(11..19).unwrap_or(next));
+    if let Some(next) = e.next_attempt_at {
+        let _ = write!(out, "  next try {}", clock(next));
     }
-    if let Some(label) = e["sentiment"]["label"].as_str() {
-        let _ = write!(
-            out,
-            "  {label} {:+.2}",
-            e["sentiment"]["score"].as_f64().unwrap_or(0.0)
-        );
+    if let Some(sentiment) = &e.sentiment {
+        let _ = write!(out, "  {} {:+.2}", sentiment.label, sentiment.score);
     }
-    if let Some(t) = e["transcript"].as_str() {
+    if let Some(t) = &e.transcript {
         let short: String = t.chars().take(60).collect();
         let _ = write!(
             out,
@@ -129,97 +141,124 @@ pub fn line(e: &Value, colour: bool) -> String {
 }
 
 /// `pbx status`: a call, readably.
-pub fn describe_call(c: &Value) -> String {
+pub fn describe_call(detail: &CallDetail) -> String {
+    let c = &detail.call;
     let mut out = String::new();
-    let missing: Vec<String> = c["missing"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let missing: Vec<String> = detail
+        .missing
+        .iter()
         .map(|r| {
-            if r["from"] == r["to"] {
-                r["from"].to_string()
+            if r.from == r.to {
+                r.from.to_string()
             } else {
-                format!("{}-{}", r["from"], r["to"])
+                format!("{}-{}", r.from, r.to)
             }
         })
         .collect();
-    let _ = writeln!(out, "call        {}", c["call_id"].as_str().unwrap_or("?"));
-    let _ = writeln!(
-        out,
-        "state       {} (version {})",
-        c["state"].as_str().unwrap_or("?"),
-        c["version"]
-    );
+    let _ = writeln!(out, "call        {}", c.call_id);
+    let _ = writeln!(out, "state       {} (version {})", c.state, c.version);
     let _ = writeln!(
         out,
         "packets     {} received, sequences {}..{}{}",
-        c["packets_received"],
-        c["first_sequence"],
-        c["last_sequence"],
-        c["total_packets"]
-            .as_i64()
+        c.packets_received,
+        number(c.first_sequence),
+        number(c.last_sequence),
+        c.total_packets
             .map(|t| format!(" of {t} declared"))
             .unwrap_or_default()
     );
     let _ = writeln!(
         out,
         "missing     {}{}",
-        c["missing_packets"],
+        c.missing_packets,
         if missing.is_empty() {
             String::new()
         } else {
             format!(" ({})", missing.join(", "))
         }
     );
-    let _ = writeln!(out, "AI attempts {}", c["ai_attempts"]);
-    if let Some(e) = c["last_error"].as_str() {
+    let _ = writeln!(out, "AI attempts {}", c.ai_attempts);
+    if let Some(e) = &c.last_error {
         let _ = writeln!(out, "last error  {e}");
     }
-    if let Some(label) = c["sentiment"]["label"].as_str() {
+    if let Some(sentiment) = &c.sentiment {
         let _ = writeln!(
             out,
-            "sentiment   {label} ({:+.2})",
-            c["sentiment"]["score"].as_f64().unwrap_or(0.0)
+            "sentiment   {} ({:+.2})",
+            sentiment.label, sentiment.score
         );
     }
-    if let Some(t) = c["transcript"].as_str() {
+    if let Some(t) = &c.transcript {
         let _ = writeln!(out, "transcript  {t}");
     }
     let _ = writeln!(out, "history");
-    for h in c["history"].as_array().into_iter().flatten() {
+    for h in &detail.history {
         let _ = writeln!(
             out,
             "  v{:<3} {}  {} -> {}  ({})",
-            h["version"],
-            h["at"].as_str().unwrap_or(""),
-            h["from_state"].as_str().unwrap_or("·"),
-            h["to_state"].as_str().unwrap_or("?"),
-            h["reason"].as_str().unwrap_or("")
+            h.version,
+            rfc3339(h.at),
+            h.from_state.as_deref().unwrap_or("·"),
+            h.to_state,
+            h.reason
         );
     }
     out
 }
 
 /// `pbx calls`: a table.
-pub fn describe_calls(page: &Value) -> String {
+pub fn describe_calls(page: &CallPage) -> String {
     let mut out = format!(
         "{:<28} {:<13} {:>8} {:>8} {:>8}  {}\n",
         "CALL", "STATE", "PACKETS", "MISSING", "ATTEMPTS", "UPDATED"
     );
-    for c in page["calls"].as_array().into_iter().flatten() {
+    for c in &page.calls {
         let _ = writeln!(
             out,
             "{:<28} {:<13} {:>8} {:>8} {:>8}  {}",
-            c["call_id"].as_str().unwrap_or("?"),
-            c["state"].as_str().unwrap_or("?"),
-            c["packets_received"],
-            c["missing_packets"],
-            c["ai_attempts"],
-            c["updated_at"].as_str().unwrap_or("")
+            c.call_id,
+            c.state.as_str(),
+            c.packets_received,
+            c.missing_packets,
+            c.ai_attempts,
+            rfc3339(c.updated_at)
         );
     }
-    if let Some(cursor) = page["next_cursor"].as_str() {
+    if let Some(cursor) = &page.next_cursor {
         let _ = writeln!(out, "(more: GET /v1/calls?cursor={cursor})");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DETAIL: &str = r#"{"call_id":"c1","state":"ARCHIVED","version":4,"packets_received":6,"first_sequence":0,"last_sequence":9,"total_packets":10,"missing_packets":4,"ai_attempts":1,"transcript":"hello there","sentiment":{"label":"positive","score":0.5},"last_error":null,"created_at":"2025-11-25T16:00:00.123456Z","updated_at":"2025-11-25T16:00:01Z","last_packet_at":"2025-11-25T16:00:00.5Z","completed_at":"2025-11-25T16:00:00.9Z","next_attempt_at":null,"missing":[{"from":2,"to":2},{"from":5,"to":7}],"history":[{"version":1,"from_state":null,"to_state":"IN_PROGRESS","reason":"first_packet","at":"2025-11-25T16:00:00.123456Z"}]}"#;
+
+    #[test]
+    fn a_call_reads_with_its_ranges_sentiment_and_history() {
+        let detail: CallDetail = serde_json::from_str(DETAIL).unwrap();
+        let text = describe_call(&detail);
+        assert!(text.contains("state       ARCHIVED (version 4)"), "{text}");
+        assert!(text.contains("sequences 0..9 of 10 declared"), "{text}");
+        assert!(text.contains("missing     4 (2, 5-7)"), "{text}");
+        assert!(text.contains("sentiment   positive (+0.50)"), "{text}");
+        assert!(
+            text.contains("2025-11-25T16:00:00.123456Z  · -> IN_PROGRESS  (first_packet)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_status_line_shows_the_clock_state_and_reason() {
+        let event: StatusEvent = serde_json::from_str(
+            r#"{"call_id":"c1","state":"FAILED","previous_state":"PROCESSING_AI","version":5,"at":"2025-11-25T16:04:05.5Z","reason":"ai_gave_up","packets_received":3,"missing_packets":0,"ai_attempts":5,"last_error":"boom","transcript":null,"sentiment":null,"next_attempt_at":null}"#,
+        )
+        .unwrap();
+        let text = line(&event, false);
+        assert!(text.starts_with("16:04:05  c1 "), "{text}");
+        assert!(text.contains(" FAILED "), "{text}");
+        assert!(text.ends_with("(ai_gave_up)  error: boom"), "{text}");
+    }
 }

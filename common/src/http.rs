@@ -9,44 +9,19 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+/// The error body of every Switchboard API, defined with the rest of the wire contract.
+pub use wire::api::{ErrorBody, ErrorDetail};
 
-/// The error body of every Switchboard API: `{"error": {"code", "message", "field"?}}`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
+/// An [`ErrorBody`] as an axum response (the body type lives in `wire`, which knows no axum).
+pub trait ErrorResponse {
+    fn into_response_with(self, status: StatusCode) -> Response;
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, machine-readable: `invalid_field`, `sequence_conflict`, ...
-    pub code: String,
-    /// For people: what is wrong and, where it helps, what to do.
-    pub message: String,
-    /// The offending field or parameter, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
-
-impl ErrorBody {
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            error: ErrorDetail {
-                code: code.into(),
-                message: message.into(),
-                field: None,
-            },
-        }
-    }
-
-    pub fn with_field(mut self, field: impl Into<String>) -> Self {
-        self.error.field = Some(field.into());
-        self
-    }
-
-    pub fn into_response_with(self, status: StatusCode) -> Response {
+impl ErrorResponse for ErrorBody {
+    fn into_response_with(self, status: StatusCode) -> Response {
         (status, Json(self)).into_response()
     }
 }

@@ -1,13 +1,15 @@
 //! # common
 //!
 //! The building blocks every Switchboard service shares, so that each concept has exactly one
-//! home: the call state machine, the subject and stream names, the event payloads, the error
-//! body, the database schema and the way events leave the database for JetStream.
+//! home: the database schema, the way events leave the database for JetStream, NATS, HTTP
+//! serving, configuration and telemetry. The wire contract (call ids, states, subjects, event
+//! payloads, API bodies, live frames) lives in the `wire` crate, which clients such as `pbx`
+//! use without the server stack; its modules are re-exported here so the services name them
+//! as `common::events`, `common::CallState`, and so on.
 //!
 //! # Layout
-//! - [`call_id`]: the validated call identifier (it becomes a NATS subject token).
-//! - [`call_state`]: the call states and the transitions allowed between them.
-//! - [`reason`]: why a call moved (the reason of every transition).
+//! - [`call_id`], [`call_state`], [`reason`], [`subjects`], [`events`], [`live`]: re-exported
+//!   from `wire`.
 //! - [`config`]: settings shared by all services (environment variables first).
 //! - [`telemetry`]: tracing subscriber (text or JSON) and the Prometheus recorder.
 //! - [`shutdown`]: a root cancellation token fired by SIGTERM / ctrl-c.
@@ -15,36 +17,26 @@
 //! - [`store`]: reads of calls.
 //! - [`calls`]: every write to `calls` and `call_transitions` (the one owner), among them the
 //!   compare-and-set that moves a call between states.
-//! - [`subjects`]: every NATS subject and stream name, derived from `SWITCHBOARD_PREFIX`.
-//! - [`events`]: the payloads published on those subjects.
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
 //! - [`outbox`]: publishes the events the database has recorded, now and after outages.
 //! - [`tasks`]: critical background tasks, watched: one ending takes the service down.
-//! - [`http`]: the error body, health/readiness/metrics routes and graceful serving.
-//! - [`live`]: the live view's WebSocket contract (path, query parameters, limits).
+//! - [`http`]: the error body as a response, health/readiness/metrics routes and graceful
+//!   serving.
 //! - [`tls`]: the rustls crypto provider for outgoing HTTPS.
 //! - `testing` (feature `testing`): a throwaway database and NATS prefix per test.
 
-pub mod call_id;
-pub mod call_state;
 pub mod calls;
 pub mod config;
 pub mod db;
-pub mod events;
 pub mod http;
-pub mod live;
 pub mod nats;
 pub mod outbox;
-pub mod reason;
 pub mod shutdown;
 pub mod store;
-pub mod subjects;
 pub mod tasks;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
 
-pub use call_id::CallId;
-pub use call_state::CallState;
-pub use reason::Reason;
+pub use wire::{CallId, CallState, Reason, call_id, call_state, events, live, reason, subjects};

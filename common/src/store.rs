@@ -1,9 +1,9 @@
 //! Reads of calls: one call, a page of them, their history and missing ranges, and the row
 //! type every read returns. Every write is in [`crate::calls`].
 
-use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
 use time::OffsetDateTime;
+pub use wire::{MissingRange, api::TransitionRowView};
 
 use crate::{
     CallId, CallState, Reason,
@@ -93,13 +93,6 @@ impl CallRow {
     }
 }
 
-/// An inclusive range of missing sequence numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct MissingRange {
-    pub from: i64,
-    pub to: i64,
-}
-
 pub async fn get_call(
     db: impl PgExecutor<'_>,
     call_id: &CallId,
@@ -158,29 +151,30 @@ pub async fn missing_ranges(
         .collect())
 }
 
-/// One row of a call's history.
-#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
-pub struct TransitionRow {
-    pub version: i64,
-    pub from_state: Option<String>,
-    pub to_state: String,
-    pub reason: String,
-    #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
-    pub at: OffsetDateTime,
-}
-
+/// A call's history, oldest first, as the API shows it.
 pub async fn history(
     db: impl PgExecutor<'_>,
     call_id: &CallId,
-) -> Result<Vec<TransitionRow>, sqlx::Error> {
-    sqlx::query_as(
+) -> Result<Vec<TransitionRowView>, sqlx::Error> {
+    let rows: Vec<(i64, Option<String>, String, String, OffsetDateTime)> = sqlx::query_as(
         "SELECT version, from_state, to_state, reason, at FROM call_transitions \
          WHERE call_id = $1 ORDER BY version",
     )
     .bind(call_id.as_str())
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(version, from_state, to_state, reason, at)| TransitionRowView {
+                version,
+                from_state,
+                to_state,
+                reason,
+                at,
+            },
+        )
+        .collect())
 }
 
 /// Where a page of [`list_calls`] starts: after this (created_at, call_id).

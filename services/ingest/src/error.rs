@@ -5,7 +5,11 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use common::{CallId, CallState, call_id::InvalidCallId, http::ErrorBody};
+use common::{
+    CallId, CallState,
+    call_id::InvalidCallId,
+    http::{ErrorBody, ErrorResponse as _},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -9,7 +9,10 @@ use axum::{
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
-use common::{CallId, http::ErrorBody};
+use common::{
+    CallId,
+    http::{ErrorBody, ErrorResponse as _},
+};
 
 use crate::AppState;
 

@@ -501,6 +501,41 @@ mod tests {
         assert!(calls[0].frame.starts_with("{\"type\":\"status\","));
     }
 
+    /// The frames are written by hand for speed; the client's typed view of them (`wire`'s
+    /// `LiveFrame`) must read them as they are.
+    #[test]
+    fn status_entries_and_progress_frames_read_as_the_typed_live_frames() {
+        use common::live::LiveFrame;
+        let hub = Hub::new(16, 100);
+        let (_, mut subscription) = hub.join(&Filter::All, None, None);
+        let update = Update::new(7, event("a", 3, CallState::Completed));
+        let LiveFrame::Status(status) = serde_json::from_str(&update.frame).unwrap() else {
+            panic!("a status frame: {}", update.frame);
+        };
+        assert_eq!((status.seq, status.event.version), (7, 3));
+        let mut entry = String::new();
+        update.push_entry(&mut entry);
+        let page =
+            format!("{{\"type\":\"snapshot_page\",\"seq\":7,\"calls\":[{entry}],\"more\":false}}");
+        let LiveFrame::SnapshotPage(page) = serde_json::from_str(&page).unwrap() else {
+            panic!("a snapshot page: {page}");
+        };
+        assert_eq!(page.calls, [status]);
+
+        hub.progress(ProgressEvent {
+            call_id: CallId::parse("a").unwrap(),
+            packets_received: 5,
+            missing_packets: 1,
+            last_sequence: Some(5),
+            at: OffsetDateTime::now_utc(),
+        });
+        let progress = subscription.progress.try_recv().unwrap();
+        let LiveFrame::Progress(progress) = serde_json::from_str(&progress.frame).unwrap() else {
+            panic!("a progress frame: {}", progress.frame);
+        };
+        assert_eq!(progress.packets_received, 5);
+    }
+
     #[test]
     fn resumes_replay_exactly_what_followed_or_reset_when_too_old() {
         let hub = Hub::new(16, 3);

@@ -24,14 +24,16 @@ use axum::{
 };
 use common::{
     CallId,
-    http::ErrorBody,
-    live::{LiveQuery, MAX_CLIENT_MESSAGE_BYTES, MAX_SUBSCRIBED_CALLS, SNAPSHOT_PAGE_CALLS},
+    http::{ErrorBody, ErrorResponse as _},
+    live::{
+        ClientMessage, LiveQuery, MAX_CLIENT_MESSAGE_BYTES, MAX_SUBSCRIBED_CALLS,
+        SNAPSHOT_PAGE_CALLS,
+    },
 };
 use futures::{
     SinkExt, StreamExt,
     stream::{SplitSink, SplitStream},
 };
-use serde::Deserialize;
 use tokio::{
     sync::{broadcast::error::RecvError, watch},
     time::timeout,
@@ -42,15 +44,7 @@ use crate::{
     hub::{Filter, Snapshot, Start, Subscription, Update},
 };
 
-/// What a client may send.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ClientMessage {
-    Subscribe { call_ids: Vec<String> },
-    Unsubscribe { call_ids: Vec<String> },
-}
-
-/// `?call_id=a&call_id=b&since=N&stream=S`: the contract lives in `common::live`. Parsed from
+/// `?call_id=a&call_id=b&since=N&stream=S`: the contract lives in `wire::live`. Parsed from
 /// pairs: axum's `Query` has no repeated keys.
 fn parse_params(raw: &[(String, String)]) -> Result<LiveQuery, String> {
     LiveQuery::parse(raw.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -122,7 +116,7 @@ impl Socket {
     }
 
     /// Sends the state of every (followed) call at `seq`: newest first, in pages of
-    /// [`SNAPSHOT_PAGE_CALLS`] (see `common::live`).
+    /// [`SNAPSHOT_PAGE_CALLS`] (see `wire::live`).
     async fn snapshot(&mut self, snapshot: &Snapshot, reset: bool) -> Result<(), Gone> {
         let Snapshot { seq, stream, calls } = snapshot;
         let seq = *seq;

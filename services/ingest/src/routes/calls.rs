@@ -3,12 +3,10 @@
 use axum::{Json, extract::State, http::HeaderMap};
 use common::{
     CallState,
-    events::Sentiment,
-    store::{self, CallRow, ListCursor, MissingRange, TransitionRow},
+    store::{self, CallRow, ListCursor},
 };
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use utoipa::ToSchema;
+use wire::api::{CallDetail, CallPage, CallSummary, CompleteBody, CompleteResponse};
 
 use super::AppState;
 use crate::{
@@ -22,98 +20,26 @@ const MAX_MISSING_RANGES: i64 = 100_000;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 500;
 
-/// A call, without its history.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct CallSummary {
-    pub call_id: String,
-    pub state: CallState,
-    /// Number of transitions so far (creation is 1).
-    pub version: i64,
-    pub packets_received: i64,
-    pub first_sequence: Option<i64>,
-    pub last_sequence: Option<i64>,
-    /// As declared at completion, if it was.
-    pub total_packets: Option<i64>,
-    /// How many sequences are missing.
-    pub missing_packets: i64,
-    pub ai_attempts: i32,
-    pub transcript: Option<String>,
-    pub sentiment: Option<Sentiment>,
-    pub last_error: Option<String>,
-    #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
-    pub created_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
-    pub updated_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
-    pub last_packet_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub completed_at: Option<OffsetDateTime>,
-    /// While the AI is being retried: when the next attempt is due.
-    #[serde(with = "time::serde::rfc3339::option")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub next_attempt_at: Option<OffsetDateTime>,
-}
-
-impl From<CallRow> for CallSummary {
-    fn from(row: CallRow) -> Self {
-        Self {
-            sentiment: row.sentiment(),
-            call_id: row.call_id.to_string(),
-            state: row.state,
-            version: row.version,
-            packets_received: row.packets_received,
-            first_sequence: row.first_sequence,
-            last_sequence: row.last_sequence,
-            total_packets: row.total_packets,
-            missing_packets: row.missing_packets,
-            ai_attempts: row.ai_attempts,
-            transcript: row.transcript,
-            last_error: row.last_error,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            last_packet_at: row.last_packet_at,
-            completed_at: row.completed_at,
-            next_attempt_at: row.next_attempt_at,
-        }
-    }
-}
-
-/// A call with its missing ranges and the history of its transitions.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct CallDetail {
-    #[serde(flatten)]
-    pub call: CallSummary,
-    /// Missing sequences as inclusive ranges, lowest first.
-    pub missing: Vec<MissingRange>,
-    /// Every transition, oldest first.
-    pub history: Vec<TransitionRowView>,
-}
-
-/// One transition in a call's history.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct TransitionRowView {
-    pub version: i64,
-    pub from_state: Option<String>,
-    pub to_state: String,
-    pub reason: String,
-    #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
-    pub at: OffsetDateTime,
-}
-
-impl From<TransitionRow> for TransitionRowView {
-    fn from(t: TransitionRow) -> Self {
-        Self {
-            version: t.version,
-            from_state: t.from_state,
-            to_state: t.to_state,
-            reason: t.reason,
-            at: t.at,
-        }
+/// A stored call as the API shows it.
+fn summary(row: CallRow) -> CallSummary {
+    CallSummary {
+        sentiment: row.sentiment(),
+        call_id: row.call_id.to_string(),
+        state: row.state,
+        version: row.version,
+        packets_received: row.packets_received,
+        first_sequence: row.first_sequence,
+        last_sequence: row.last_sequence,
+        total_packets: row.total_packets,
+        missing_packets: row.missing_packets,
+        ai_attempts: row.ai_attempts,
+        transcript: row.transcript,
+        last_error: row.last_error,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        last_packet_at: row.last_packet_at,
+        completed_at: row.completed_at,
+        next_attempt_at: row.next_attempt_at,
     }
 }
 
@@ -139,29 +65,10 @@ pub async fn get_call(
     )
     .map_err(ApiError::database)?;
     Ok(Json(CallDetail {
-        call: row.into(),
+        call: summary(row),
         missing,
-        history: history.into_iter().map(Into::into).collect(),
+        history,
     }))
-}
-
-/// Optional body of a completion.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CompleteBody {
-    /// How many packets the PBX sent (sequences `0..total_packets`), so that packets lost
-    /// at the end of the call count as missing.
-    #[schema(minimum = 0)]
-    pub total_packets: Option<i64>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct CompleteResponse {
-    /// `true` if this request completed the call; `false` if it had already left
-    /// `IN_PROGRESS` (nothing changed, nothing was published).
-    pub changed: bool,
-    #[serde(flatten)]
-    pub call: CallSummary,
 }
 
 /// End a call: `IN_PROGRESS -> COMPLETED`, and a work item for the transcriber.
@@ -210,7 +117,7 @@ pub async fn complete_call(
     };
     Ok(Json(CompleteResponse {
         changed,
-        call: row.into(),
+        call: summary(row),
     }))
 }
 
@@ -231,14 +138,7 @@ pub async fn retry_call(
 ) -> Result<Json<CallSummary>, ApiError> {
     let row =
         lifecycle::retry_call(&app.pool, &app.publisher, &call_id, request_id(&headers)).await?;
-    Ok(Json(row.into()))
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct CallPage {
-    pub calls: Vec<CallSummary>,
-    /// Pass as `cursor` for the next page; `null` on the last page.
-    pub next_cursor: Option<String>,
+    Ok(Json(summary(row)))
 }
 
 /// Calls, newest first, optionally in one state.
@@ -305,7 +205,7 @@ pub async fn list_calls(
         None
     };
     Ok(Json(CallPage {
-        calls: rows.into_iter().map(Into::into).collect(),
+        calls: rows.into_iter().map(summary).collect(),
         next_cursor,
     }))
 }

@@ -5,7 +5,7 @@ use axum::{
     http::{StatusCode, Uri},
     response::{IntoResponse, Response},
 };
-use common::http::{ErrorBody, check_nats, check_postgres, readiness};
+use common::http::{ErrorBody, ErrorResponse as _, check_nats, check_postgres, readiness};
 
 use super::AppState;
 use crate::error::ApiError;

@@ -1,9 +1,8 @@
 //! `POST /v1/call/stream/{call_id}`: one audio packet.
 
 use axum::{Json, extract::State, http::HeaderMap, http::StatusCode};
-use common::{CallId, call_id::InvalidCallId, store::MissingRange};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use common::{CallId, call_id::InvalidCallId};
+use wire::api::{PacketBody, PacketReceipt, PacketStatus};
 
 use super::AppState;
 pub use crate::writer::MAX_SEQUENCE;
@@ -13,45 +12,6 @@ use crate::{
     extract::{AppJson, CallIdPath, request_id},
     writer::{NewPacket, Outcome, WriteError},
 };
-
-/// One packet of a call's audio.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PacketBody {
-    /// Position in the call, counting from `SEQUENCE_START` (0 unless configured to 1). Gaps,
-    /// repeats and any order are allowed.
-    #[schema(minimum = 0, example = 0)]
-    pub sequence: i64,
-    /// The payload (base64 audio for real PBXs; words, for the simulator). At most
-    /// `MAX_PACKET_BYTES` bytes.
-    #[schema(example = "UklGRiQAAABXQVZF")]
-    pub data: String,
-    /// When the PBX captured it, in seconds since the Unix epoch (fractions allowed).
-    #[schema(minimum = 0, example = 1764086400.02)]
-    pub timestamp: f64,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum PacketStatus {
-    /// Stored now.
-    Accepted,
-    /// Already stored with the same data: nothing changed.
-    Duplicate,
-}
-
-/// The answer to a packet: stored in Postgres and acknowledged by JetStream.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct PacketReceipt {
-    pub call_id: String,
-    pub sequence: i64,
-    pub status: PacketStatus,
-    /// Sequences not received yet below the highest one seen, as inclusive ranges, lowest
-    /// first (at most 100 ranges; `GET /v1/call/{call_id}` lists more).
-    pub missing: Vec<MissingRange>,
-    /// How many sequences are missing in all (every range, not only those listed).
-    pub missing_packets: i64,
-}
 
 /// Stream one packet.
 ///

@@ -321,8 +321,9 @@ async fn progress_reports_reach_the_sockets_that_follow_the_call() {
     );
 }
 
-/// The resume URL exactly as `pbx` builds it (`common::live::LiveQuery`), with the `stream`
-/// the snapshot named: an exact replay, not a refusal.
+/// The resume URL exactly as `pbx` builds it (`wire::live::LiveQuery`, which is
+/// `common::live::LiveQuery` here), with the `stream` the snapshot named: an exact replay, not
+/// a refusal.
 #[tokio::test]
 async fn a_resume_with_since_and_stream_as_clients_build_it_is_exact() {
     let n = notifier(|_| {}).await;

@@ -1,5 +1,5 @@
 //! The call state machine: the one place that says which states exist and which moves between
-//! them are allowed. Every transition is then carried out by [`crate::store::transition`], a
+//! them are allowed. Every transition is then carried out by `common::store::transition`, a
 //! compare-and-set in Postgres.
 //!
 //! ```text
@@ -15,7 +15,8 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CallState {
     /// Packets are streaming in.

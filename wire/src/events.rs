@@ -44,7 +44,8 @@ impl WorkItem {
 }
 
 /// Sentiment of a transcript.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Sentiment {
     /// `positive`, `neutral` or `negative`.
     pub label: String,
@@ -55,9 +56,10 @@ pub struct Sentiment {
 /// A change of a call's state, on `<prefix>.calls.status.<call_id>`. Published at least once;
 /// `version` grows by one with every transition, so a consumer drops an event whose version
 /// it has already seen instead of moving a call backwards.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusEvent {
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub call_id: CallId,
     pub state: CallState,
     /// `null` for the event that creates the call.
@@ -65,7 +67,7 @@ pub struct StatusEvent {
     pub version: i64,
     /// When the transition was committed.
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub at: OffsetDateTime,
     /// Why the call moved, e.g. `first_packet`, `completed_by_pbx`, `idle_timeout`.
     pub reason: String,
@@ -89,7 +91,7 @@ pub struct StatusEvent {
     pub sentiment: Option<Sentiment>,
     /// While `PROCESSING_AI` after a retryable AI failure: when the next attempt is due.
     #[serde(default, with = "time::serde::rfc3339::option")]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub next_attempt_at: Option<OffsetDateTime>,
 }
 

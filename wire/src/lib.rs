@@ -1,0 +1,33 @@
+//! # wire
+//!
+//! The wire contract of Switchboard: what crosses a process boundary, shared by the services
+//! and by `pbx`. Call ids and states, NATS subject names and the event payloads published on
+//! them, the bodies of the ingest HTTP API, and the live view's WebSocket query and frames.
+//!
+//! It has no server dependencies (no axum, sqlx or async-nats), so that a client compiles only
+//! the contract. Infrastructure (database, NATS connections, HTTP serving) lives in `common`,
+//! which re-exports these modules for the services.
+//!
+//! # Layout
+//! - [`call_id`]: the validated call identifier (it becomes a NATS subject token).
+//! - [`call_state`]: the call states and the transitions allowed between them.
+//! - [`reason`]: why a call moved (the reason of every transition), next to the states.
+//! - [`subjects`]: every NATS subject and stream name, derived from `SWITCHBOARD_PREFIX`.
+//! - [`events`]: the payloads published on those subjects.
+//! - [`api`]: the ingest API's request, response and error bodies.
+//! - [`live`]: the live view's WebSocket contract (path, query parameters, limits, frames).
+//!
+//! Feature `openapi` derives `utoipa::ToSchema` for the types the API documents.
+
+pub mod api;
+pub mod call_id;
+pub mod call_state;
+pub mod events;
+pub mod live;
+pub mod reason;
+pub mod subjects;
+
+pub use api::MissingRange;
+pub use call_id::CallId;
+pub use call_state::CallState;
+pub use reason::Reason;
