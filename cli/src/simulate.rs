@@ -197,62 +197,14 @@ pub async fn run(
     let mut live = Live::new(&endpoints.notifier_url);
     let ids: Vec<String> = plans.iter().map(|p| p.call_id.clone()).collect();
     live.connect(&ids).await?;
-    let bars =
-        MultiProgress::with_draw_target(if std::io::stderr().is_terminal() && !options.json {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        });
-    let style = ProgressStyle::with_template("{prefix:>9} {bar:40.cyan/blue} {pos}/{len} {msg}")
-        .expect("valid template");
-    let packets_bar = bars.add(
-        ProgressBar::new(to_send)
-            .with_style(style.clone())
-            .with_prefix("packets"),
+    let (packets_bar, calls_bar) = progress_bars(to_send, options.calls as u64, options.json);
+    let follower = follow(
+        live,
+        format!("{prefix}-"),
+        finals.clone(),
+        calls_bar.clone(),
     );
-    let calls_bar = bars.add(
-        ProgressBar::new(options.calls as u64)
-            .with_style(style)
-            .with_prefix("finished"),
-    );
-    let follower = {
-        let finals = finals.clone();
-        let prefix = format!("{prefix}-");
-        let calls_bar = calls_bar.clone();
-        tokio::spawn(async move {
-            loop {
-                match live.next().await {
-                    Some(frame) => record(&frame, &prefix, &finals, &calls_bar),
-                    None => {
-                        if live.reconnect(Duration::from_secs(60)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        })
-    };
-
-    // Stream the calls, `concurrency` at a time.
-    let period = (options.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(options.rate)));
-    let results: Vec<(String, BTreeSet<i64>, anyhow::Result<CallResult>)> = stream::iter(plans)
-        .map(|plan| {
-            let packets_bar = packets_bar.clone();
-            async move {
-                let result =
-                    stream_call(ingest, &plan, period, options.packets as i64, &packets_bar).await;
-                (plan.call_id, plan.dropped, result)
-            }
-        })
-        .buffer_unordered(options.concurrency)
-        .collect()
-        .await;
-    packets_bar.finish();
-
-    let mut calls = HashMap::new();
-    for (call_id, dropped, result) in results {
-        calls.insert(call_id, (dropped, result?));
-    }
+    let calls = stream_all(ingest, plans, &options, &packets_bar).await?;
 
     // Wait for every call to be final.
     let deadline = Instant::now() + Duration::from_secs(options.timeout_secs);
@@ -279,6 +231,80 @@ pub async fn run(
     } else {
         ExitCode::from(2)
     })
+}
+
+/// A bar for packets sent and one for calls finished (hidden when stderr is not a terminal or
+/// the output is JSON).
+fn progress_bars(packets: u64, calls: u64, json: bool) -> (ProgressBar, ProgressBar) {
+    let target = if std::io::stderr().is_terminal() && !json {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bars = MultiProgress::with_draw_target(target);
+    let style = ProgressStyle::with_template("{prefix:>9} {bar:40.cyan/blue} {pos}/{len} {msg}")
+        .expect("valid template");
+    let packets_bar = bars.add(
+        ProgressBar::new(packets)
+            .with_style(style.clone())
+            .with_prefix("packets"),
+    );
+    let calls_bar = bars.add(
+        ProgressBar::new(calls)
+            .with_style(style)
+            .with_prefix("finished"),
+    );
+    (packets_bar, calls_bar)
+}
+
+/// Records every final state the notifier reports for calls of `prefix`, reconnecting (and
+/// resuming) when the connection drops; ends if it cannot reconnect for a minute.
+fn follow(
+    mut live: Live,
+    prefix: String,
+    finals: Arc<Mutex<HashMap<String, Final>>>,
+    calls_bar: ProgressBar,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match live.next().await {
+                Some(frame) => record(&frame, &prefix, &finals, &calls_bar),
+                None => {
+                    if live.reconnect(Duration::from_secs(60)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// What each call's streaming did, by call id: the sequences dropped and the result.
+type Streamed = HashMap<String, (BTreeSet<i64>, CallResult)>;
+
+/// Streams every planned call, `--concurrency` at a time, and completes each.
+async fn stream_all(
+    ingest: &Ingest,
+    plans: Vec<Plan>,
+    options: &Options,
+    packets_bar: &ProgressBar,
+) -> anyhow::Result<Streamed> {
+    let period = (options.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(options.rate)));
+    let results: Vec<(String, BTreeSet<i64>, anyhow::Result<CallResult>)> = stream::iter(plans)
+        .map(|plan| async move {
+            let result =
+                stream_call(ingest, &plan, period, options.packets as i64, packets_bar).await;
+            (plan.call_id, plan.dropped, result)
+        })
+        .buffer_unordered(options.concurrency)
+        .collect()
+        .await;
+    packets_bar.finish();
+    let mut calls = HashMap::new();
+    for (call_id, dropped, result) in results {
+        calls.insert(call_id, (dropped, result?));
+    }
+    Ok(calls)
 }
 
 fn record(
