@@ -1,5 +1,5 @@
 //! The call state machine: the one place that says which states exist and which moves between
-//! them are allowed. Every transition is then carried out by `common::store::transition`, a
+//! them are allowed. Every transition is then carried out by `common::calls::transition`, a
 //! compare-and-set in Postgres.
 //!
 //! ```text
