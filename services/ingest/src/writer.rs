@@ -12,7 +12,7 @@
 //!
 //! Nothing stored is left unpublished: the batch's transaction also writes one
 //! `packet_outbox` row naming its new packets, deleted once JetStream has acknowledged them
-//! all. The outbox relay (`common::outbox`) republishes whatever a crash, a NATS outage or a
+//! all. The outbox relay (`crate::relay`) republishes whatever a crash, a NATS outage or a
 //! client that gave up left behind. Events carry what Postgres stored (the first timestamp
 //! of a retried packet, not the retry's).
 //!
