@@ -9,6 +9,7 @@
 //! - [`call_state`]: the call states and the transitions allowed between them.
 //! - [`config`]: settings shared by all services (environment variables first).
 //! - [`telemetry`]: tracing subscriber (text or JSON) and the Prometheus recorder.
+//! - [`service`]: the start-up every service shares (Postgres, NATS, streams, listener).
 //! - [`shutdown`]: a root cancellation token fired by SIGTERM / ctrl-c.
 //! - [`db`]: the Postgres pool and the one embedded [`db::MIGRATOR`].
 //! - [`store`]: reads of calls and the one compare-and-set that moves a call between states.
@@ -17,7 +18,8 @@
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
 //! - [`outbox`]: publishes the events the database has recorded, now and after outages.
 //! - [`tasks`]: critical background tasks, watched: one ending takes the service down.
-//! - [`http`]: the error body, health/readiness/metrics routes and graceful serving.
+//! - [`http`]: the error body, request ids, health/readiness/metrics routes and graceful
+//!   serving.
 //! - [`live`]: the live view's WebSocket contract (path, query parameters, limits).
 //! - [`tls`]: the rustls crypto provider for outgoing HTTPS.
 //! - `testing` (feature `testing`): a throwaway database and NATS prefix per test.
@@ -31,6 +33,7 @@ pub mod http;
 pub mod live;
 pub mod nats;
 pub mod outbox;
+pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod subjects;
