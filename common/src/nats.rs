@@ -57,7 +57,7 @@ pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
 }
 
 /// The configuration Switchboard wants for each stream.
-pub fn stream_config(
+fn stream_config(
     kind: StreamKind,
     subjects: &Subjects,
     settings: &StreamSettings,
