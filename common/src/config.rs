@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::subjects::Prefix;
 
@@ -128,31 +128,124 @@ impl CommonConfig {
     }
 }
 
-/// The command line of a service that only serves: `<service> [serve]` runs it,
-/// `<service> healthcheck` asks a running one whether it is healthy (container health checks).
+/// The command line of every service: `<service> [serve]` runs it, `<service> healthcheck`
+/// asks a running one whether it is healthy (container health checks), and `X` adds the
+/// service's own subcommands (ingest's `migrate`; [`NoCommands`] for none).
 #[derive(clap::Parser, Debug)]
-#[command(version, about, long_about = None)]
-pub struct ServiceCli<C: Args> {
+pub struct ServiceCli<C: Args, X: Subcommand = NoCommands> {
     #[command(subcommand)]
-    pub command: Option<ServiceCommand>,
+    pub command: Option<ServiceCommand<X>>,
     #[command(flatten)]
     pub config: C,
 }
 
-impl<C: Args> ServiceCli<C> {
-    /// Parses the process's arguments; `about` is the service's own description (the
-    /// derive would otherwise take this crate's).
-    pub fn parse_for(about: &'static str) -> Self {
-        use clap::{CommandFactory, FromArgMatches};
-        let matches = Self::command().about(about).get_matches();
-        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+impl<C: Args + Parser, X: Subcommand> ServiceCli<C, X> {
+    /// Parses the process's arguments, exiting with clap's message on a bad one.
+    pub fn parse() -> Self {
+        Self::try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (the first is the program's name). The name, version and descriptions
+    /// are the service's own, from its configuration's `#[command(...)]` (the derive on this
+    /// struct would take this crate's).
+    pub fn try_parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let service = C::command();
+        let (about, long_about) = (
+            service.get_about().cloned(),
+            service.get_long_about().cloned(),
+        );
+        let mut command = ServiceCommand::<X>::augment_subcommands(service);
+        // Deriving `Subcommand` makes the enums' doc comments the command's description:
+        // put the service's own back.
+        if let Some(about) = about {
+            command = command.about(about);
+        }
+        if let Some(long_about) = long_about {
+            command = command.long_about(long_about);
+        }
+        let matches = command.try_get_matches_from(args)?;
+        Self::from_arg_matches(&matches)
+    }
+
+    /// Whether to answer `healthcheck` rather than start (it runs before logging starts).
+    pub fn is_healthcheck(&self) -> bool {
+        matches!(self.command, Some(ServiceCommand::Healthcheck))
     }
 }
 
 #[derive(clap::Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServiceCommand {
+pub enum ServiceCommand<X: Subcommand = NoCommands> {
+    /// The service's own subcommands (listed first).
+    #[command(flatten)]
+    Own(X),
     /// Run the service (the default).
     Serve,
     /// Exit 0 if the service on its listen address answers /healthz.
     Healthcheck,
+}
+
+/// No subcommands of the service's own.
+#[derive(clap::Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoCommands {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    #[command(
+        name = "svc",
+        version,
+        about = "A service.",
+        long_about = "A service, at length."
+    )]
+    struct SvcConfig {
+        #[arg(long, env = "SVC_ADDR", default_value = "0.0.0.0:1")]
+        addr: String,
+    }
+
+    #[derive(clap::Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+    enum Extra {
+        /// Do the extra thing.
+        Extra,
+    }
+
+    #[test]
+    fn a_service_command_line_has_serve_healthcheck_and_its_own_subcommands() {
+        let parse = |args: &[&str]| ServiceCli::<SvcConfig, Extra>::try_parse_from(args);
+        assert_eq!(parse(&["svc"]).unwrap().command, None);
+        assert_eq!(
+            parse(&["svc", "serve"]).unwrap().command,
+            Some(ServiceCommand::Serve)
+        );
+        assert!(parse(&["svc", "healthcheck"]).unwrap().is_healthcheck());
+        assert_eq!(
+            parse(&["svc", "extra"]).unwrap().command,
+            Some(ServiceCommand::Own(Extra::Extra))
+        );
+        assert_eq!(parse(&["svc", "--addr", "x"]).unwrap().config.addr, "x");
+        assert!(parse(&["svc", "nonsense"]).is_err());
+        let plain = ServiceCli::<SvcConfig>::try_parse_from(["svc", "extra"]);
+        assert!(plain.is_err(), "no subcommands of its own");
+    }
+
+    #[test]
+    fn help_and_version_are_the_services_own() {
+        let help = ServiceCli::<SvcConfig, Extra>::try_parse_from(["svc", "--help"])
+            .unwrap_err()
+            .to_string();
+        assert!(help.starts_with("A service, at length."), "{help}");
+        assert!(help.contains("[env: SVC_ADDR="), "{help}");
+        for subcommand in ["serve", "healthcheck", "extra"] {
+            assert!(help.contains(subcommand), "{subcommand}: {help}");
+        }
+        let version = ServiceCli::<SvcConfig>::try_parse_from(["svc", "--version"])
+            .unwrap_err()
+            .to_string();
+        assert!(version.starts_with("svc "), "{version}");
+    }
 }

@@ -1,17 +1,22 @@
-//! HTTP pieces every service shares: the error body, the operational routes and graceful
-//! serving.
+//! HTTP pieces every service shares: the error body, request ids and the HTTP span, the
+//! operational routes and graceful serving.
 
 use std::future::Future;
 
 use axum::{
     Json, Router,
-    http::{StatusCode, header},
+    extract::{MatchedPath, Request},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 /// The error body of every Switchboard API, defined with the rest of the wire contract.
 pub use wire::api::{ErrorBody, ErrorDetail};
 
@@ -97,6 +102,34 @@ pub async fn metrics() -> Response {
         crate::telemetry::prometheus().render(),
     )
         .into_response()
+}
+
+/// The layers around every service's routes: each request gets an `x-request-id` (a new
+/// UUID unless the client sent one), runs in an `http` span that carries its method, route
+/// template and request id, and its response returns the id. Apply it last, around
+/// everything (fallbacks included).
+pub fn with_request_ids<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            // The route template (`/v1/call/{call_id}`) where a route matched.
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or(req.uri().path(), MatchedPath::as_str);
+            tracing::info_span!(
+                "http",
+                http.method = %req.method(),
+                http.route = route,
+                request.id = request_id(req.headers()).unwrap_or(""),
+            )
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The request id [`with_request_ids`] set, to carry into NATS headers.
+pub fn request_id(headers: &HeaderMap) -> Option<&str> {
+    headers.get("x-request-id").and_then(|v| v.to_str().ok())
 }
 
 /// Routes every service serves: `/healthz` and `/metrics` (`/readyz` is the service's own,

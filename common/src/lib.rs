@@ -12,6 +12,7 @@
 //!   from `wire`.
 //! - [`config`]: settings shared by all services (environment variables first).
 //! - [`telemetry`]: tracing subscriber (text or JSON) and the Prometheus recorder.
+//! - [`service`]: the start-up every service shares (Postgres, NATS, streams, listener).
 //! - [`shutdown`]: a root cancellation token fired by SIGTERM / ctrl-c.
 //! - [`db`]: the Postgres pool and the one embedded [`db::MIGRATOR`].
 //! - [`store`]: reads of calls.
@@ -20,8 +21,8 @@
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
 //! - [`outbox`]: publishes the events the database has recorded, now and after outages.
 //! - [`tasks`]: critical background tasks, watched: one ending takes the service down.
-//! - [`http`]: the error body as a response, health/readiness/metrics routes and graceful
-//!   serving.
+//! - [`http`]: the error body as a response, request ids, health/readiness/metrics routes and
+//!   graceful serving.
 //! - [`tls`]: the rustls crypto provider for outgoing HTTPS.
 //! - `testing` (feature `testing`): a throwaway database and NATS prefix per test.
 
@@ -31,6 +32,7 @@ pub mod db;
 pub mod http;
 pub mod nats;
 pub mod outbox;
+pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod tasks;

@@ -7,7 +7,7 @@ use async_nats::{
     HeaderMap,
     jetstream::{
         self,
-        context::{PublishError, PublishErrorKind},
+        context::PublishError,
         stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
     },
 };
@@ -57,7 +57,7 @@ pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
 }
 
 /// The configuration Switchboard wants for each stream.
-pub fn stream_config(
+fn stream_config(
     kind: StreamKind,
     subjects: &Subjects,
     settings: &StreamSettings,
@@ -154,19 +154,6 @@ pub async fn publish(
     }
     let ack = js.publish_with_headers(subject, headers, payload).await?;
     ack.await.map(|_| ())
-}
-
-/// Whether a publish error means "NATS is not there right now" (retry later) rather than a
-/// bug in what we sent.
-pub fn is_unavailable(e: &PublishError) -> bool {
-    matches!(
-        e.kind(),
-        PublishErrorKind::TimedOut
-            | PublishErrorKind::BrokenPipe
-            | PublishErrorKind::StreamNotFound
-            | PublishErrorKind::MaxAckPending
-            | PublishErrorKind::Other
-    )
 }
 
 /// Whether the client is connected to a server right now.

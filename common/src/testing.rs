@@ -2,13 +2,18 @@
 //! NATS prefix (so its own subjects and streams), against the real servers named by
 //! `DATABASE_URL` and `NATS_URL`. Tests therefore run in parallel without seeing each other.
 //! Both are removed when the [`TestEnv`] is dropped, even if the test panicked.
+//!
+//! Each service crate has a `testing` module of its own (its feature `testing`) with the one
+//! test configuration and the one way to start it, as a [`Running`]; every test that needs
+//! that service, in any crate, starts it there.
 
 use std::{future::Future, time::Duration};
 
 use async_nats::jetstream::{self, message::StreamMessage};
 use rand::{Rng, distr::Alphanumeric};
 use sqlx::PgPool;
-use tokio::time::Instant;
+use tokio::{task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{CommonConfig, LogFormat, StreamSettings},
@@ -148,6 +153,61 @@ impl Drop for TestEnv {
             });
         });
         cleanup.join().ok();
+    }
+}
+
+/// A service a test started, serving on 127.0.0.1 until [`Running::stop`], or until it is
+/// dropped (which cancels it without waiting).
+pub struct Running {
+    pub name: &'static str,
+    pub port: u16,
+    /// Cancelling it is the SIGTERM of the service.
+    pub shutdown: CancellationToken,
+    /// The service's `run_until_stopped`; `None` once [`Running::stop`] has waited for it.
+    pub task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Spawns `run` (a built app's `run_until_stopped`) with a fresh shutdown token.
+    pub fn spawn<F>(name: &'static str, port: u16, run: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(shutdown.clone()));
+        Self {
+            name,
+            port,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the service as SIGTERM would and waits for it to exit cleanly; panics if it
+    /// fails or takes longer than `within`. Returns how long it took.
+    pub async fn stop(&mut self, within: Duration) -> Duration {
+        let started = Instant::now();
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let name = self.name;
+            tokio::time::timeout(within, task)
+                .await
+                .unwrap_or_else(|_| panic!("{name} stops within {within:?}"))
+                .unwrap_or_else(|e| panic!("{name} panicked: {e}"))
+                .unwrap_or_else(|e| panic!("{name} stops cleanly: {e:#}"));
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

@@ -86,10 +86,6 @@ impl Subjects {
         Self { prefix }
     }
 
-    pub fn prefix(&self) -> &Prefix {
-        &self.prefix
-    }
-
     /// `PBX_PACKETS` for prefix `pbx`.
     pub fn stream_name(&self, kind: StreamKind) -> String {
         format!(
@@ -137,11 +133,6 @@ impl Subjects {
 
     pub fn dlq_transcribe(&self, call_id: &CallId) -> String {
         format!("{}.dlq.transcribe.{call_id}", self.prefix)
-    }
-
-    /// Everything under the prefix, for `nats sub`.
-    pub fn everything(&self) -> String {
-        format!("{}.>", self.prefix)
     }
 }
 

@@ -5,7 +5,15 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, Subcommand};
 use common::config::CommonConfig;
 
-#[derive(Parser, Debug)]
+/// Ingest's own subcommands, beside `serve` and `healthcheck`
+/// ([`common::config::ServiceCli`]).
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestCommand {
+    /// Apply the database migrations and exit (ingest also runs them at start-up).
+    Migrate,
+}
+
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "ingest",
     version,
@@ -15,24 +23,6 @@ use common::config::CommonConfig;
         state and hands finished calls to the transcriber. Every option can be set by the \
         environment variable shown; RUST_LOG filters logs (default `info`)."
 )]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub config: IngestConfig,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Apply the database migrations and exit (ingest also runs them at start-up).
-    Migrate,
-    /// Serve the API (the default).
-    Serve,
-    /// Exit 0 if the ingest on INGEST_ADDR answers /healthz (for container health checks).
-    Healthcheck,
-}
-
-#[derive(clap::Args, Debug, Clone)]
 pub struct IngestConfig {
     #[command(flatten)]
     pub common: CommonConfig,

@@ -172,11 +172,6 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
     }
 }
 
-/// The request id set by the request-id layer, to carry into NATS headers.
-pub fn request_id(headers: &HeaderMap) -> Option<&str> {
-    headers.get("x-request-id").and_then(|v| v.to_str().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@
 //! - [`reaper`]: completes calls that went quiet.
 //! - [`relay`]: the outbox relay: republishes what JetStream has not acknowledged.
 //! - [`openapi`]: the OpenAPI document behind `/docs`.
+//! - `testing` (feature `testing`): the one test configuration and the one way tests start it.
 //!
 //! Background tasks started by [`App::run_until_stopped`]: the packet writer, the idle
 //! reaper and the outbox relay.
@@ -30,6 +31,8 @@ pub mod openapi;
 pub mod reaper;
 pub mod relay;
 pub mod routes;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod writer;
 
 use std::sync::Arc;
@@ -37,7 +40,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use common::tasks::{CriticalTasks, TaskHealth};
-use common::{db, nats, outbox::Publisher, subjects::Subjects};
+use common::{
+    outbox::Publisher,
+    service::{Infrastructure, Service},
+};
 use futures::FutureExt;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -55,34 +61,28 @@ pub struct App {
 
 impl App {
     /// Connects to Postgres (creating and migrating the database) and NATS (provisioning
-    /// the streams), and binds the listener. Fails fast with a message saying what to fix.
+    /// the streams), and binds the listener ([`Infrastructure`]). Fails fast with a message
+    /// saying what to fix.
     pub async fn build(config: IngestConfig) -> anyhow::Result<App> {
         config.validate()?;
-        // Installs the metrics recorder before anything records.
-        common::telemetry::prometheus();
-        let common = &config.common;
-        let pool = db::connect(&common.database_url, common.database_max_connections).await?;
-        db::migrate(&pool).await?;
-        let client = nats::connect(&common.nats_url, "switchboard-ingest").await?;
-        check_packet_size(&config, &client)?;
-        let js = nats::jetstream(client.clone());
-        let subjects = Subjects::new(common.prefix.clone());
-        nats::ensure_streams(&js, &subjects, &common.streams)
-            .await
-            .context("provisioning JetStream streams")?;
-        let publisher = Publisher::new(js, subjects, pool.clone());
+        let (infra, pool) = Infrastructure::connect_with_postgres(Service {
+            name: "ingest",
+            common: &config.common,
+            addr: config.addr,
+            addr_setting: "INGEST_ADDR",
+        })
+        .await?;
+        check_packet_size(&config, &infra.nats)?;
+        let publisher = Publisher::new(infra.js, infra.subjects, pool.clone());
         let (writer, writer_task) = PacketWriter::spawn(
             pool.clone(),
             publisher.clone(),
             config.max_batch,
             config.sequence_start,
         );
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .with_context(|| format!("cannot listen on {} (INGEST_ADDR)", config.addr))?;
         let state = AppState {
             pool,
-            nats: client,
+            nats: infra.nats,
             publisher,
             writer,
             config: Arc::new(config),
@@ -90,7 +90,7 @@ impl App {
         };
         Ok(App {
             router: routes::router(state.clone()),
-            listener,
+            listener: infra.listener,
             state,
             writer_task,
         })

@@ -1,40 +1,30 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use common::config::{ServiceCli, ServiceCommand};
 use ingest::{
     App,
-    config::{Cli, Command},
+    config::{IngestCommand, IngestConfig},
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
-    if let Some(Command::Healthcheck) = cli.command {
+    let cli = ServiceCli::<IngestConfig, IngestCommand>::parse();
+    if cli.is_healthcheck() {
         return Ok(common::http::exit_code(
             common::http::probe_health(cli.config.addr).await,
         ));
     }
     common::telemetry::init(cli.config.common.log_format);
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Migrate => {
-            cli.config.validate()?;
-            let pool = common::db::connect(
-                &cli.config.common.database_url,
-                cli.config.common.database_max_connections,
-            )
-            .await?;
-            common::db::migrate(&pool).await?;
-            tracing::info!("migrations applied");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Serve => {
-            let shutdown = common::shutdown::on_signal();
-            App::build(cli.config)
-                .await?
-                .run_until_stopped(shutdown)
-                .await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Healthcheck => unreachable!("answered before logging starts"),
+    if cli.command == Some(ServiceCommand::Own(IngestCommand::Migrate)) {
+        cli.config.validate()?;
+        common::service::postgres(&cli.config.common).await?;
+        tracing::info!("migrations applied");
+        return Ok(ExitCode::SUCCESS);
     }
+    let shutdown = common::shutdown::on_signal();
+    App::build(cli.config)
+        .await?
+        .run_until_stopped(shutdown)
+        .await?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -151,6 +151,8 @@ pub struct Hub {
     /// Bumped when the status stream turns out to be another one (deleted and recreated,
     /// restored): connected sockets close so their clients resume and get a `reset` snapshot.
     generation: watch::Sender<u64>,
+    /// How many events [`Hub::apply`] has applied (stale ones are not counted).
+    applied: watch::Sender<u64>,
 }
 
 impl Hub {
@@ -163,6 +165,7 @@ impl Hub {
             replay_capacity,
             ready: watch::Sender::new(false),
             generation: watch::Sender::new(0),
+            applied: watch::Sender::new(0),
         })
     }
 
@@ -180,6 +183,12 @@ impl Hub {
     /// Changes whenever the hub starts over on a different status stream.
     pub fn watch_generation(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// Counts the events applied: a hook for tests, which wait for their events before
+    /// connecting (a process-wide metric would count every hub of a test process).
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Applies one event from the stream. An event whose version is not newer than the one
@@ -209,6 +218,7 @@ impl Hub {
         // No receivers is fine: nobody is connected.
         let _ = self.status_tx.send(update);
         metrics::counter!("switchboard_notifier_events_total").increment(1);
+        self.applied.send_modify(|n| *n += 1);
     }
 
     /// Fans a progress report out as it is (the next status event supersedes it).
@@ -534,6 +544,16 @@ mod tests {
             panic!("a progress frame: {}", progress.frame);
         };
         assert_eq!(progress.packets_received, 5);
+    }
+
+    #[test]
+    fn the_applied_count_counts_events_applied_and_not_stale_ones() {
+        let hub = Hub::new(16, 100);
+        let applied = hub.watch_applied();
+        hub.apply(1, event("a", 1, CallState::InProgress));
+        hub.apply(2, event("a", 1, CallState::InProgress));
+        hub.apply(3, event("b", 1, CallState::InProgress));
+        assert_eq!(*applied.borrow(), 2);
     }
 
     #[test]

@@ -14,11 +14,14 @@
 //! - [`ws`]: one task per socket: snapshot / resume, filters, pings, slow clients.
 //! - [`dashboard`]: the self-contained supervisor page served at `/`.
 //! - [`calls`]: one call in full for the dashboard's detail view, from ingest's read API.
+//! - `testing` (feature `testing`): the one test configuration and the one way tests start it.
 
 pub mod calls;
 pub mod config;
 pub mod dashboard;
 pub mod hub;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod ws;
 
 use std::{sync::Arc, time::Duration};
@@ -26,7 +29,8 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::{Router, extract::State, response::Response, routing::get};
 use common::{
-    http, nats,
+    http,
+    service::{Infrastructure, Service},
     subjects::Subjects,
     tasks::{CriticalTasks, TaskHealth},
 };
@@ -62,30 +66,31 @@ pub struct App {
     config: NotifierConfig,
     js: async_nats::jetstream::Context,
     client: async_nats::Client,
+    subjects: Subjects,
     hub: Arc<Hub>,
 }
 
 impl App {
+    /// Connects to NATS ([`Infrastructure`]; the notifier needs no database) and binds the
+    /// listener. Fails fast with a message saying what to fix.
     pub async fn build(config: NotifierConfig) -> anyhow::Result<App> {
         config.validate()?;
-        common::telemetry::prometheus();
         // The detail view's client may speak HTTPS to ingest.
         common::tls::install_crypto_provider();
-        let c = &config.common;
-        let client = nats::connect(&c.nats_url, "switchboard-notifier").await?;
-        let js = nats::jetstream(client.clone());
-        nats::ensure_streams(&js, &Subjects::new(c.prefix.clone()), &c.streams)
-            .await
-            .context("provisioning JetStream streams")?;
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .with_context(|| format!("cannot listen on {} (NOTIFIER_ADDR)", config.addr))?;
+        let infra = Infrastructure::connect(Service {
+            name: "notifier",
+            common: &config.common,
+            addr: config.addr,
+            addr_setting: "NOTIFIER_ADDR",
+        })
+        .await?;
         let hub = Hub::new(config.client_queue, config.replay_events);
         Ok(App {
-            listener,
+            listener: infra.listener,
             config,
-            js,
-            client,
+            js: infra.js,
+            client: infra.nats,
+            subjects: infra.subjects,
             hub,
         })
     }
@@ -94,8 +99,10 @@ impl App {
         self.listener.local_addr().expect("bound").port()
     }
 
-    pub fn hub(&self) -> Arc<Hub> {
-        self.hub.clone()
+    /// How many status events the hub has applied so far ([`Hub::watch_applied`]): tests wait
+    /// on it before connecting, so that a snapshot holds what they published.
+    pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.hub.watch_applied()
     }
 
     /// Follows the status stream and serves until `shutdown`; then every socket gets a close
@@ -106,9 +113,9 @@ impl App {
             config,
             js,
             client,
+            subjects,
             hub,
         } = self;
-        let subjects = Subjects::new(config.common.prefix.clone());
         // Without its followers the notifier would serve a frozen view: they are critical.
         let health = TaskHealth::default();
         let mut tasks = CriticalTasks::new(health.clone(), shutdown.clone());
@@ -149,6 +156,7 @@ impl App {
             .route("/readyz", get(readyz))
             .merge(http::operational_routes())
             .with_state(state);
+        let router = http::with_request_ids(router);
         tracing::info!(addr = %listener.local_addr()?, "notifier listening");
         let served = http::serve(listener, router, shutdown.clone()).await;
         sockets.close();

@@ -15,12 +15,15 @@
 //! - [`claims`]: the Postgres side: claim with a lease, record each attempt's end.
 //! - [`providers`]: `simulated` (the flaky test API) and `openai` (OpenAI-compatible STT).
 //! - [`backoff`]: the retry schedule. [`sentiment`]: VADER scores.
+//! - `testing` (feature `testing`): the one test configuration and the one way tests start it.
 
 pub mod backoff;
 pub mod claims;
 pub mod config;
 pub mod providers;
 pub mod sentiment;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod worker;
 
 use std::sync::Arc;
@@ -28,9 +31,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::{Router, extract::State, response::Response, routing::get};
 use common::{
-    db, http, nats,
+    http,
     outbox::Publisher,
-    subjects::Subjects,
+    service::{Infrastructure, Service},
     tasks::{CriticalTasks, TaskHealth},
 };
 use sqlx::PgPool;
@@ -56,39 +59,36 @@ pub struct App {
 }
 
 impl App {
+    /// Connects ([`Infrastructure`]), puts the durable consumer in place and binds the
+    /// listener. Fails fast with a message saying what to fix.
     pub async fn build(config: TranscriberConfig) -> anyhow::Result<App> {
         config.validate()?;
-        common::telemetry::prometheus();
-        let c = &config.common;
-        let pool = db::connect(&c.database_url, c.database_max_connections).await?;
-        db::migrate(&pool).await?;
-        let client = nats::connect(&c.nats_url, "switchboard-transcriber").await?;
-        let js = nats::jetstream(client.clone());
-        let subjects = Subjects::new(c.prefix.clone());
-        nats::ensure_streams(&js, &subjects, &c.streams)
-            .await
-            .context("provisioning JetStream streams")?;
-        let consumer = worker::ensure_consumer(&js, &subjects, &config).await?;
+        let (infra, pool) = Infrastructure::connect_with_postgres(Service {
+            name: "transcriber",
+            common: &config.common,
+            addr: config.addr,
+            addr_setting: "TRANSCRIBER_ADDR",
+        })
+        .await?;
+        let consumer = worker::ensure_consumer(&infra.js, &infra.subjects, &config).await?;
         let provider = Arc::new(Provider::from_config(&config.ai)?);
         let worker = Arc::new(Worker::new(
             consumer,
             pool.clone(),
             provider,
-            Publisher::new(js, subjects, pool.clone()),
+            Publisher::new(infra.js, infra.subjects, pool.clone()),
             &config,
         ));
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .with_context(|| format!("cannot listen on {} (TRANSCRIBER_ADDR)", config.addr))?;
         let tasks = TaskHealth::default();
         let router = Router::new()
             .route("/readyz", get(readyz))
             .merge(http::operational_routes())
             .with_state(OpsState {
                 pool,
-                nats: client,
+                nats: infra.nats,
                 tasks: tasks.clone(),
             });
+        let router = http::with_request_ids(router);
         tracing::info!(
             provider = worker.provider().name(),
             concurrency = config.concurrency,
@@ -96,7 +96,7 @@ impl App {
             "transcriber ready"
         );
         Ok(App {
-            listener,
+            listener: infra.listener,
             router,
             worker,
             tasks,

@@ -1,12 +1,12 @@
 use std::process::ExitCode;
 
-use common::config::{ServiceCli, ServiceCommand};
+use common::config::ServiceCli;
 use transcriber::{App, config::TranscriberConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
-    let cli = ServiceCli::<TranscriberConfig>::parse_for(env!("CARGO_PKG_DESCRIPTION"));
-    if cli.command == Some(ServiceCommand::Healthcheck) {
+    let cli = ServiceCli::<TranscriberConfig>::parse();
+    if cli.is_healthcheck() {
         return Ok(common::http::exit_code(
             common::http::probe_health(cli.config.addr).await,
         ));

@@ -451,31 +451,27 @@ impl Worker {
         attempt: i32,
         result: Result<String, ProviderError>,
     ) -> Outcome {
+        if let Err(e) = &result {
+            metrics::counter!("switchboard_transcriber_failures_total", "kind" => e.kind())
+                .increment(1);
+        }
         match result {
             Ok(transcript) => self.succeed(item, attempt, transcript).await,
             Err(ProviderError::Permanent(error)) => {
                 tracing::warn!(error.message = %error, "permanent AI error");
-                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "permanent")
-                    .increment(1);
                 self.give_up(item, attempt, &error, GiveUp::Permanent).await
             }
             Err(ProviderError::Retryable { message, .. })
                 if attempt >= self.claims.max_attempts() =>
             {
                 tracing::warn!(error.message = %message, attempt, "AI failed; no attempts left");
-                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "retryable")
-                    .increment(1);
                 self.give_up(item, attempt, &message, GiveUp::Exhausted)
                     .await
             }
             Err(ProviderError::Retryable {
                 message,
                 retry_after,
-            }) => {
-                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "retryable")
-                    .increment(1);
-                self.retry(item, attempt, &message, retry_after).await
-            }
+            }) => self.retry(item, attempt, &message, retry_after).await,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Calls: read one, list them, complete one.
 
 use axum::{Json, extract::State, http::HeaderMap};
+use common::http::request_id;
 use common::{
     CallState,
     store::{self, CallRow, ListCursor},
@@ -11,7 +12,7 @@ use wire::api::{CallDetail, CallPage, CallSummary, CompleteBody, CompleteRespons
 use super::AppState;
 use crate::{
     error::ApiError,
-    extract::{CallIdPath, OptionalJson, QueryParams, request_id},
+    extract::{CallIdPath, OptionalJson, QueryParams},
     lifecycle::{self, Completion},
 };
 

@@ -16,10 +16,6 @@ use axum::{
 use common::outbox::Publisher;
 use sqlx::PgPool;
 use tokio::time::Instant;
-use tower_http::{
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::TraceLayer,
-};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -48,29 +44,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls", get(calls::list_calls))
         .route("/readyz", get(ops::readyz))
         .route_layer(middleware::from_fn(record_metrics));
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .merge(common::http::operational_routes())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.body_limit()))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or(req.uri().path(), MatchedPath::as_str);
-            let request_id = crate::extract::request_id(req.headers()).unwrap_or("");
-            tracing::info_span!(
-                "http",
-                http.method = %req.method(),
-                http.route = route,
-                request.id = request_id,
-            )
-        }))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
+        .with_state(state);
+    common::http::with_request_ids(router)
 }
 
 /// `switchboard_http_requests_total` and `switchboard_http_request_duration_seconds`, by

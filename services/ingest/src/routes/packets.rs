@@ -9,7 +9,7 @@ pub use crate::writer::MAX_SEQUENCE;
 use crate::{
     config::IngestConfig,
     error::ApiError,
-    extract::{AppJson, CallIdPath, request_id},
+    extract::{AppJson, CallIdPath},
     writer::{NewPacket, Outcome, WriteError},
 };
 
@@ -38,7 +38,7 @@ pub async fn stream_packet(
     AppJson(body): AppJson<PacketBody>,
 ) -> Result<(StatusCode, Json<PacketReceipt>), ApiError> {
     let mut packet = validate(call_id, body, &app.config)?;
-    packet.request_id = request_id(&headers).map(str::to_owned);
+    packet.request_id = common::http::request_id(&headers).map(str::to_owned);
     let call_id = packet.call_id.clone();
     let sequence = packet.sequence;
 

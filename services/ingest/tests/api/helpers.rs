@@ -1,20 +1,21 @@
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
-use clap::Parser;
-use common::{subjects::StreamKind, testing::TestEnv};
-use ingest::{App, config::Cli, config::IngestConfig};
+use common::{
+    subjects::StreamKind,
+    testing::{Running, TestEnv},
+};
+use ingest::config::IngestConfig;
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// A running ingest on a random port, with its own database and prefix.
 pub struct TestApp {
+    /// Declared first so that ingest is told to stop (dropped) before the test's database
+    /// and streams go.
+    pub service: Running,
     pub env: TestEnv,
     pub address: String,
     pub client: reqwest::Client,
-    pub shutdown: CancellationToken,
-    pub server: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -23,37 +24,23 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts ingest against `env`, after `customize` has adjusted its settings.
 pub async fn spawn_app_with(env: TestEnv, customize: impl FnOnce(&mut IngestConfig)) -> TestApp {
-    common::telemetry::init(common::config::LogFormat::Text);
     let mut config = test_config(&env);
     customize(&mut config);
-    let app = App::build(config).await.expect("ingest builds");
-    let address = format!("http://127.0.0.1:{}", app.port());
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let service = ingest::testing::spawn(config).await;
     TestApp {
         env,
-        address,
+        address: service.url(),
         client: {
             common::tls::install_crypto_provider();
             reqwest::Client::new()
         },
-        shutdown,
-        server: Some(server),
+        service,
     }
 }
 
-/// Settings as production has them, but on a random port, this test's database and prefix,
-/// and a quick outbox relay.
+/// Ingest's test settings ([`ingest::testing::config`]) on this test's database and prefix.
 pub fn test_config(env: &TestEnv) -> IngestConfig {
-    let mut config = Cli::try_parse_from(["ingest"])
-        .expect("defaults parse")
-        .config;
-    config.common = env.config.clone();
-    config.addr = "127.0.0.1:0".parse().unwrap();
-    config.outbox_relay_interval_ms = 200;
-    config.call_idle_timeout_secs = 3600;
-    config.max_packet_bytes = 65_536;
-    config
+    ingest::testing::config(&env.config)
 }
 
 impl TestApp {
@@ -141,20 +128,7 @@ impl TestApp {
 
     /// Stops the server and waits for it to finish, as SIGTERM would.
     pub async fn stop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(Duration::from_secs(10), server)
-                .await
-                .expect("ingest stops within 10 s")
-                .unwrap()
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.service.stop(Duration::from_secs(10)).await;
     }
 }
 

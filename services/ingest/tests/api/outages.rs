@@ -46,11 +46,18 @@ async fn a_completion_while_nats_is_down_still_produces_the_work_item_once_nats_
         },
     )
     .await;
-    assert_eq!(
-        app.count("SELECT count(*) FROM calls WHERE work_item_published_at IS NULL")
-            .await,
-        0
-    );
+    // The relay marks a work item published right after JetStream acknowledges it.
+    eventually(
+        "the work item to be marked published",
+        Duration::from_secs(30),
+        || async {
+            (app.count("SELECT count(*) FROM calls WHERE work_item_published_at IS NULL")
+                .await
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,37 +6,20 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use common::testing::{TestEnv, eventually};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use crate::{cdp::Browser, helpers::start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_a_call_move_to_its_final_state() {
-    common::telemetry::init(common::config::LogFormat::Text);
-    common::tls::install_crypto_provider();
     let env = TestEnv::new().await;
-    let config = env.config.clone();
     // Ingest and a transcriber (simulated AI, no failures, quick) on the same database and prefix.
-    let stop = CancellationToken::new();
-    let mut ingest = ingest::config::Cli::try_parse_from(["ingest"])
-        .unwrap()
-        .config;
-    ingest.common = config.clone();
-    ingest.addr = "127.0.0.1:0".parse().unwrap();
-    let ingest = ingest::App::build(ingest).await.unwrap();
-    let ingest_url = format!("http://127.0.0.1:{}", ingest.port());
-    tokio::spawn(ingest.run_until_stopped(stop.clone()));
-    let mut transcriber =
-        transcriber::config::TranscriberConfig::try_parse_from(["transcriber"]).unwrap();
-    transcriber.common = config;
-    transcriber.addr = "127.0.0.1:0".parse().unwrap();
-    transcriber.ai.failure_rate = 0.0;
+    let ingest = ingest::testing::spawn(ingest::testing::config(&env.config)).await;
+    let ingest_url = ingest.url();
+    let mut transcriber = transcriber::testing::config(&env.config);
     transcriber.ai.latency_ms = "400-400".parse().unwrap();
-    let transcriber = transcriber::App::build(transcriber).await.unwrap();
-    tokio::spawn(transcriber.run_until_stopped(stop.clone()));
+    let (transcriber, _) = transcriber::testing::spawn(transcriber).await;
     let detail_from = ingest_url.clone();
     let mut notifier = start(env, |c| c.ingest_url = detail_from).await;
 
@@ -155,7 +138,7 @@ async fn the_dashboard_shows_a_call_move_to_its_final_state() {
     );
     let errors = page.console_errors();
     assert!(errors.is_empty(), "console errors on the page: {errors:?}");
-    stop.cancel();
+    drop((transcriber, ingest));
 }
 
 /// Ten thousand calls in the retention window, each with a 5 KB transcript, as the

@@ -1,63 +1,53 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
-use common::{CallId, CallState, events::StatusEvent, nats, testing::TestEnv};
+use common::{
+    CallId, CallState,
+    events::StatusEvent,
+    nats,
+    testing::{Running, TestEnv},
+};
 use futures::{SinkExt, StreamExt};
-use notifier::{App, config::NotifierConfig};
+use notifier::config::NotifierConfig;
 use serde_json::Value;
 use time::OffsetDateTime;
-use tokio::{net::TcpStream, task::JoinHandle};
+use tokio::{net::TcpStream, sync::watch};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
-use tokio_util::sync::CancellationToken;
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct Notifier {
+    /// Declared first so that the notifier is told to stop (dropped) before the test's
+    /// streams go.
+    pub service: Running,
+    /// The hub's count of applied events ([`notifier::App::watch_applied`]).
+    applied: watch::Receiver<u64>,
     pub env: TestEnv,
+    /// `127.0.0.1:<port>`.
     pub url: String,
     config: NotifierConfig,
-    pub stop: CancellationToken,
-    pub task: Option<JoinHandle<anyhow::Result<()>>>,
     js: async_nats::jetstream::Context,
 }
 
-pub fn config(env: &TestEnv) -> NotifierConfig {
-    let mut config = NotifierConfig::try_parse_from(["notifier"]).unwrap();
-    config.common = env.config.clone();
-    config.addr = "127.0.0.1:0".parse().unwrap();
-    config
-}
-
 pub async fn notifier(customize: impl FnOnce(&mut NotifierConfig)) -> Notifier {
-    common::telemetry::init(common::config::LogFormat::Text);
     let env = TestEnv::new().await;
     start(env, customize).await
 }
 
 pub async fn start(env: TestEnv, customize: impl FnOnce(&mut NotifierConfig)) -> Notifier {
-    common::tls::install_crypto_provider();
-    let mut config = config(&env);
+    let mut config = notifier::testing::config(&env.config);
     customize(&mut config);
-    let app = App::build(config.clone()).await.expect("notifier builds");
-    let url = format!("127.0.0.1:{}", app.port());
-    config.addr = format!("127.0.0.1:{}", app.port()).parse().unwrap();
-    let stop = CancellationToken::new();
-    let task = Some(tokio::spawn(app.run_until_stopped(stop.clone())));
+    let (service, applied) = notifier::testing::spawn(config.clone()).await;
+    // A restart binds the same address again.
+    config.addr = format!("127.0.0.1:{}", service.port).parse().unwrap();
     let js = env.jetstream().await;
     Notifier {
+        url: config.addr.to_string(),
+        service,
+        applied,
         env,
-        url,
         config,
-        stop,
-        task,
         js,
-    }
-}
-
-impl Drop for Notifier {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
@@ -85,15 +75,8 @@ impl Notifier {
     /// Stops the notifier (every socket gets its close frame) and starts a new one on the
     /// same address, as a restart or a redeploy would: clients reconnect to the same URL.
     pub async fn restart(&mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().expect("the notifier stops cleanly");
-        }
-        let app = App::build(self.config.clone())
-            .await
-            .expect("notifier builds again on the same address");
-        self.stop = CancellationToken::new();
-        self.task = Some(tokio::spawn(app.run_until_stopped(self.stop.clone())));
+        self.service.stop(Duration::from_secs(30)).await;
+        (self.service, self.applied) = notifier::testing::spawn(self.config.clone()).await;
     }
 
     /// Publishes a status event the way ingest and the transcriber do.
@@ -112,15 +95,14 @@ impl Notifier {
     /// Waits until the hub has applied `count` events (a connection made before that gets a
     /// snapshot without them, and the events right after it, live).
     pub async fn wait_applied(&self, count: usize) {
-        common::testing::eventually(
-            "the hub to apply the events",
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(
             Duration::from_secs(10),
-            || async {
-                (self.metric("switchboard_notifier_events_total").await >= count as f64)
-                    .then_some(())
-            },
+            applied.wait_for(|n| *n >= count as u64),
         )
-        .await;
+        .await
+        .expect("timed out after 10s waiting for the hub to apply the events")
+        .expect("the notifier is running");
     }
 
     pub async fn connect(&self, query: &str) -> Ws {

@@ -5,4 +5,5 @@ mod browser;
 mod cdp;
 mod fanout;
 mod helpers;
+mod operations;
 mod sockets;

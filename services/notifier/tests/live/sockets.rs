@@ -192,7 +192,7 @@ async fn sigterm_sends_every_socket_a_going_away_close_and_exits_in_time() {
     let mut ws = n.connect("").await;
     next(&mut ws).await;
 
-    n.stop.cancel();
+    n.service.shutdown.cancel();
     let close = loop {
         match tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
@@ -204,7 +204,7 @@ async fn sigterm_sends_every_socket_a_going_away_close_and_exits_in_time() {
         }
     };
     assert_eq!(close.unwrap().code, CloseCode::Away);
-    tokio::time::timeout(Duration::from_secs(10), n.task.take().unwrap())
+    tokio::time::timeout(Duration::from_secs(10), n.service.task.take().unwrap())
         .await
         .expect("the notifier exits within its deadline")
         .unwrap()

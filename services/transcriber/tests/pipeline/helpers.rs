@@ -13,47 +13,36 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 
-use clap::Parser;
 use common::{
     CallId, CallState,
     events::WorkItem,
     nats,
-    testing::{TestEnv, eventually},
+    testing::{Running, TestEnv, eventually},
 };
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use transcriber::{App, config::TranscriberConfig, providers::Provider};
+use transcriber::{config::TranscriberConfig, providers::Provider};
 
 /// An ingest (to create and complete calls through the real API) and a transcriber, sharing
 /// one test database and prefix.
 pub struct Stack {
+    // The services are declared first so that they are told to stop (dropped) before the
+    // test's database and streams go.
+    pub transcribers: Vec<Transcriber>,
+    _ingest: Running,
     pub env: TestEnv,
     pub ingest_url: String,
     pub client: reqwest::Client,
-    ingest_stop: CancellationToken,
-    pub transcribers: Vec<Transcriber>,
 }
 
 pub struct Transcriber {
     pub provider: Arc<Provider>,
-    pub stop: CancellationToken,
-    pub task: Option<JoinHandle<anyhow::Result<()>>>,
+    pub service: Running,
 }
 
 impl Transcriber {
     /// SIGTERM, as the process would get it; returns how long it took to exit.
     pub async fn terminate(&mut self) -> Duration {
-        let started = std::time::Instant::now();
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), task)
-                .await
-                .expect("transcriber exits")
-                .unwrap()
-                .unwrap();
-        }
-        started.elapsed()
+        self.service.stop(Duration::from_secs(30)).await
     }
 
     pub fn requests(&self) -> u64 {
@@ -64,28 +53,10 @@ impl Transcriber {
     }
 }
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.ingest_stop.cancel();
-        for t in &self.transcribers {
-            t.stop.cancel();
-        }
-    }
-}
-
-/// Transcriber settings for tests: quick AI, quick retries, short ack wait.
+/// Transcriber settings for tests ([`transcriber::testing::config`]): quick AI, quick
+/// retries, short ack wait.
 pub fn transcriber_config(env: &TestEnv) -> TranscriberConfig {
-    let mut config = TranscriberConfig::try_parse_from(["transcriber"]).expect("defaults");
-    config.common = env.config.clone();
-    config.addr = "127.0.0.1:0".parse().unwrap();
-    config.ai.failure_rate = 0.0;
-    config.ai.latency_ms = "1-5".parse().unwrap();
-    config.ai.timeout_ms = 1_500;
-    config.ack_wait_secs = 2;
-    config.backoff_base_ms = 20;
-    config.backoff_max_ms = 200;
-    config.shutdown_grace_secs = 5;
-    config
+    transcriber::testing::config(&env.config)
 }
 
 pub async fn stack(customize: impl FnOnce(&mut TranscriberConfig)) -> Stack {
@@ -95,26 +66,16 @@ pub async fn stack(customize: impl FnOnce(&mut TranscriberConfig)) -> Stack {
 }
 
 pub async fn ingest_only() -> Stack {
-    common::telemetry::init(common::config::LogFormat::Text);
     let env = TestEnv::new().await;
-    let mut config = ingest::config::Cli::try_parse_from(["ingest"])
-        .unwrap()
-        .config;
-    config.common = env.config.clone();
-    config.addr = "127.0.0.1:0".parse().unwrap();
-    config.outbox_relay_interval_ms = 200;
-    let app = ingest::App::build(config).await.expect("ingest builds");
-    let ingest_url = format!("http://127.0.0.1:{}", app.port());
-    let ingest_stop = CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(ingest_stop.clone()));
+    let ingest = ingest::testing::spawn(ingest::testing::config(&env.config)).await;
     Stack {
         env,
-        ingest_url,
+        ingest_url: ingest.url(),
         client: {
             common::tls::install_crypto_provider();
             reqwest::Client::new()
         },
-        ingest_stop,
+        _ingest: ingest,
         transcribers: Vec::new(),
     }
 }
@@ -126,15 +87,8 @@ impl Stack {
     ) -> usize {
         let mut config = transcriber_config(&self.env);
         customize(&mut config);
-        let app = App::build(config).await.expect("transcriber builds");
-        let provider = app.provider();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-        self.transcribers.push(Transcriber {
-            provider,
-            stop,
-            task: Some(task),
-        });
+        let (service, provider) = transcriber::testing::spawn(config).await;
+        self.transcribers.push(Transcriber { provider, service });
         self.transcribers.len() - 1
     }
 

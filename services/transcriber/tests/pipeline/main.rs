@@ -4,5 +4,6 @@
 mod failures;
 mod helpers;
 mod openai;
+mod operations;
 mod success;
 mod workers;
