@@ -70,7 +70,9 @@ impl Ingest {
             timestamp,
         };
         let url = format!("{}/v1/call/stream/{call_id}", self.base);
-        for attempt in 1.. {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let started = Instant::now();
             let response = self
                 .client
@@ -94,7 +96,6 @@ impl Ingest {
                 .with_context(|| format!("packet {sequence} of {call_id}"))?;
             return Ok((receipt.status, elapsed));
         }
-        unreachable!("the loop returns")
     }
 
     pub async fn complete(
