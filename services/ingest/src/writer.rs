@@ -849,3 +849,118 @@ fn warn_if_out_of_order(call_id: &CallId, sequence: i64, last: &mut Option<i64>,
     }
     *last = Some(last.map_or(sequence, |l| l.max(sequence)));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(call: &str, sequence: i64, data: &str, timestamp: f64) -> NewPacket {
+        NewPacket {
+            call_id: CallId::parse(call).unwrap(),
+            sequence,
+            data: data.into(),
+            timestamp,
+            request_id: None,
+        }
+    }
+
+    fn call(state: CallState, start: i64, last: Option<i64>, received: i64) -> CallCounts {
+        CallCounts {
+            state,
+            sequence_start: start,
+            last_sequence: last,
+            packets_received: received,
+            total_packets: None,
+        }
+    }
+
+    fn key(call: &str, sequence: i64) -> Key {
+        (call.to_owned(), sequence)
+    }
+
+    /// Runs `verdicts` on a batch as the transaction would have left it.
+    fn judge(
+        packets: &[NewPacket],
+        calls: &[(&str, CallCounts)],
+        inserted: &[(&str, i64)],
+        existing: &[(&str, i64, &str, f64)],
+    ) -> Vec<Result<Stored, WriteError>> {
+        let at = OffsetDateTime::UNIX_EPOCH;
+        let found = Found {
+            highest_before: HashMap::new(),
+            inserted: inserted.iter().map(|(c, s)| (key(c, *s), at)).collect(),
+            existing: existing
+                .iter()
+                .map(|(c, s, d, t)| (key(c, *s), ((*d).to_owned(), *t, at)))
+                .collect(),
+            missing: HashMap::new(),
+        };
+        let calls = calls
+            .iter()
+            .map(|(id, c)| ((*id).to_owned(), c.clone()))
+            .collect();
+        verdicts(packets, &first_of_each_key(packets), &calls, &found)
+    }
+
+    fn outcome(result: &Result<Stored, WriteError>) -> String {
+        match result {
+            Ok(stored) => format!("{:?} {}", stored.outcome, stored.sent_at),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_tells_new_packets_from_repeats_and_conflicts_within_itself() {
+        let packets = [
+            packet("a", 0, "x", 1.0),
+            packet("a", 0, "x", 2.0), // the same packet again in the batch
+            packet("a", 1, "y", 3.0),
+            packet("a", 1, "z", 4.0), // the same sequence with other data
+        ];
+        let calls = [("a", call(CallState::InProgress, 0, Some(1), 2))];
+        let results = judge(&packets, &calls, &[("a", 0), ("a", 1)], &[]);
+        let outcomes: Vec<String> = results.iter().map(outcome).collect();
+        assert_eq!(
+            outcomes,
+            ["Accepted 1", "Duplicate 1", "Accepted 3", "Conflict"],
+            "a repeat carries the first copy's timestamp"
+        );
+    }
+
+    #[test]
+    fn packets_stored_before_are_duplicates_with_what_was_stored_or_conflicts() {
+        let packets = [packet("a", 0, "x", 9.0), packet("a", 1, "other", 9.0)];
+        let calls = [("a", call(CallState::InProgress, 0, Some(1), 2))];
+        let existing = [("a", 0, "x", 1.0), ("a", 1, "y", 2.0)];
+        let results = judge(&packets, &calls, &[], &existing);
+        let outcomes: Vec<String> = results.iter().map(outcome).collect();
+        assert_eq!(outcomes, ["Duplicate 1", "Conflict"]);
+    }
+
+    #[test]
+    fn a_packet_for_a_finished_call_or_below_its_start_is_refused() {
+        let packets = [packet("done", 5, "x", 1.0), packet("from1", 0, "x", 1.0)];
+        let calls = [
+            ("done", call(CallState::Completed, 0, Some(4), 5)),
+            ("from1", call(CallState::InProgress, 1, Some(3), 3)),
+        ];
+        let results = judge(&packets, &calls, &[], &[]);
+        assert!(matches!(
+            results[0],
+            Err(WriteError::NotInProgress(CallState::Completed))
+        ));
+        assert!(matches!(
+            results[1],
+            Err(WriteError::BeforeStart { start: 1 })
+        ));
+    }
+
+    #[test]
+    fn every_answer_carries_its_calls_missing_count() {
+        let packets = [packet("lossy", 9, "x", 1.0)];
+        // Sequences 0..=9 expected, 4 received.
+        let calls = [("lossy", call(CallState::InProgress, 0, Some(9), 4))];
+        let results = judge(&packets, &calls, &[("lossy", 9)], &[]);
+        assert_eq!(results[0].as_ref().unwrap().missing_packets, 6);
+    }
+}
