@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::{CallId, calls, events::PacketEvent, outbox::Publisher};
 use futures::future::join_all;
 use sqlx::PgPool;
-use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 /// Republishes what the database recorded but JetStream has not acknowledged.
@@ -87,27 +86,18 @@ impl Relay {
         let claimed = rows.len();
         let mut published = 0;
         for (id, call_ids, sequences) in rows {
-            let stored: Vec<(String, i64, String, f64, OffsetDateTime)> = sqlx::query_as(
-                "SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at FROM packets p \
-                 JOIN UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
-                   ON p.call_id = k.call_id AND p.sequence = k.sequence",
-            )
-            .bind(&call_ids)
-            .bind(&sequences)
-            .fetch_all(&mut *tx)
-            .await?;
-            let results = join_all(stored.into_iter().map(
-                |(call_id, sequence, data, sent, at)| async move {
-                    let event = PacketEvent {
-                        call_id: CallId::parse(call_id).map_err(|e| e.to_string())?,
-                        sequence,
-                        data,
-                        timestamp: sent,
-                        received_at: at,
-                    };
-                    self.publisher.packet(&event, None).await
-                },
-            ))
+            let ids: Vec<&str> = call_ids.iter().map(String::as_str).collect();
+            let stored = crate::writer::stored_packets(&mut tx, &ids, &sequences).await?;
+            let results = join_all(stored.into_iter().map(|packet| async move {
+                let event = PacketEvent {
+                    call_id: CallId::parse(packet.call_id).map_err(|e| e.to_string())?,
+                    sequence: packet.sequence,
+                    data: packet.data,
+                    timestamp: packet.sent_at,
+                    received_at: packet.received_at,
+                };
+                self.publisher.packet(&event, None).await
+            }))
             .await;
             let acknowledged = results.iter().filter(|r| r.is_ok()).count();
             published += acknowledged;
