@@ -165,6 +165,16 @@ impl Worker {
         }
     }
 
+    /// Publishes the status event of a change this delivery just committed, if it made one,
+    /// with the delivery's request id.
+    async fn announce(&self, item: &Work, recorded: Option<&common::calls::Recorded>) {
+        if let Some(recorded) = recorded {
+            self.publisher
+                .recorded(std::slice::from_ref(recorded), item.request_id())
+                .await;
+        }
+    }
+
     /// The AI provider calls are sent to.
     pub fn provider(&self) -> &Arc<Provider> {
         &self.provider
@@ -358,11 +368,7 @@ impl Worker {
             } => self.finish_give_up(&item, attempts, &last_error, why).await,
             Claim::Claimed { attempt, recorded } => {
                 tracing::Span::current().record("ai.attempt", attempt);
-                if let Some(recorded) = recorded {
-                    self.publisher
-                        .recorded(std::slice::from_ref(&recorded), item.request_id())
-                        .await;
-                }
+                self.announce(&item, recorded.as_deref()).await;
                 self.attempt(message, &item, attempt, hand_back).await
             }
         }
@@ -496,11 +502,7 @@ impl Worker {
             .await
         {
             Ok(recorded) => {
-                if let Some(recorded) = recorded {
-                    self.publisher
-                        .recorded(std::slice::from_ref(&recorded), item.request_id())
-                        .await;
-                }
+                self.announce(item, recorded.as_ref()).await;
                 metrics::counter!("switchboard_transcriber_retries_total").increment(1);
                 Outcome::Retry(Some(delay))
             }
@@ -520,11 +522,7 @@ impl Worker {
             .await
         {
             Ok(recorded) => {
-                if let Some(recorded) = recorded {
-                    self.publisher
-                        .recorded(std::slice::from_ref(&recorded), item.request_id())
-                        .await;
-                }
+                self.announce(item, recorded.as_ref()).await;
                 tracing::info!(attempt, "call archived");
                 metrics::counter!("switchboard_transcriber_successes_total").increment(1);
                 Outcome::Ack
@@ -579,11 +577,7 @@ impl Worker {
         metrics::counter!("switchboard_transcriber_dead_letters_total").increment(1);
         match self.claims.fail(item, attempts, error, why).await {
             Ok(recorded) => {
-                if let Some(recorded) = recorded {
-                    self.publisher
-                        .recorded(std::slice::from_ref(&recorded), item.request_id())
-                        .await;
-                }
+                self.announce(item, recorded.as_ref()).await;
                 tracing::warn!(attempts, reason = %claims::failed_reason(why), error.message = %error, "call FAILED and dead-lettered");
                 Outcome::Term
             }

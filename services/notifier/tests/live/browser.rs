@@ -35,16 +35,8 @@ async fn the_dashboard_shows_a_call_move_to_its_final_state() {
     .await;
 
     let client = reqwest::Client::new();
-    for (seq, word) in ["thank", "you,", "that", "was", "great"].iter().enumerate() {
-        let status = client
-            .post(format!("{ingest_url}/v1/call/stream/browser-1"))
-            .json(&json!({"sequence": seq, "data": word, "timestamp": 1.0}))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, 202);
-    }
+    let words = ["thank", "you,", "that", "was", "great"].map(String::from);
+    stream_words(&client, &ingest_url, "browser-1", &words).await;
     let state_on_page = "document.querySelector('tr[data-call-id=\"browser-1\"] .state .badge')?.textContent ?? null";
     eventually(
         "the call to appear on the page",
@@ -76,16 +68,7 @@ async fn the_dashboard_shows_a_call_move_to_its_final_state() {
     // URL it builds, and the next call shows up.
     notifier.restart().await;
     let long_words: Vec<String> = (0..120).map(|i| format!("word{i}")).collect();
-    for (seq, word) in long_words.iter().enumerate() {
-        let status = client
-            .post(format!("{ingest_url}/v1/call/stream/browser-2"))
-            .json(&json!({"sequence": seq, "data": word, "timestamp": 1.0}))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, 202);
-    }
+    stream_words(&client, &ingest_url, "browser-2", &long_words).await;
     client
         .post(format!("{ingest_url}/v1/call/browser-2/complete"))
         .send()
@@ -283,4 +266,18 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
     );
     let errors = page.console_errors();
     assert!(errors.is_empty(), "console errors on the page: {errors:?}");
+}
+
+/// Streams one packet per word to ingest, as a PBX would, each answered 202.
+async fn stream_words(client: &reqwest::Client, ingest_url: &str, call: &str, words: &[String]) {
+    for (seq, word) in words.iter().enumerate() {
+        let status = client
+            .post(format!("{ingest_url}/v1/call/stream/{call}"))
+            .json(&json!({"sequence": seq, "data": word, "timestamp": 1.0}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 202);
+    }
 }
