@@ -55,6 +55,33 @@ impl Ingest {
         anyhow::bail!("{} {code}: {message}", status.as_u16())
     }
 
+    /// Sends one packet once, with no retry: the answer's status, or why there was none (for
+    /// `pbx bench`, which counts what a PBX would see).
+    pub async fn send_packet(
+        &self,
+        call_id: &str,
+        sequence: i64,
+        data: &str,
+        timestamp: f64,
+    ) -> Result<u16, String> {
+        let body = PacketBody {
+            sequence,
+            data: data.to_owned(),
+            timestamp,
+        };
+        let response = self
+            .client
+            .post(format!("{}/v1/call/stream/{call_id}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        // Read the body, so the connection goes back to the pool.
+        response.bytes().await.ok();
+        Ok(status)
+    }
+
     /// Sends one packet, retrying 503s as a PBX should; returns the outcome and the time
     /// the successful request took.
     pub async fn packet(

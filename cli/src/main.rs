@@ -2,6 +2,7 @@
 //! serve their users. `pbx --help` lists the commands.
 
 mod api;
+mod bench;
 mod cli;
 mod live;
 mod sentences;

@@ -335,3 +335,46 @@ async fn pbx_watch_follows_calls_across_a_notifier_restart() {
     );
     std::fs::remove_dir_all(&log_dir).ok();
 }
+
+/// A smoke run of `pbx bench` against the real ingest binary, open loop and closed loop: every
+/// packet is answered 202 and stored, and the report says so. (Figures come from
+/// `scripts/bench`-style runs on a quiet machine, never from this test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pbx_bench_loads_ingest_and_reports_what_it_measured() {
+    common::tls::install_crypto_provider();
+    let env = TestEnv::new().await;
+    let log_dir = std::env::temp_dir().join(format!("switchboard-bench-{}", env.config.prefix));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let ingest = Service::start("ingest", &env, &[], &log_dir);
+    wait_ready(&ingest, &reqwest::Client::new()).await;
+
+    let mut accepted_total = 0;
+    for extra in [&["--pattern", "lossy"][..], &["--closed"][..]] {
+        let output = tokio::process::Command::new(binary("pbx"))
+            .args(["--ingest-url", &ingest.url(), "bench", "--calls", "4"])
+            .args(["--rate", "200", "--duration", "1.5", "--json"])
+            .args(extra)
+            .output()
+            .await
+            .expect("pbx runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "pbx bench {extra:?} failed ({}): {stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+        assert!(report["accepted"].as_u64().unwrap() > 10, "{report}");
+        assert_eq!(report["accepted"], report["sent"], "{report}");
+        assert_eq!(report["errors"], serde_json::json!({}));
+        assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+        accepted_total += report["accepted"].as_i64().unwrap();
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM packets")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, accepted_total, "every accepted packet is stored");
+    std::fs::remove_dir_all(&log_dir).ok();
+}
