@@ -292,12 +292,15 @@ fn render(r: &Report) -> String {
             .join(", ")
     };
     format!(
-        "{} loop, {:?}, {} calls{} for {:.1} s\n\
+        "{} loop, {}, {} calls{} for {:.1} s\n\
          \x20 sent {}, accepted {} ({:.0} packets/s)\n\
          \x20 latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms\n\
          \x20 errors {errors}\n",
         r.mode,
-        r.pattern,
+        match r.pattern {
+            Pattern::InSequence => "in sequence",
+            Pattern::Lossy => "lossy",
+        },
         r.calls,
         r.rate
             .map(|rate| format!(" at {rate} packets/s"))
