@@ -66,16 +66,6 @@ pub enum Claim {
     Unknown,
 }
 
-/// What loading a call's audio found.
-#[derive(Debug)]
-pub enum Loaded {
-    Audio(CallAudio),
-    /// Its packets hold more than the bound allows; none was read.
-    TooLarge {
-        bytes: i64,
-    },
-}
-
 /// The transcriber's handle on calls in Postgres.
 #[derive(Clone)]
 pub struct Claims {
@@ -185,25 +175,25 @@ impl Claims {
         calls::ai::hold(tx, &item.call_id, self.lease).await
     }
 
-    /// The call's packets in order and how many it should have; or, without reading them,
-    /// that their data is larger than `max_bytes`. The size is a `sum(octet_length(data))`,
-    /// which Postgres answers from each value's header, so a call of gigabytes is refused
-    /// without ever being in memory. One snapshot (repeatable read) for both, so what is
-    /// loaded is what was measured.
-    pub async fn load_audio(&self, item: &WorkItem, max_bytes: u64) -> Result<Loaded, sqlx::Error> {
+    /// The size of the call's stored packet data, in bytes: a `sum(octet_length(data))`,
+    /// which Postgres answers from each value's header, so a call of gigabytes is measured
+    /// without ever being in memory. A call being transcribed takes no more packets, so the
+    /// size does not change before it is loaded.
+    pub async fn audio_bytes(&self, item: &WorkItem) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(sum(octet_length(data)), 0)::int8 FROM packets WHERE call_id = $1",
+        )
+        .bind(item.call_id.as_str())
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// The call's packets in order, how many it should have and where its numbering starts.
+    pub async fn load_audio(&self, item: &WorkItem) -> Result<CallAudio, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let bytes: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(octet_length(data)), 0)::int8 FROM packets WHERE call_id = $1",
-        )
-        .bind(item.call_id.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-        if u64::try_from(bytes).unwrap_or(0) > max_bytes {
-            return Ok(Loaded::TooLarge { bytes });
-        }
         let packets: Vec<(i64, String)> = sqlx::query_as(
             "SELECT sequence, data FROM packets WHERE call_id = $1 ORDER BY sequence",
         )
@@ -220,11 +210,11 @@ impl Claims {
         .await?
         .unwrap_or((0, 0));
         tx.commit().await?;
-        Ok(Loaded::Audio(CallAudio {
+        Ok(CallAudio {
             packets,
             expected,
             start,
-        }))
+        })
     }
 
     /// Extends the lease while the AI works on attempt `attempt` (and only while that

@@ -23,9 +23,17 @@ pub struct TranscriberConfig {
     #[arg(long, env = "TRANSCRIBER_ADDR", default_value = "0.0.0.0:8081")]
     pub addr: SocketAddr,
 
-    /// Calls transcribed at once by this process.
-    #[arg(long, env = "TRANSCRIBE_CONCURRENCY", default_value_t = 16)]
+    /// Calls transcribed at once by this process. AI requests are waiting, not work: hundreds
+    /// fit one replica (memory is bounded by TRANSCRIBE_MAX_AUDIO_IN_FLIGHT_BYTES).
+    #[arg(long, env = "TRANSCRIBE_CONCURRENCY", default_value_t = 256)]
     pub concurrency: usize,
+
+    /// Stored audio of the calls in flight, at most, in bytes: a call waits (acknowledging
+    /// progress) until its audio fits, so memory stays bounded whatever the concurrency.
+    /// Peak memory is about three times this (the packets, the decoded audio, the request).
+    /// At least AI_MAX_AUDIO_BYTES, so that every call it accepts can go.
+    #[arg(long, env = "TRANSCRIBE_MAX_AUDIO_IN_FLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_audio_in_flight_bytes: u64,
 
     /// Durable name of the JetStream consumer the replicas share.
     #[arg(long, env = "TRANSCRIBE_CONSUMER", default_value = "transcriber")]
@@ -191,6 +199,13 @@ impl TranscriberConfig {
         anyhow::ensure!(
             (1..=i64::MAX as u64).contains(&ai.max_audio_bytes),
             "AI_MAX_AUDIO_BYTES must be at least 1, got {}",
+            ai.max_audio_bytes
+        );
+        anyhow::ensure!(
+            self.max_audio_in_flight_bytes >= ai.max_audio_bytes,
+            "TRANSCRIBE_MAX_AUDIO_IN_FLIGHT_BYTES ({}) must be at least AI_MAX_AUDIO_BYTES ({}), \
+             or the largest calls could never be loaded",
+            self.max_audio_in_flight_bytes,
             ai.max_audio_bytes
         );
         anyhow::ensure!(

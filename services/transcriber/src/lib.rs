@@ -15,9 +15,11 @@
 //! - [`claims`]: the Postgres side: claim with a lease, record each attempt's end.
 //! - [`providers`]: `simulated` (the flaky test API) and `openai` (OpenAI-compatible STT).
 //! - [`backoff`]: the retry schedule. [`sentiment`]: VADER scores.
+//! - [`budget`]: the bound on audio in memory across the calls in flight.
 //! - `testing` (feature `testing`): the one test configuration and the one way tests start it.
 
 pub mod backoff;
+pub mod budget;
 pub mod claims;
 pub mod config;
 pub mod providers;

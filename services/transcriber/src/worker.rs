@@ -23,7 +23,8 @@ use tracing::Instrument;
 
 use crate::{
     backoff::Backoff,
-    claims::{self, Claim, Claims, FinishError, Loaded},
+    budget::{AudioBudget, Held},
+    claims::{self, Claim, Claims, FinishError},
     config::TranscriberConfig,
     providers::{CallAudio, Provider, ProviderError},
     sentiment,
@@ -64,6 +65,8 @@ pub struct Worker {
     ai_timeout: Duration,
     /// `AI_MAX_AUDIO_BYTES`: calls with more packet data are failed before they are loaded.
     max_audio_bytes: u64,
+    /// `TRANSCRIBE_MAX_AUDIO_IN_FLIGHT_BYTES`: the audio all attempts in flight may hold.
+    budget: AudioBudget,
     /// How often a worker tells JetStream (and Postgres) it is still on a call.
     progress_every: Duration,
     shutdown_grace: Duration,
@@ -160,6 +163,7 @@ impl Worker {
             concurrency: config.concurrency,
             ai_timeout: config.ai_timeout(),
             max_audio_bytes: config.ai.max_audio_bytes,
+            budget: AudioBudget::new(config.max_audio_in_flight_bytes),
             progress_every: config.ack_wait() / 3,
             shutdown_grace: config.shutdown_grace(),
         }
@@ -383,8 +387,9 @@ impl Worker {
         hand_back: &CancellationToken,
     ) -> Outcome {
         metrics::counter!("switchboard_transcriber_attempts_total").increment(1);
-        let audio = match self.load(message, item, attempt, hand_back).await {
-            Ok(audio) => audio,
+        // The budget is held until the AI has answered: the audio is in memory till then.
+        let (audio, _budget) = match self.load(message, item, attempt, hand_back).await {
+            Ok(loaded) => loaded,
             Err(outcome) => return outcome,
         };
         let in_flight = metrics::gauge!("switchboard_transcriber_calls_in_flight");
@@ -413,24 +418,33 @@ impl Worker {
         }
     }
 
-    /// Measures, then loads, the call's audio, sending progress like the AI request does: a
-    /// slow load must not let the lease or the ack wait run out (another worker would start
-    /// on the call). A call too large to send is given up on without being loaded.
+    /// Measures the call's audio, waits until it fits the budget of audio in flight, then
+    /// loads it; all the while sending progress like the AI request does (a slow load or a
+    /// long wait must not let the lease or the ack wait run out: another worker would start on
+    /// the call). A call too large to send is given up on without being loaded.
     async fn load(
         &self,
         message: &jetstream::Message,
         item: &Work,
         attempt: i32,
         hand_back: &CancellationToken,
-    ) -> Result<CallAudio, Outcome> {
-        let loading = self.claims.load_audio(item, self.max_audio_bytes);
+    ) -> Result<(CallAudio, Held), Outcome> {
+        let loading = async {
+            let bytes = self.claims.audio_bytes(item).await?;
+            if u64::try_from(bytes).unwrap_or(0) > self.max_audio_bytes {
+                return Ok(Err(bytes));
+            }
+            let held = self.budget.take(bytes.max(0) as u64).await;
+            let audio = self.claims.load_audio(item).await?;
+            Ok::<_, sqlx::Error>(Ok((audio, held)))
+        };
         let loaded = tokio::select! {
             loaded = self.with_progress(message, item, attempt, loading) => loaded,
             _ = hand_back.cancelled() => return Err(self.hand_back(item, attempt, None).await),
         };
         match loaded {
-            Ok(Loaded::Audio(audio)) => Ok(audio),
-            Ok(Loaded::TooLarge { bytes }) => {
+            Ok(Ok(loaded)) => Ok(loaded),
+            Ok(Err(bytes)) => {
                 let error = format!(
                     "the call's audio ({bytes} bytes of packet data) is larger than \
                      AI_MAX_AUDIO_BYTES ({})",

@@ -267,3 +267,37 @@ async fn a_work_item_delivered_before_its_retry_is_due_waits_for_it() {
         .await;
     assert_eq!(early, 0, "attempt 2 did not start before it was due");
 }
+
+/// With room for one call's audio at a time, calls wait for the budget (acknowledging
+/// progress, so none is redelivered) instead of loading all at once, and all get done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_the_audio_budget_and_all_get_done() {
+    let stack = stack(|c| {
+        c.ai.latency_ms = "300-300".parse().unwrap();
+        c.ai.max_audio_bytes = 100;
+        c.max_audio_in_flight_bytes = 100;
+        c.concurrency = 4;
+    })
+    .await;
+    let word = "x".repeat(40);
+    for call in ["budget-1", "budget-2", "budget-3"] {
+        stack.call(call, &[&word, &word]).await;
+    }
+    for call in ["budget-1", "budget-2", "budget-3"] {
+        let done = stack
+            .wait_for(call, CallState::Archived, Duration::from_secs(30))
+            .await;
+        assert_eq!(
+            done["ai_attempts"], 1,
+            "no call was taken over while it waited"
+        );
+    }
+    assert_eq!(stack.transcribers[0].requests(), 3);
+    let metrics = common::telemetry::prometheus().render();
+    let waits: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("switchboard_transcriber_audio_budget_waits_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(waits >= 1.0, "a call waited for the budget:\n{metrics}");
+}
