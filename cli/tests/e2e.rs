@@ -129,6 +129,15 @@ impl Drop for Service {
     }
 }
 
+/// A test's own database and prefix, and a folder for its services' logs.
+async fn test_env(test: &str) -> (TestEnv, PathBuf) {
+    common::tls::install_crypto_provider();
+    let env = TestEnv::new().await;
+    let log_dir = std::env::temp_dir().join(format!("switchboard-{test}-{}", env.config.prefix));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    (env, log_dir)
+}
+
 async fn wait_ready(service: &Service, client: &reqwest::Client) {
     eventually(
         &format!("{} to be ready", service.name),
@@ -143,10 +152,7 @@ async fn wait_ready(service: &Service, client: &reqwest::Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lost() {
-    common::tls::install_crypto_provider();
-    let env = TestEnv::new().await;
-    let log_dir = std::env::temp_dir().join(format!("switchboard-e2e-{}", env.config.prefix));
-    std::fs::create_dir_all(&log_dir).unwrap();
+    let (env, log_dir) = test_env("e2e").await;
     let mut ingest = Service::start("ingest", &env, &[], &log_dir);
     let mut transcriber = Service::start(
         "transcriber",
@@ -263,10 +269,7 @@ async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lo
 /// (`since` and `stream`), and a call sent after the restart shows up in its output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pbx_watch_follows_calls_across_a_notifier_restart() {
-    common::tls::install_crypto_provider();
-    let env = TestEnv::new().await;
-    let log_dir = std::env::temp_dir().join(format!("switchboard-watch-{}", env.config.prefix));
-    std::fs::create_dir_all(&log_dir).unwrap();
+    let (env, log_dir) = test_env("watch").await;
     let ingest = Service::start("ingest", &env, &[], &log_dir);
     let mut notifier = Service::start("notifier", &env, &[], &log_dir);
     let client = reqwest::Client::new();
@@ -337,14 +340,11 @@ async fn pbx_watch_follows_calls_across_a_notifier_restart() {
 }
 
 /// A smoke run of `pbx bench` against the real ingest binary, open loop and closed loop: every
-/// packet is answered 202 and stored, and the report says so. (Figures come from
-/// `scripts/bench`-style runs on a quiet machine, never from this test.)
+/// packet is answered 202 and stored, and the report says so. (Figures come from runs on a quiet
+/// machine, recorded in docs/benchmarks.md, never from this test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pbx_bench_loads_ingest_and_reports_what_it_measured() {
-    common::tls::install_crypto_provider();
-    let env = TestEnv::new().await;
-    let log_dir = std::env::temp_dir().join(format!("switchboard-bench-{}", env.config.prefix));
-    std::fs::create_dir_all(&log_dir).unwrap();
+    let (env, log_dir) = test_env("bench").await;
     let ingest = Service::start("ingest", &env, &[], &log_dir);
     wait_ready(&ingest, &reqwest::Client::new()).await;
 
