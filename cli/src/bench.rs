@@ -258,8 +258,21 @@ async fn closed_call(
     tally
 }
 
+impl Latency {
+    /// Percentiles of a histogram of microseconds, in milliseconds.
+    pub fn of(histogram: &Histogram<u64>) -> Self {
+        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            p50: ms(0.50),
+            p90: ms(0.90),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: histogram.max() as f64 / 1000.0,
+        }
+    }
+}
+
 fn report(options: &Options, total: Tally, elapsed: Duration) -> Report {
-    let ms = |q: f64| total.histogram.value_at_quantile(q) as f64 / 1000.0;
     Report {
         mode: if options.closed { "closed" } else { "open" },
         pattern: options.pattern,
@@ -269,13 +282,7 @@ fn report(options: &Options, total: Tally, elapsed: Duration) -> Report {
         sent: total.sent,
         accepted: total.accepted,
         throughput_per_sec: total.accepted as f64 / elapsed.as_secs_f64(),
-        latency_ms: Latency {
-            p50: ms(0.50),
-            p90: ms(0.90),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: total.histogram.max() as f64 / 1000.0,
-        },
+        latency_ms: Latency::of(&total.histogram),
         errors: total.errors,
     }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{api::Ingest, bench, simulate, watch};
+use crate::{api::Ingest, bench, bench_live, simulate, watch};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -13,7 +13,7 @@ use crate::{api::Ingest, bench, simulate, watch};
     about = "Drive, watch and load Switchboard from a terminal.",
     long_about = "Drive, watch and load Switchboard from a terminal.\n\n\
         `pbx simulate` streams realistic calls through ingest and follows them to the end on \
-        the notifier; `pbx watch` follows calls live; `pbx bench` loads ingest and measures it; `pbx status`, `pbx calls` and `pbx retry` \
+        the notifier; `pbx watch` follows calls live; `pbx bench` loads ingest and measures it; `pbx bench-live` measures the notifier's fan-out; `pbx status`, `pbx calls` and `pbx retry` \
         wrap the ingest API. Start the stack first with ./scripts/up."
 )]
 pub struct Cli {
@@ -52,6 +52,9 @@ pub enum Command {
     /// Load ingest at a fixed rate (open loop) or flat out (`--closed`); report throughput,
     /// latency percentiles and errors by status.
     Bench(bench::Options),
+    /// Open many WebSockets on the notifier, start calls through ingest one at a time, and
+    /// report how long each event took to reach every socket.
+    BenchLive(bench_live::Options),
     /// Show one call: state, counts, missing ranges, AI results, history.
     Status {
         /// The call id.
@@ -85,6 +88,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate(options) => simulate::run(&ingest, &cli.endpoints, options).await,
         Command::Watch(options) => watch::run(&cli.endpoints, options).await,
         Command::Bench(options) => bench::run(&ingest, options).await,
+        Command::BenchLive(options) => bench_live::run(&ingest, &cli.endpoints, options).await,
         Command::Status { call_id, json } => {
             let call = ingest.call(&call_id).await?;
             if json {

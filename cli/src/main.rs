@@ -3,6 +3,7 @@
 
 mod api;
 mod bench;
+mod bench_live;
 mod cli;
 mod live;
 mod sentences;

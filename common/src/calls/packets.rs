@@ -1,9 +1,9 @@
-//! Ingest's writer and the `calls` row: a batch locks its calls (creating the new ones) and
-//! adds its packets to their counters. The gaps (`call_gaps`) are ingest's own table.
-
-use std::collections::HashMap;
+//! Ingest's writer and the `calls` row: a batch creates its new calls, then locks its calls,
+//! inserts its packets and adds them to their counters in one statement. The gaps
+//! (`call_gaps`) are ingest's own table.
 
 use sqlx::PgConnection;
+use time::OffsetDateTime;
 
 use crate::{CallState, calls::parse_state};
 
@@ -29,42 +29,6 @@ impl CallCounts {
     }
 }
 
-/// Locks the calls among `ids` that exist, in id order (two writers never deadlock), and
-/// returns them by id.
-pub async fn lock(
-    tx: &mut PgConnection,
-    ids: &[&str],
-) -> Result<HashMap<String, CallCounts>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Locked {
-        call_id: String,
-        state: String,
-        sequence_start: i64,
-        last_sequence: Option<i64>,
-        packets_received: i64,
-        total_packets: Option<i64>,
-    }
-    let rows: Vec<Locked> = sqlx::query_as(
-        "SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
-         FROM calls WHERE call_id = ANY($1) ORDER BY call_id FOR NO KEY UPDATE",
-    )
-    .bind(ids)
-    .fetch_all(tx)
-    .await?;
-    rows.into_iter()
-        .map(|row| {
-            let counts = CallCounts {
-                state: parse_state(&row.state)?,
-                sequence_start: row.sequence_start,
-                last_sequence: row.last_sequence,
-                packets_received: row.packets_received,
-                total_packets: row.total_packets,
-            };
-            Ok((row.call_id, counts))
-        })
-        .collect()
-}
-
 /// Creates the calls among `ids` that do not exist (`IN_PROGRESS`, numbered from
 /// `sequence_start`); returns the ids this statement created (another replica may have created
 /// some a moment before).
@@ -85,35 +49,141 @@ pub async fn create(
     .await
 }
 
-/// A call's counters after [`add_packets`].
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Counted {
-    pub call_id: String,
-    pub packets_received: i64,
-    pub last_sequence: Option<i64>,
+/// A packet to store with [`store`].
+#[derive(Debug, Clone, Copy)]
+pub struct NewRow<'a> {
+    pub call_id: &'a str,
+    pub sequence: i64,
+    pub data: &'a str,
+    pub sent_at: f64,
 }
 
-/// Adds newly stored packets (`call_ids[i]`, `sequences[i]`) to their calls' counters and
-/// first/last sequence, and marks the calls as having just received packets.
-pub async fn add_packets(
+/// One call of a batch as [`store`] left it.
+#[derive(Debug, Clone)]
+pub struct StoredCall {
+    pub call_id: String,
+    /// The call under its row lock, before the batch.
+    pub before: CallCounts,
+    /// Its counters after the batch.
+    pub packets_received: i64,
+    pub last_sequence: Option<i64>,
+    /// The sequences this batch inserted (ascending), with their `received_at`.
+    pub inserted: Vec<(i64, OffsetDateTime)>,
+}
+
+/// What [`store`] did.
+#[derive(Debug, Default)]
+pub struct StoredBatch {
+    /// The calls that exist, locked; a call among the ids that does not exist is absent.
+    pub calls: Vec<StoredCall>,
+    /// The `packet_outbox` row naming the inserted packets, if any were.
+    pub outbox: Option<i64>,
+}
+
+/// A batch's write, in one statement (one round trip): locks the calls `call_ids` (sorted,
+/// so that writers never deadlock), inserts the packets of those `IN_PROGRESS` at or past
+/// their first sequence number (`ON CONFLICT DO NOTHING`: a stored key stays as first
+/// stored), adds the inserted ones to their calls' counters, writes the `packet_outbox` row
+/// naming them, and deletes the acknowledged outbox rows `acknowledged`. `rows` must hold
+/// at most one packet per (call, sequence).
+///
+/// Data-modifying `WITH` clauses all see the snapshot the statement started with, so the
+/// locked rows are the calls as they were before the batch; the counter update reads the
+/// insert's `RETURNING` rows, so duplicates are never counted.
+pub async fn store(
     tx: &mut PgConnection,
     call_ids: &[&str],
-    sequences: &[i64],
-) -> Result<Vec<Counted>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE calls c SET packets_received = c.packets_received + v.n, \
-             first_sequence = LEAST(c.first_sequence, v.lo), \
-             last_sequence = GREATEST(c.last_sequence, v.hi), \
-             last_packet_at = now() \
-         FROM (SELECT call_id, count(*) AS n, min(seq) AS lo, max(seq) AS hi \
-               FROM UNNEST($1::text[], $2::int8[]) AS u(call_id, seq) GROUP BY call_id) v \
-         WHERE c.call_id = v.call_id \
-         RETURNING c.call_id, c.packets_received, c.last_sequence",
+    rows: &[NewRow<'_>],
+    acknowledged: &[i64],
+) -> Result<StoredBatch, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        call_id: String,
+        state: String,
+        sequence_start: i64,
+        last_sequence: Option<i64>,
+        packets_received: i64,
+        total_packets: Option<i64>,
+        packets_after: Option<i64>,
+        last_after: Option<i64>,
+        sequences: Option<Vec<i64>>,
+        received: Option<Vec<OffsetDateTime>>,
+        outbox_id: Option<i64>,
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.call_id).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
+    let data: Vec<&str> = rows.iter().map(|r| r.data).collect();
+    let sent: Vec<f64> = rows.iter().map(|r| r.sent_at).collect();
+    let found: Vec<Row> = sqlx::query_as(
+        "WITH locked AS ( \
+             SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
+             FROM calls WHERE call_id = ANY($1::text[]) ORDER BY call_id FOR NO KEY UPDATE \
+         ), inserted AS ( \
+             INSERT INTO packets (call_id, sequence, data, sent_at) \
+             SELECT k.call_id, k.sequence, k.data, k.sent_at \
+             FROM UNNEST($2::text[], $3::int8[], $4::text[], $5::float8[]) AS k(call_id, sequence, data, sent_at) \
+             JOIN locked l ON l.call_id = k.call_id \
+             WHERE l.state = $7 AND k.sequence >= l.sequence_start \
+             ON CONFLICT (call_id, sequence) DO NOTHING \
+             RETURNING call_id, sequence, received_at \
+         ), per_call AS ( \
+             SELECT call_id, count(*) AS n, min(sequence) AS lo, max(sequence) AS hi, \
+                    array_agg(sequence ORDER BY sequence) AS sequences, \
+                    array_agg(received_at ORDER BY sequence) AS received \
+             FROM inserted GROUP BY call_id \
+         ), counted AS ( \
+             UPDATE calls c SET packets_received = c.packets_received + p.n, \
+                 first_sequence = LEAST(c.first_sequence, p.lo), \
+                 last_sequence = GREATEST(c.last_sequence, p.hi), \
+                 last_packet_at = now() \
+             FROM per_call p WHERE c.call_id = p.call_id \
+             RETURNING c.call_id, c.packets_received, c.last_sequence \
+         ), outbox AS ( \
+             INSERT INTO packet_outbox (call_ids, sequences) \
+             SELECT array_agg(call_id), array_agg(sequence) FROM inserted HAVING count(*) > 0 \
+             RETURNING id \
+         ), cleared AS ( \
+             DELETE FROM packet_outbox WHERE id = ANY($6::int8[]) \
+         ) \
+         SELECT l.call_id, l.state, l.sequence_start, l.last_sequence, l.packets_received, \
+                l.total_packets, c.packets_received AS packets_after, c.last_sequence AS last_after, \
+                p.sequences, p.received, (SELECT id FROM outbox) AS outbox_id \
+         FROM locked l LEFT JOIN counted c USING (call_id) LEFT JOIN per_call p USING (call_id)",
     )
     .bind(call_ids)
-    .bind(sequences)
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(&data)
+    .bind(&sent)
+    .bind(acknowledged)
+    .bind(CallState::InProgress.as_str())
     .fetch_all(tx)
-    .await
+    .await?;
+    let mut batch = StoredBatch::default();
+    for row in found {
+        batch.outbox = batch.outbox.or(row.outbox_id);
+        let before = CallCounts {
+            state: parse_state(&row.state)?,
+            sequence_start: row.sequence_start,
+            last_sequence: row.last_sequence,
+            packets_received: row.packets_received,
+            total_packets: row.total_packets,
+        };
+        let inserted = row
+            .sequences
+            .unwrap_or_default()
+            .into_iter()
+            .zip(row.received.unwrap_or_default())
+            .collect();
+        batch.calls.push(StoredCall {
+            call_id: row.call_id,
+            packets_received: row.packets_after.unwrap_or(before.packets_received),
+            last_sequence: row.last_after.or(before.last_sequence),
+            before,
+            inserted,
+        });
+    }
+    Ok(batch)
 }
 
 #[cfg(test)]

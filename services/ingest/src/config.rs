@@ -52,6 +52,14 @@ pub struct IngestConfig {
     /// Most packets written to Postgres in one transaction.
     #[arg(long, env = "INGEST_MAX_BATCH", default_value_t = 1_000)]
     pub max_batch: usize,
+
+    /// Packet writer tasks, each with one transaction in flight (a call's packets always go
+    /// to the same one). More overlap one batch's round trips with another's work, at the
+    /// price of smaller batches; each takes a Postgres connection while it writes. On two
+    /// cores shared with Postgres one is fastest (docs/benchmarks.md); raise it where Postgres
+    /// has cores to spare.
+    #[arg(long, env = "INGEST_WRITERS", default_value_t = 1)]
+    pub writers: usize,
 }
 
 impl IngestConfig {
@@ -73,6 +81,18 @@ impl IngestConfig {
         anyhow::ensure!(
             (1..=10_000).contains(&self.max_batch),
             "INGEST_MAX_BATCH must be between 1 and 10000"
+        );
+        anyhow::ensure!(
+            (1..=64).contains(&self.writers),
+            "INGEST_WRITERS must be between 1 and 64, got {}",
+            self.writers
+        );
+        anyhow::ensure!(
+            self.writers < self.common.database_max_connections as usize,
+            "INGEST_WRITERS ({}) must be less than DATABASE_MAX_CONNECTIONS ({}): each writer holds a \
+             connection while it writes, and requests need some too",
+            self.writers,
+            self.common.database_max_connections
         );
         Ok(())
     }

@@ -87,13 +87,14 @@ pub struct Before {
 }
 
 /// Updates `call_gaps` for the packets a batch stored (`stored`: call id → its new
-/// sequences). At most three statements, each over the batch's own rows; none at all for
-/// calls whose packets arrived in order.
+/// sequences), and returns what changed, by call (calls whose gaps did not change are
+/// absent). At most three statements, each over the batch's own rows; none at all for calls
+/// whose packets arrived in order.
 pub async fn apply(
     tx: &mut PgConnection,
     before: &HashMap<String, Before>,
     stored: &BTreeMap<String, Vec<i64>>,
-) -> Result<(), sqlx::Error> {
+) -> Result<HashMap<String, GapChanges>, sqlx::Error> {
     // The late packets: each lands in an existing gap.
     let (late_ids, late_seqs): (Vec<&str>, Vec<i64>) = stored
         .iter()
@@ -122,20 +123,24 @@ pub async fn apply(
             containing.entry(id).or_default().push(Gap { first, last });
         }
     }
+    let mut changed = HashMap::new();
     let (mut removed_ids, mut removed_firsts) = (Vec::new(), Vec::new());
     let (mut added_ids, mut added_firsts, mut added_lasts) = (Vec::new(), Vec::new(), Vec::new());
     for (id, seqs) in stored {
         let call = before[id];
         let held = containing.get(id).map_or(&[][..], Vec::as_slice);
         let changes = fold(call.highest, call.start, held, seqs);
-        for first in changes.removed {
+        for &first in &changes.removed {
             removed_ids.push(id.as_str());
             removed_firsts.push(first);
         }
-        for gap in changes.added {
+        for gap in &changes.added {
             added_ids.push(id.as_str());
             added_firsts.push(gap.first);
             added_lasts.push(gap.last);
+        }
+        if changes != GapChanges::default() {
+            changed.insert(id.clone(), changes);
         }
     }
     if !removed_ids.is_empty() {
@@ -159,7 +164,7 @@ pub async fn apply(
         .execute(&mut *tx)
         .await?;
     }
-    Ok(())
+    Ok(changed)
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ pub mod relay;
 pub mod routes;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod windows;
 pub mod writer;
 
 use std::sync::Arc;
@@ -48,7 +49,12 @@ use futures::FutureExt;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::IngestConfig, relay::Relay, routes::AppState, writer::PacketWriter};
+use crate::{
+    config::IngestConfig,
+    relay::Relay,
+    routes::AppState,
+    writer::{PacketWriter, WriterSettings},
+};
 
 /// A built ingest service: connected, migrated, bound, not yet serving.
 pub struct App {
@@ -77,8 +83,11 @@ impl App {
         let (writer, writer_task) = PacketWriter::spawn(
             pool.clone(),
             publisher.clone(),
-            config.max_batch,
-            config.sequence_start,
+            WriterSettings {
+                max_batch: config.max_batch,
+                writers: config.writers,
+                sequence_start: config.sequence_start,
+            },
         );
         let state = AppState {
             pool,

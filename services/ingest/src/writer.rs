@@ -1,9 +1,10 @@
 //! The batching packet writer: the heart of ingest's write path.
 //!
-//! Every packet request hands its packet to one writer task per process and waits for the
-//! verdict. The writer takes whatever has queued up (up to `INGEST_MAX_BATCH`, without
-//! waiting for more: under light load a batch is one packet and latency stays one
-//! transaction) and stores the whole batch in one transaction of a few set-based statements
+//! Every packet request hands its packet to a writer task (`INGEST_WRITERS` of them, each
+//! owning the calls that hash to it) and waits for the verdict. The writer takes whatever has
+//! queued up (up to `INGEST_MAX_BATCH`, without waiting for more: under light load a batch is
+//! one packet and latency stays one transaction) and stores the whole batch in one
+//! transaction whose main statement does the lock, insert, count and outbox at once
 //! (`UNNEST` arrays), so thousands of concurrent packets cost a handful of round trips
 //! instead of one commit each. After the commit, a task of the batch's own publishes its packets
 //! to JetStream (concurrently) and only then answers the requests: `202` means committed and
@@ -17,7 +18,8 @@
 //! of a retried packet, not the retry's).
 //!
 //! A call's counts are kept incrementally (see [`crate::gaps`]): a packet costs the same
-//! whether its call has no gap or a hundred thousand.
+//! whether its call has no gap or a hundred thousand; and the first missing ranges a lossy
+//! call's packets are answered with are remembered between batches ([`crate::windows`]).
 //!
 //! Correctness under races comes from Postgres, not from this task: calls are created with
 //! `INSERT .. ON CONFLICT DO NOTHING` (concurrent first packets, even on several replicas,
@@ -29,12 +31,16 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
     time::Duration,
 };
 
 use common::{
     CallId, CallState, Reason,
-    calls::{self, Recorded, packets::CallCounts},
+    calls::{
+        self, Recorded,
+        packets::{CallCounts, NewRow, StoredBatch},
+    },
     events::{PacketEvent, ProgressEvent},
     outbox::Publisher,
     store::{self, MissingRange},
@@ -50,7 +56,8 @@ use tokio::{
 
 use crate::{
     error::is_database_unavailable,
-    gaps::{self, Before},
+    gaps::{self, Before, Gap, GapChanges},
+    windows::Windows,
 };
 
 /// Most missing ranges returned with one packet's answer, lowest first (`missing_packets`
@@ -63,7 +70,8 @@ pub const MAX_MISSING_RANGES_IN_RESPONSE: i64 = 100;
 /// size the transcriber can assemble.
 pub const MAX_SEQUENCE: i64 = 100_000_000;
 
-/// Packets queued for the writer at most; beyond that, requests wait (backpressure).
+/// Packets queued for the writer tasks at most (shared among them); beyond that, requests
+/// wait (backpressure).
 const QUEUE_CAPACITY: usize = 16_384;
 
 /// A validated packet, ready to store.
@@ -161,14 +169,16 @@ struct Job {
     reply: Reply,
 }
 
-/// The handle requests use. The writer task ends once every handle is dropped and the
-/// queue is drained, so shutting the server down lets queued packets finish.
+/// The handle requests use. The writer tasks end once every handle is dropped and their
+/// queues are drained, so shutting the server down lets queued packets finish.
 #[derive(Clone)]
 pub struct PacketWriter {
-    tx: mpsc::Sender<Job>,
+    /// One queue per writer task; a call's packets always go to the same one
+    /// ([`shard_of`]), so they are stored in the order they came.
+    shards: Arc<[mpsc::Sender<Job>]>,
 }
 
-/// What the writer task works with.
+/// What a writer task works with.
 #[derive(Clone)]
 struct Writer {
     pool: PgPool,
@@ -181,35 +191,75 @@ struct Writer {
     acknowledged: mpsc::UnboundedSender<Vec<i64>>,
 }
 
+/// How the writer is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterSettings {
+    /// Most packets in one transaction (`INGEST_MAX_BATCH`).
+    pub max_batch: usize,
+    /// Writer tasks, each with its own transaction in flight (`INGEST_WRITERS`).
+    pub writers: usize,
+    /// `SEQUENCE_START`.
+    pub sequence_start: i64,
+}
+
 impl PacketWriter {
+    /// Starts `settings.writers` writer tasks; the handle returned ends when all have.
     pub fn spawn(
         pool: PgPool,
         publisher: Publisher,
-        max_batch: usize,
-        sequence_start: i64,
+        settings: WriterSettings,
     ) -> (Self, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let (acknowledged, acknowledged_rx) = mpsc::unbounded_channel();
-        let writer = Writer {
-            pool,
-            publisher,
-            max_batch,
-            sequence_start,
-            acknowledged,
-        };
-        let task = tokio::spawn(run(rx, acknowledged_rx, writer));
-        (Self { tx }, task)
+        let writers = settings.writers.max(1);
+        let mut shards = Vec::with_capacity(writers);
+        let mut tasks = Vec::with_capacity(writers);
+        for _ in 0..writers {
+            let (tx, rx) = mpsc::channel(QUEUE_CAPACITY / writers);
+            let (acknowledged, acknowledged_rx) = mpsc::unbounded_channel();
+            let writer = Writer {
+                pool: pool.clone(),
+                publisher: publisher.clone(),
+                max_batch: settings.max_batch,
+                sequence_start: settings.sequence_start,
+                acknowledged,
+            };
+            shards.push(tx);
+            tasks.push(tokio::spawn(run(rx, acknowledged_rx, writer)));
+        }
+        let all = tokio::spawn(async move {
+            for task in tasks {
+                if let Err(e) = task.await
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        });
+        (
+            Self {
+                shards: shards.into(),
+            },
+            all,
+        )
     }
 
     /// Stores one packet (batched with its neighbours), publishes it, and returns the verdict.
     pub async fn write(&self, packet: NewPacket) -> Result<Stored, WriteError> {
         let (reply, verdict) = oneshot::channel();
-        self.tx
+        let shard = &self.shards[shard_of(packet.call_id.as_str(), self.shards.len())];
+        shard
             .send(Job { packet, reply })
             .await
             .map_err(|_| WriteError::Closed)?;
         verdict.await.map_err(|_| WriteError::Closed)?
     }
+}
+
+/// The writer task a call's packets go to. Calls on different tasks never share a row lock, so
+/// the tasks' transactions run side by side without waiting for each other.
+fn shard_of(call_id: &str, shards: usize) -> usize {
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(call_id, &mut hasher);
+    (std::hash::Hasher::finish(&hasher) % shards as u64) as usize
 }
 
 async fn run(
@@ -219,6 +269,7 @@ async fn run(
 ) {
     let mut jobs = Vec::with_capacity(writer.max_batch);
     let mut progress = HashSet::new();
+    let mut memory = Memory::default();
     // Acknowledged outbox rows not deleted yet.
     let mut done: Vec<i64> = Vec::new();
     let mut report = tokio::time::interval(PROGRESS_EVERY);
@@ -235,10 +286,14 @@ async fn run(
                 let batch = std::mem::replace(&mut jobs, Vec::with_capacity(writer.max_batch));
                 progress.extend(batch.iter().map(|j| j.packet.call_id.to_string()));
                 let deletes = std::mem::take(&mut done);
-                done = write_batch(&writer, &publishing, batch, deletes).await;
+                done = write_batch(&writer, &mut memory, &publishing, batch, deletes).await;
             }
             Some(ids) = acknowledged.recv() => done.extend(ids),
-            _ = report.tick(), if !progress.is_empty() || !done.is_empty() => {
+            _ = report.tick() => {
+                memory.windows.prune(Instant::now() - WINDOW_IDLE);
+                if progress.is_empty() && done.is_empty() {
+                    continue;
+                }
                 let due: Vec<String> = progress.drain().collect();
                 let deletes = std::mem::take(&mut done);
                 let writer = writer.clone();
@@ -309,6 +364,7 @@ async fn publish_progress(
 /// deletes still to do (the batch failed).
 async fn write_batch(
     writer: &Writer,
+    memory: &mut Memory,
     publishing: &tokio_util::task::TaskTracker,
     jobs: Vec<Job>,
     deletes: Vec<i64>,
@@ -316,7 +372,7 @@ async fn write_batch(
     let started = Instant::now();
     let (packets, replies): (Vec<NewPacket>, Vec<Reply>) =
         jobs.into_iter().map(|job| (job.packet, job.reply)).unzip();
-    let (results, outbox, deleted) = store_batch(writer, &packets, &deletes).await;
+    let (results, outbox, deleted) = store_batch(writer, memory, &packets, &deletes).await;
     metrics::histogram!("switchboard_ingest_batch_size").record(packets.len() as f64);
     metrics::histogram!("switchboard_ingest_batch_duration_seconds")
         .record(started.elapsed().as_secs_f64());
@@ -334,10 +390,11 @@ async fn write_batch(
 /// verdict per packet, the outbox rows written, and whether `deletes` were deleted.
 async fn store_batch(
     writer: &Writer,
+    memory: &mut Memory,
     packets: &[NewPacket],
     deletes: &[i64],
 ) -> (Vec<Result<Stored, WriteError>>, Vec<i64>, bool) {
-    match commit_with_retry(writer, packets, deletes).await {
+    match commit_with_retry(writer, memory, packets, deletes).await {
         Ok(batch) => {
             announce(&writer.publisher, packets, batch.created);
             (batch.results, batch.outbox.into_iter().collect(), true)
@@ -352,7 +409,7 @@ async fn store_batch(
             let mut results = Vec::with_capacity(packets.len());
             let mut outbox = Vec::new();
             for packet in packets {
-                match commit_batch(writer, std::slice::from_ref(packet), &[]).await {
+                match commit_batch(writer, memory, std::slice::from_ref(packet), &[]).await {
                     Ok(mut batch) => {
                         announce(
                             &writer.publisher,
@@ -362,7 +419,10 @@ async fn store_batch(
                         outbox.extend(batch.outbox);
                         results.push(batch.results.pop().expect("one result per packet"));
                     }
-                    Err(failure) => results.push(Err(WriteError::from_failure(&failure))),
+                    Err(failure) => {
+                        memory.windows.clear();
+                        results.push(Err(WriteError::from_failure(&failure)));
+                    }
                 }
             }
             (results, outbox, false)
@@ -472,18 +532,26 @@ struct BatchOutcome {
 /// orders, which Postgres resolves by aborting one of them) is simply run again.
 async fn commit_with_retry(
     writer: &Writer,
+    memory: &mut Memory,
     packets: &[NewPacket],
     deletes: &[i64],
 ) -> Result<BatchOutcome, BatchFailure> {
     let mut tries = 0;
     loop {
-        match commit_batch(writer, packets, deletes).await {
+        match commit_batch(writer, memory, packets, deletes).await {
             Err(failure) if tries < 3 && failure.is_conflict() => {
                 tries += 1;
                 metrics::counter!("switchboard_ingest_batch_retries_total").increment(1);
                 tracing::info!(error.message = %failure.error, "packet batch lost a lock conflict; running it again");
             }
-            result => return result,
+            result => {
+                if result.is_err() {
+                    // Whatever the batch changed did not happen: what was remembered of
+                    // its calls' gaps may be ahead of the database.
+                    memory.windows.clear();
+                }
+                return result;
+            }
         }
     }
 }
@@ -494,12 +562,16 @@ type Key = (String, i64);
 /// What is stored under a key the batch did not insert: (data, sent_at, received_at).
 type Existing = (String, f64, OffsetDateTime);
 
-/// One transaction, one phase per statement: lock (or create) the calls, insert the new
-/// packets, read what was already stored under the other keys, update the counters and gaps,
-/// read the missing ranges to answer with, record creations, write the outbox row (and delete
-/// the acknowledged ones, `deletes`). Then the verdicts, computed without the database.
+/// One transaction: create the calls this writer has not seen yet, then one statement that
+/// locks the calls, inserts the new packets, counts them and writes the outbox row (deleting
+/// the acknowledged ones, `deletes`); then, only when needed, read what was already stored
+/// under the keys not inserted, update the gaps of calls whose packets came out of order,
+/// read the missing ranges to answer with, and record creations. A clean batch of known
+/// calls is three round trips (`BEGIN`, the statement, `COMMIT`). Then the verdicts, computed
+/// without the database.
 async fn commit_batch(
     writer: &Writer,
+    memory: &mut Memory,
     packets: &[NewPacket],
     deletes: &[i64],
 ) -> Result<BatchOutcome, BatchFailure> {
@@ -507,79 +579,177 @@ async fn commit_batch(
         error,
         connecting: true,
     })?;
-    let (mut calls, created) =
-        lock_or_create_calls(&mut tx, packets, writer.sequence_start).await?;
-    let first = first_of_each_key(packets);
-    let candidates: Vec<usize> = {
-        let mut c: Vec<usize> = first
-            .values()
-            .copied()
-            .filter(|&i| {
-                let call = &calls[packets[i].call_id.as_str()];
-                call.state == CallState::InProgress && packets[i].sequence >= call.sequence_start
-            })
-            .collect();
-        c.sort_unstable();
-        c
-    };
-    let inserted = insert_packets(&mut tx, packets, &candidates).await?;
-    let highest_before: HashMap<String, Option<i64>> = calls
-        .iter()
-        .map(|(id, c)| (id.clone(), c.last_sequence))
-        .collect();
-    let lookups: Vec<&Key> = first
-        .keys()
-        .filter(|k| !inserted.contains_key(*k))
-        .collect();
-    let existing = lookup_existing(&mut tx, &lookups).await?;
-    update_counts(&mut tx, &mut calls, &inserted).await?;
-    let missing = missing_for_answers(&mut tx, &calls).await?;
-    let recorded =
-        calls::completion::record_creations(&mut tx, &created, Reason::FirstPacket).await?;
-    let outbox = write_outbox(&mut tx, &inserted, deletes).await?;
-    tx.commit().await?;
-    Ok(BatchOutcome {
-        results: verdicts(
-            packets,
-            &first,
-            &calls,
-            &Found {
-                highest_before,
-                inserted,
-                existing,
-                missing,
-            },
-        ),
-        created: recorded,
-        outbox,
-    })
-}
-
-/// Locks the batch's calls that exist, creates the others, and locks those too. Locking
-/// first keeps the common case (every call exists) free of INSERT .. ON CONFLICT's
-/// speculative insertions. Returns every call's counts and the ids this batch created.
-async fn lock_or_create_calls(
-    tx: &mut PgConnection,
-    packets: &[NewPacket],
-    sequence_start: i64,
-) -> Result<(HashMap<String, CallCounts>, Vec<String>), sqlx::Error> {
     // Sorted: every writer locks calls in the same order.
     let mut call_ids: Vec<&str> = packets.iter().map(|p| p.call_id.as_str()).collect();
     call_ids.sort_unstable();
     call_ids.dedup();
-    let mut calls = calls::packets::lock(tx, &call_ids).await?;
-    let mut created = Vec::new();
-    if calls.len() < call_ids.len() {
-        let new_ids: Vec<&str> = call_ids
-            .iter()
-            .copied()
-            .filter(|id| !calls.contains_key(*id))
-            .collect();
-        created = calls::packets::create(tx, &new_ids, sequence_start).await?;
-        // Those another replica created meanwhile exist now: lock them too.
-        calls.extend(calls::packets::lock(tx, &new_ids).await?);
+    let unknown: Vec<&str> = call_ids
+        .iter()
+        .copied()
+        .filter(|id| !memory.known.contains(id))
+        .collect();
+    let created = if unknown.is_empty() {
+        Vec::new()
+    } else {
+        calls::packets::create(&mut tx, &unknown, writer.sequence_start).await?
+    };
+    let first = first_of_each_key(packets);
+    let mut firsts: Vec<usize> = first.values().copied().collect();
+    firsts.sort_unstable();
+    let rows: Vec<NewRow> = firsts
+        .iter()
+        .map(|&i| NewRow {
+            call_id: packets[i].call_id.as_str(),
+            sequence: packets[i].sequence,
+            data: &packets[i].data,
+            sent_at: packets[i].timestamp,
+        })
+        .collect();
+    let batch = calls::packets::store(&mut tx, &call_ids, &rows, deletes).await?;
+    if batch.calls.len() < call_ids.len() {
+        // A call this writer knew is gone (nothing deletes calls today). Forget what it knew;
+        // the batch is run again packet by packet, creating what is missing.
+        memory.known.clear();
+        return Err(BatchFailure::from(sqlx::Error::RowNotFound));
     }
-    Ok((calls, created))
+    let mut applied = Applied::from(batch);
+    let changes = update_gaps(&mut tx, &applied).await?;
+    let lookups: Vec<&Key> = first
+        .keys()
+        .filter(|k| !applied.inserted.contains_key(*k))
+        .collect();
+    let existing = lookup_existing(&mut tx, &lookups).await?;
+    let missing = missing_for_answers(&mut tx, &applied, &changes, &mut memory.windows).await?;
+    let recorded =
+        calls::completion::record_creations(&mut tx, &created, Reason::FirstPacket).await?;
+    tx.commit().await?;
+    memory.known.extend(call_ids);
+    let found = Found {
+        highest_before: std::mem::take(&mut applied.highest_before),
+        inserted: std::mem::take(&mut applied.inserted),
+        existing,
+        missing,
+    };
+    Ok(BatchOutcome {
+        results: verdicts(packets, &first, &applied.calls, &found),
+        created: recorded,
+        outbox: applied.outbox,
+    })
+}
+
+/// What a writer task remembers between batches: nothing it could not read again.
+#[derive(Default)]
+struct Memory {
+    known: KnownCalls,
+    windows: Windows,
+}
+
+/// A lossy call's remembered gaps are forgotten after this long without a packet.
+const WINDOW_IDLE: Duration = Duration::from_secs(60);
+
+/// The calls one writer task has seen exist: their batches skip the create statement. A
+/// plain set, cleared when it grows past [`KNOWN_CALLS_MAX`] (a clear costs one
+/// `INSERT .. ON CONFLICT DO NOTHING` per call on its next batch, nothing else).
+#[derive(Default)]
+struct KnownCalls(HashSet<String>);
+
+/// Calls a writer task remembers at most.
+const KNOWN_CALLS_MAX: usize = 100_000;
+
+impl KnownCalls {
+    fn contains(&self, call_id: &str) -> bool {
+        self.0.contains(call_id)
+    }
+
+    fn extend(&mut self, call_ids: Vec<&str>) {
+        if self.0.len() + call_ids.len() > KNOWN_CALLS_MAX {
+            self.0.clear();
+        }
+        self.0.extend(call_ids.into_iter().map(str::to_owned));
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// A batch's statement, as the rest of the transaction and the verdicts use it.
+struct Applied {
+    /// Every call of the batch, with its counters after the batch.
+    calls: HashMap<String, CallCounts>,
+    /// Each call's highest sequence before the batch.
+    highest_before: HashMap<String, Option<i64>>,
+    /// Each call's `packets_received` before the batch.
+    received_before: HashMap<String, i64>,
+    /// The keys inserted, with their `received_at`.
+    inserted: HashMap<Key, OffsetDateTime>,
+    /// Per call, the sequences inserted (ascending), and the call before the batch.
+    stored: BTreeMap<String, (Vec<i64>, Before)>,
+    outbox: Option<i64>,
+}
+
+impl From<StoredBatch> for Applied {
+    fn from(batch: StoredBatch) -> Self {
+        let mut applied = Applied {
+            calls: HashMap::with_capacity(batch.calls.len()),
+            highest_before: HashMap::with_capacity(batch.calls.len()),
+            received_before: HashMap::with_capacity(batch.calls.len()),
+            inserted: HashMap::new(),
+            stored: BTreeMap::new(),
+            outbox: batch.outbox,
+        };
+        for call in batch.calls {
+            let before = call.before;
+            applied
+                .highest_before
+                .insert(call.call_id.clone(), before.last_sequence);
+            applied
+                .received_before
+                .insert(call.call_id.clone(), before.packets_received);
+            if !call.inserted.is_empty() {
+                let seqs = call.inserted.iter().map(|(s, _)| *s).collect();
+                let was = Before {
+                    highest: before.last_sequence,
+                    start: before.sequence_start,
+                };
+                applied.stored.insert(call.call_id.clone(), (seqs, was));
+            }
+            for (sequence, at) in call.inserted {
+                applied
+                    .inserted
+                    .insert((call.call_id.clone(), sequence), at);
+            }
+            let after = CallCounts {
+                packets_received: call.packets_received,
+                last_sequence: call.last_sequence,
+                ..before
+            };
+            applied.calls.insert(call.call_id, after);
+        }
+        applied
+    }
+}
+
+/// Updates the gaps of the calls the batch stored packets for (nothing at all when every
+/// call's packets came in order).
+async fn update_gaps(
+    tx: &mut PgConnection,
+    applied: &Applied,
+) -> Result<HashMap<String, GapChanges>, sqlx::Error> {
+    if applied.stored.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let before: HashMap<String, Before> = applied
+        .stored
+        .iter()
+        .map(|(id, (_, before))| (id.clone(), *before))
+        .collect();
+    let stored: BTreeMap<String, Vec<i64>> = applied
+        .stored
+        .iter()
+        .map(|(id, (seqs, _))| (id.clone(), seqs.clone()))
+        .collect();
+    gaps::apply(tx, &before, &stored).await
 }
 
 /// The first packet of each (call, sequence) in the batch is the one that may be stored; any
@@ -592,38 +762,6 @@ fn first_of_each_key(packets: &[NewPacket]) -> HashMap<Key, usize> {
             .or_insert(i);
     }
     first
-}
-
-/// Inserts the candidates; returns the keys actually inserted (not already stored) with
-/// their `received_at`.
-async fn insert_packets(
-    tx: &mut PgConnection,
-    packets: &[NewPacket],
-    candidates: &[usize],
-) -> Result<HashMap<Key, OffsetDateTime>, sqlx::Error> {
-    if candidates.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let column = |f: fn(&NewPacket) -> &str| -> Vec<&str> {
-        candidates.iter().map(|&i| f(&packets[i])).collect()
-    };
-    let ids = column(|p| p.call_id.as_str());
-    let data = column(|p| p.data.as_str());
-    let seqs: Vec<i64> = candidates.iter().map(|&i| packets[i].sequence).collect();
-    let sent: Vec<f64> = candidates.iter().map(|&i| packets[i].timestamp).collect();
-    let rows: Vec<(String, i64, OffsetDateTime)> = sqlx::query_as(
-        "INSERT INTO packets (call_id, sequence, data, sent_at) \
-         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::float8[]) \
-         ON CONFLICT (call_id, sequence) DO NOTHING \
-         RETURNING call_id, sequence, received_at",
-    )
-    .bind(&ids)
-    .bind(&seqs)
-    .bind(&data)
-    .bind(&sent)
-    .fetch_all(tx)
-    .await?;
-    Ok(rows.into_iter().map(|(c, s, at)| ((c, s), at)).collect())
 }
 
 /// What is already stored under the keys not inserted: duplicates and conflicts.
@@ -670,78 +808,67 @@ pub(crate) async fn stored_packets(
     .await
 }
 
-/// Adds the inserted packets to their calls' counters and gaps, and `calls` with them.
-async fn update_counts(
-    tx: &mut PgConnection,
-    calls: &mut HashMap<String, CallCounts>,
-    inserted: &HashMap<Key, OffsetDateTime>,
-) -> Result<(), sqlx::Error> {
-    if inserted.is_empty() {
-        return Ok(());
-    }
-    let mut stored: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for (call_id, seq) in inserted.keys() {
-        stored.entry(call_id.clone()).or_default().push(*seq);
-    }
-    for seqs in stored.values_mut() {
-        seqs.sort_unstable();
-    }
-    let before: HashMap<String, Before> = stored
-        .keys()
-        .map(|id| {
-            let call = &calls[id];
-            let before = Before {
-                highest: call.last_sequence,
-                start: call.sequence_start,
-            };
-            (id.clone(), before)
-        })
-        .collect();
-    gaps::apply(tx, &before, &stored).await?;
-    let (ids, seqs): (Vec<&str>, Vec<i64>) = inserted.keys().map(|(c, s)| (c.as_str(), *s)).unzip();
-    let rows = calls::packets::add_packets(tx, &ids, &seqs).await?;
-    for row in rows {
-        if let Some(call) = calls.get_mut(&row.call_id) {
-            call.packets_received = row.packets_received;
-            call.last_sequence = row.last_sequence;
-        }
-    }
-    Ok(())
-}
-
-/// The first missing ranges of each call that misses anything: an index range scan of at
-/// most [`MAX_MISSING_RANGES_IN_RESPONSE`] rows per lossy call, nothing for a clean one.
+/// The first missing ranges of each call that misses anything: from what the writer task
+/// remembers of the call ([`Windows`]) when nothing else has written it since, else an
+/// index range scan of at most [`MAX_MISSING_RANGES_IN_RESPONSE`] rows; nothing for a clean
+/// call.
 async fn missing_for_answers(
     tx: &mut PgConnection,
-    calls: &HashMap<String, CallCounts>,
+    applied: &Applied,
+    changes: &HashMap<String, GapChanges>,
+    windows: &mut Windows,
 ) -> Result<HashMap<String, Vec<MissingRange>>, sqlx::Error> {
-    let lossy: Vec<&str> = calls
-        .iter()
-        .filter(|(_, c)| c.missing_packets() > 0)
-        .map(|(id, _)| id.as_str())
+    let mut gaps: HashMap<String, Vec<Gap>> = HashMap::new();
+    let mut to_read: Vec<&str> = Vec::new();
+    for (id, call) in &applied.calls {
+        if call.missing_packets() == 0 {
+            windows.forget(id);
+            continue;
+        }
+        let before = applied.received_before[id];
+        match windows.advance(id, before, call.packets_received, changes.get(id)) {
+            Some(window) => {
+                gaps.insert(id.clone(), window);
+            }
+            None => to_read.push(id),
+        }
+    }
+    if !to_read.is_empty() {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT c.id, g.first_missing, g.last_missing FROM unnest($1::text[]) AS c(id) \
+             CROSS JOIN LATERAL (SELECT first_missing, last_missing FROM call_gaps \
+                 WHERE call_id = c.id ORDER BY first_missing LIMIT $2) g \
+             ORDER BY c.id, g.first_missing",
+        )
+        .bind(&to_read)
+        .bind(MAX_MISSING_RANGES_IN_RESPONSE)
+        .fetch_all(tx)
+        .await?;
+        for id in &to_read {
+            gaps.entry((*id).to_owned()).or_default();
+        }
+        for (id, first, last) in rows {
+            gaps.entry(id).or_default().push(Gap { first, last });
+        }
+        for id in to_read {
+            windows.fill(id, applied.calls[id].packets_received, gaps[id].clone());
+        }
+    }
+    let mut missing: HashMap<String, Vec<MissingRange>> = gaps
+        .into_iter()
+        .map(|(id, gaps)| {
+            let ranges = gaps
+                .into_iter()
+                .map(|g| MissingRange {
+                    from: g.first,
+                    to: g.last,
+                })
+                .collect();
+            (id, ranges)
+        })
         .collect();
-    let mut missing: HashMap<String, Vec<MissingRange>> = HashMap::new();
-    if lossy.is_empty() {
-        return Ok(missing);
-    }
-    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT c.id, g.first_missing, g.last_missing FROM unnest($1::text[]) AS c(id) \
-         CROSS JOIN LATERAL (SELECT first_missing, last_missing FROM call_gaps \
-             WHERE call_id = c.id ORDER BY first_missing LIMIT $2) g \
-         ORDER BY c.id, g.first_missing",
-    )
-    .bind(&lossy)
-    .bind(MAX_MISSING_RANGES_IN_RESPONSE)
-    .fetch_all(tx)
-    .await?;
-    for (id, from, to) in rows {
-        missing
-            .entry(id)
-            .or_default()
-            .push(MissingRange { from, to });
-    }
     // A completed call's declared packets after its highest sequence are missing too.
-    for (id, call) in calls {
+    for (id, call) in &applied.calls {
         let (Some(total), ranges) = (call.total_packets, missing.entry(id.clone()).or_default())
         else {
             continue;
@@ -753,33 +880,6 @@ async fn missing_for_answers(
         }
     }
     Ok(missing)
-}
-
-/// The batch's outbox row: its new packets, until JetStream has acknowledged them. Also
-/// deletes the rows of earlier batches that have been acknowledged since.
-async fn write_outbox(
-    tx: &mut PgConnection,
-    inserted: &HashMap<Key, OffsetDateTime>,
-    deletes: &[i64],
-) -> Result<Option<i64>, sqlx::Error> {
-    if !deletes.is_empty() {
-        sqlx::query("DELETE FROM packet_outbox WHERE id = ANY($1)")
-            .bind(deletes)
-            .execute(&mut *tx)
-            .await?;
-    }
-    if inserted.is_empty() {
-        return Ok(None);
-    }
-    let (ids, seqs): (Vec<&str>, Vec<i64>) = inserted.keys().map(|(c, s)| (c.as_str(), *s)).unzip();
-    sqlx::query_scalar(
-        "INSERT INTO packet_outbox (call_ids, sequences) VALUES ($1, $2) RETURNING id",
-    )
-    .bind(&ids)
-    .bind(&seqs)
-    .fetch_one(tx)
-    .await
-    .map(Some)
 }
 
 /// What a batch's transaction found and did, for the verdicts.

@@ -111,6 +111,13 @@ pub struct AiConfig {
     #[arg(long, env = "AI_TIMEOUT_MS", default_value_t = 30_000)]
     pub timeout_ms: u64,
 
+    /// Most provider requests a second from this replica (0: no limit). Set it to the
+    /// provider's rate limit divided by the replicas: calls past it wait their turn (their
+    /// work items kept alive with progress acknowledgements) instead of being refused with
+    /// 429s and retried later.
+    #[arg(long, env = "AI_MAX_REQUESTS_PER_SEC", default_value_t = 0)]
+    pub max_requests_per_sec: u32,
+
     /// The largest call audio handled, in bytes: a call whose stored packet data is larger is
     /// failed (`audio_too_large`) before it is loaded, and the `openai` provider refuses to
     /// build a larger WAV file. The default is OpenAI's limit on one request (25 MiB).

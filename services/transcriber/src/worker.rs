@@ -70,6 +70,16 @@ pub struct Worker {
     /// How often a worker tells JetStream (and Postgres) it is still on a call.
     progress_every: Duration,
     shutdown_grace: Duration,
+    /// `AI_MAX_REQUESTS_PER_SEC`, when set: provider requests wait for their turn.
+    rate_limit: Option<RateLimit>,
+}
+
+/// At most so many provider requests a second, in bursts of at most that many.
+type RateLimit = governor::DefaultDirectRateLimiter;
+
+fn rate_limit(per_sec: u32) -> Option<RateLimit> {
+    std::num::NonZeroU32::new(per_sec)
+        .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)))
 }
 
 /// On shutdown, the open pull request may still bring messages (until it expires): hand each
@@ -166,6 +176,7 @@ impl Worker {
             budget: AudioBudget::new(config.max_audio_in_flight_bytes),
             progress_every: config.ack_wait() / 3,
             shutdown_grace: config.shutdown_grace(),
+            rate_limit: rate_limit(config.ai.max_requests_per_sec),
         }
     }
 
@@ -394,24 +405,31 @@ impl Worker {
         };
         let in_flight = metrics::gauge!("switchboard_transcriber_calls_in_flight");
         in_flight.increment(1.0);
-        let started = Instant::now();
         let request = async {
-            tokio::time::timeout(self.ai_timeout, self.provider.transcribe(&audio))
+            if let Some(limit) = &self.rate_limit {
+                let waiting = Instant::now();
+                limit.until_ready().await;
+                metrics::histogram!("switchboard_transcriber_ai_rate_limit_wait_seconds")
+                    .record(waiting.elapsed().as_secs_f64());
+            }
+            let started = Instant::now();
+            let result = tokio::time::timeout(self.ai_timeout, self.provider.transcribe(&audio))
                 .await
                 .unwrap_or_else(|_| {
                     Err(ProviderError::Retryable {
                         message: format!("timed out after {} ms", self.ai_timeout.as_millis()),
                         retry_after: None,
                     })
-                })
+                });
+            metrics::histogram!("switchboard_transcriber_ai_latency_seconds", "provider" => self.provider.name())
+                .record(started.elapsed().as_secs_f64());
+            result
         };
         let result = tokio::select! {
             result = self.with_progress(message, item, attempt, request) => Some(result),
             _ = hand_back.cancelled() => None,
         };
         in_flight.decrement(1.0);
-        metrics::histogram!("switchboard_transcriber_ai_latency_seconds", "provider" => self.provider.name())
-            .record(started.elapsed().as_secs_f64());
         match result {
             None => self.hand_back(item, attempt, None).await,
             Some(result) => self.answer(item, attempt, result).await,

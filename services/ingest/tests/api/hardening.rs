@@ -7,7 +7,7 @@ use common::{
     subjects::StreamKind,
     testing::{NatsServer, TestEnv, eventually},
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::{call_id, spawn_app, spawn_app_with, status_and_body, test_config};
 
@@ -353,4 +353,50 @@ async fn the_request_id_travels_on_every_event_a_request_causes() {
         by_state.contains(&("COMPLETED".into(), Some("req-complete".into()))),
         "{by_state:?}"
     );
+}
+
+/// A lossy call's packets arriving at two replicas in turn (a load balancer spreading one
+/// PBX stream): each writer remembers the call's first gaps between batches, and must notice
+/// that the other replica wrote the call meanwhile. Every answer lists exactly the gaps the
+/// call has after that packet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_stay_exact_when_two_replicas_write_one_lossy_call() {
+    let app = spawn_app().await;
+    let other = ingest::testing::spawn(test_config(&app.env)).await;
+    let id = call_id();
+    // 0, 2, 4, ... (119 gaps: more than an answer lists), then some filled in from the top
+    // (beyond the first 100) and some from the bottom (inside them), a third of them through
+    // the other replica.
+    let mut sequences: Vec<i64> = (0..240).step_by(2).collect();
+    sequences.extend((1..240).rev().step_by(2).take(30));
+    sequences.extend((1..80).step_by(2).take(30));
+    let mut received = std::collections::BTreeSet::new();
+    for (i, seq) in sequences.into_iter().enumerate() {
+        let url = if i % 3 == 0 {
+            format!("{}/v1/call/stream/{id}", other.url())
+        } else {
+            app.url(&format!("/v1/call/stream/{id}"))
+        };
+        let response = app
+            .client
+            .post(url)
+            .json(&json!({"sequence": seq, "data": "x", "timestamp": seq as f64 * 0.02}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_and_body(response).await;
+        assert_eq!(status, 202, "{body}");
+        received.insert(seq);
+        let highest = *received.last().unwrap();
+        let truth: Vec<Value> = (0..highest)
+            .filter(|s| !received.contains(s))
+            .map(|s| json!({"from": s, "to": s}))
+            .take(100)
+            .collect();
+        assert_eq!(
+            body["missing"].as_array().unwrap(),
+            &truth,
+            "after sequence {seq} (packet {i})"
+        );
+    }
 }

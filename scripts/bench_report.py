@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""scripts/bench's helpers: wait for and read the transcriber's figures from Postgres, turn the
+raw results into the goal table, write it into docs/benchmarks.md, and remove a stage's
+JetStream streams.
+
+    bench_report.py wait-final DATABASE_URL TIMEOUT_SECS
+    bench_report.py final-times DATABASE_URL
+    bench_report.py table RESULTS_DIR
+    bench_report.py json RESULTS_DIR
+    bench_report.py write DOC TABLE_FILE
+    bench_report.py delete-streams NATS_URL PREFIX
+
+Only the standard library: psql for Postgres, a few lines of the NATS text protocol for the
+JetStream API (no client library to install for a script).
+"""
+
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+BEGIN = "<!-- bench:begin (written by scripts/bench; edit the script, not this table) -->"
+END = "<!-- bench:end -->"
+
+
+def psql(url, sql):
+    out = subprocess.run(
+        ["psql", "-X", "-q", "-t", "-A", "-F", "\t", url, "-v", "ON_ERROR_STOP=1", "-c", sql],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return [line.split("\t") for line in out.splitlines() if line]
+
+
+def wait_final(url, timeout):
+    """Waits until no call is COMPLETED or PROCESSING_AI, then reports the drain rate from
+    the calls' history: calls made final over the time from the first claim to the last."""
+    deadline = time.monotonic() + float(timeout)
+    while True:
+        [[pending, total]] = psql(
+            url,
+            "SELECT count(*) FILTER (WHERE state IN ('COMPLETED', 'PROCESSING_AI')), count(*) FROM calls",
+        )
+        if int(pending) == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    [[final, first, last, archived, failed]] = psql(
+        url,
+        "SELECT count(DISTINCT call_id), extract(epoch FROM min(at)), extract(epoch FROM max(at)), "
+        "count(*) FILTER (WHERE to_state = 'ARCHIVED'), count(*) FILTER (WHERE to_state = 'FAILED') "
+        "FROM call_transitions WHERE to_state IN ('PROCESSING_AI', 'ARCHIVED', 'FAILED')",
+    )
+    span = float(last) - float(first) if first else 0.0
+    finals = int(archived) + int(failed)
+    return {
+        "calls": int(total),
+        "still_pending": int(pending),
+        "archived": int(archived),
+        "failed": int(failed),
+        "seconds_first_claim_to_last_final": span,
+        "calls_per_sec": finals / span if span > 0 else 0.0,
+    }
+
+
+def final_times(url):
+    """Completion-to-final time of every call, and the time from the first completion to the
+    last final state (the whole burst)."""
+    rows = psql(
+        url,
+        "WITH t AS (SELECT c.call_id, "
+        " (SELECT min(at) FROM call_transitions WHERE call_id = c.call_id AND to_state = 'COMPLETED') AS done, "
+        " (SELECT max(at) FROM call_transitions WHERE call_id = c.call_id AND to_state IN ('ARCHIVED', 'FAILED')) AS fin, "
+        " c.state FROM calls c) "
+        "SELECT count(*), count(fin), count(*) FILTER (WHERE state = 'FAILED'), "
+        " percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM fin - done)), "
+        " percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM fin - done)), "
+        " extract(epoch FROM max(fin) - min(done)) FROM t",
+    )
+    [[calls, final, failed, p50, p99, span]] = rows
+    num = lambda v: float(v) if v else None
+    return {
+        "calls": int(calls), "final": int(final), "failed": int(failed),
+        "completion_to_final_p50_secs": num(p50), "completion_to_final_p99_secs": num(p99),
+        "first_completion_to_last_final_secs": num(span),
+    }
+
+
+def load(results):
+    out = {}
+    for path in sorted(pathlib.Path(results).glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text() or "null")
+        except json.JSONDecodeError:
+            out[path.stem] = None
+        cmd = path.with_suffix(".cmd")
+        if cmd.exists():
+            out[path.stem + "_cmd"] = cmd.read_text().strip()
+    return out
+
+
+def fmt(value, unit="", digits=0):
+    if value is None:
+        return "not measured"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def ratio(value, floor):
+    if value is None or not floor:
+        return "–"
+    return f"{value / floor:.0%}"
+
+
+def table(results):
+    r = load(results)
+    floors = r.get("floors") or {}
+    pg = floors.get("postgres_unnest_rows_per_sec")
+    js = floors.get("jetstream_pipelined_publishes_per_sec")
+    pg1 = floors.get("postgres_single_row_commits_per_sec")
+    # A packet is one row and one acknowledged publish: the lower of the two is its floor.
+    packet_floor = min(x for x in (pg, js) if x) if (pg or js) else None
+    get = lambda name, *keys: _dig(r.get(name), keys)
+    clean = get("ingest_closed_256", "throughput_per_sec")
+    lossy = get("ingest_lossy_256", "throughput_per_sec")
+    rss_kb = get("ingest_memory", "VmHWM")
+    drain = get("transcriber_drain", "calls_per_sec")
+    burst = r.get("transcriber_burst_times") or {}
+    fan = r.get("notifier_fanout") or {}
+    cmd = lambda name: f"`{r.get(name + '_cmd', 'not run')}`"
+    rows = [
+        ("ingest, 256 connections, in sequence (closed loop)", "≥ 30,000 packets/s",
+         f"{fmt(clean, ' /s')}, p99 {fmt(get('ingest_closed_256', 'latency_ms', 'p99'), ' ms', 1)}",
+         f"{fmt(packet_floor, ' /s')} (lower of the two floors)", ratio(clean, packet_floor), cmd("ingest_closed_256")),
+        ("ingest, 256 connections, open loop at 80% of the above", "p99 ≤ 10 ms",
+         f"{fmt(get('ingest_open_256', 'throughput_per_sec'), ' /s')}, p99 {fmt(get('ingest_open_256', 'latency_ms', 'p99'), ' ms', 1)}",
+         "–", "–", cmd("ingest_open_256")),
+        ("ingest, 8 connections (closed loop)", "p99 ≤ 2 ms",
+         f"{fmt(get('ingest_closed_8', 'throughput_per_sec'), ' /s')}, p99 {fmt(get('ingest_closed_8', 'latency_ms', 'p99'), ' ms', 2)}",
+         "–", "–", cmd("ingest_closed_8")),
+        ("ingest, lossy calls (every other packet missing)", "≥ 80% of in sequence",
+         f"{fmt(lossy, ' /s')} ({ratio(lossy, clean)} of in sequence)",
+         f"{fmt(clean, ' /s')} (in sequence)", ratio(lossy, clean), cmd("ingest_lossy_256")),
+        ("ingest memory under that load (peak resident)", "≤ 50 MB",
+         fmt(rss_kb / 1024 if rss_kb else None, " MiB", 1), "–", "–", "`grep VmHWM /proc/PID/status`"),
+        ("transcriber, AI latency 0, one replica", "≥ 2,000 calls/s",
+         f"{fmt(drain, ' calls/s')} ({fmt(get('transcriber_drain', 'calls'))} calls)",
+         f"{fmt(pg1 / 3 if pg1 else None, ' calls/s')} (single-row commits ÷ 3 per call)",
+         ratio(drain, pg1 / 3 if pg1 else None), cmd("transcriber_drain")),
+        ("transcriber, default simulated AI, 1,000 calls at once", "all final within 60 s",
+         f"{fmt(burst.get('final'))} final ({fmt(burst.get('failed'))} FAILED), last {fmt(burst.get('first_completion_to_last_final_secs'), ' s', 1)} after the first completion; "
+         f"p50 {fmt(burst.get('completion_to_final_p50_secs'), ' s', 1)}, p99 {fmt(burst.get('completion_to_final_p99_secs'), ' s', 1)}",
+         "–", "–", cmd("transcriber_burst")),
+        (f"notifier, {fmt(fan.get('sockets'))} sockets, one event to all", "10,000 sockets, p99 ≤ 100 ms",
+         f"{fmt(fan.get('delivered'))} of {fmt(fan.get('expected'))} delivered; p50 {fmt(_dig(fan, ('latency_ms', 'p50')), ' ms', 1)}, p99 {fmt(_dig(fan, ('latency_ms', 'p99')), ' ms', 1)}",
+         "–", "–", cmd("notifier_fanout")),
+    ]
+    lines = [
+        BEGIN,
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `scripts/bench` on this machine "
+        "(release build; Postgres, NATS, the services and the load generator all on the same two cores).",
+        "",
+        "| floor | measured | command |",
+        "|---|---|---|",
+        f"| Postgres, `INSERT … SELECT FROM UNNEST`, 1,000 rows a commit | {fmt(pg, ' rows/s')} | {cmd('floors')} |",
+        f"| Postgres, one row a commit | {fmt(pg1, ' rows/s')} | (same) |",
+        f"| JetStream, 256 publishes in flight | {fmt(js, ' /s')} | (same) |",
+        f"| JetStream, one publish at a time | {fmt(floors.get('jetstream_sequential_publishes_per_sec'), ' /s')} | (same) |",
+        "",
+        "| what | goal | measured | floor | ratio | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def _dig(value, keys):
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def write(doc, table_file):
+    text = pathlib.Path(doc).read_text()
+    new = pathlib.Path(table_file).read_text().strip()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + new + tail
+    else:
+        text = text.rstrip() + "\n\n## The goal table (issue 11)\n\n" + new + "\n"
+    pathlib.Path(doc).write_text(text)
+
+
+def nats_request(sock, subject, payload=b""):
+    """One request on the NATS text protocol; returns the reply's payload."""
+    sock.sendall(b"PUB %s _INBOX.bench %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+    buf = b""
+    while True:
+        buf += sock.recv(65536)
+        while b"\r\n" in buf:
+            line, rest = buf.split(b"\r\n", 1)
+            if line.startswith(b"PING"):
+                sock.sendall(b"PONG\r\n")
+                buf = rest
+            elif line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                if len(rest) < size + 2:
+                    break
+                return json.loads(rest[:size])
+            elif line.startswith(b"-ERR"):
+                raise RuntimeError(line.decode())
+            else:
+                buf = rest
+
+
+def delete_streams(url, prefix):
+    """Deletes the streams whose names start with PREFIX (upper-cased, as Switchboard names them)."""
+    host, port = url.split("://")[-1].split("@")[-1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.recv(4096)  # INFO
+        sock.sendall(b'CONNECT {"verbose":false,"name":"scripts/bench"}\r\nSUB _INBOX.bench 1\r\n')
+        names = nats_request(sock, "$JS.API.STREAM.NAMES", b"{}").get("streams") or []
+        doomed = [n for n in names if n.startswith(prefix.upper() + "_")]
+        for name in doomed:
+            nats_request(sock, f"$JS.API.STREAM.DELETE.{name}")
+    return doomed
+
+
+def main(argv):
+    cmd = argv[1] if len(argv) > 1 else ""
+    if cmd == "wait-final":
+        print(json.dumps(wait_final(argv[2], argv[3]), indent=2))
+    elif cmd == "final-times":
+        print(json.dumps(final_times(argv[2]), indent=2))
+    elif cmd == "table":
+        print(table(argv[2]))
+    elif cmd == "json":
+        print(json.dumps(load(argv[2]), indent=2))
+    elif cmd == "write":
+        write(argv[2], argv[3])
+    elif cmd == "delete-streams":
+        print(" ".join(delete_streams(argv[2], argv[3])))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
