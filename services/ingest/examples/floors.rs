@@ -11,7 +11,8 @@
 //! - **Postgres, `INSERT … SELECT FROM UNNEST`, 1,000 rows a transaction**: rows shaped like
 //!   `packets` (primary key, 216-byte `data`), one connection, each batch committed
 //!   (`synchronous_commit` as configured). The most a set-based writer can hope for.
-//! - **Postgres, one row a commit**: what a writer without batching gets.
+//! - **Postgres, one row a commit, 16 connections**: commits a second, what a writer without
+//!   batching gets (and what bounds the transcriber, which commits per call).
 //! - **JetStream, 256 publishes in flight**: 350-byte messages (a packet event's size) with a
 //!   `Nats-Msg-Id` each, to a file-backed stream with a duplicate window, as ingest publishes.
 //! - **JetStream, one publish at a time**: each acknowledged before the next is sent.
@@ -28,6 +29,8 @@ use sqlx::PgPool;
 
 /// Rows per `UNNEST` batch.
 const BATCH_ROWS: usize = 1_000;
+/// Connections committing single rows side by side.
+const COMMITTERS: usize = 16;
 /// JetStream publishes kept in flight.
 const IN_FLIGHT: usize = 256;
 
@@ -35,6 +38,7 @@ const IN_FLIGHT: usize = 256;
 struct Floors {
     postgres_unnest_rows_per_sec: f64,
     postgres_single_row_commits_per_sec: f64,
+    postgres_single_row_commit_connections: usize,
     jetstream_pipelined_publishes_per_sec: f64,
     jetstream_sequential_publishes_per_sec: f64,
 }
@@ -55,14 +59,16 @@ async fn main() -> anyhow::Result<()> {
     let database_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let pool = common::db::connect(&database_url, 2).await?;
+    let pool = common::db::connect(&database_url, COMMITTERS as u32).await?;
     let client = common::nats::connect(&nats_url, "switchboard-floors").await?;
     let js = common::nats::jetstream(client);
     let tag = std::process::id();
 
     let floors = Floors {
-        postgres_unnest_rows_per_sec: postgres_floor(&pool, tag, per_floor, BATCH_ROWS).await?,
-        postgres_single_row_commits_per_sec: postgres_floor(&pool, tag, per_floor, 1).await?,
+        postgres_unnest_rows_per_sec: postgres_floor(&pool, tag, per_floor, BATCH_ROWS, 1).await?,
+        postgres_single_row_commits_per_sec: postgres_floor(&pool, tag, per_floor, 1, COMMITTERS)
+            .await?,
+        postgres_single_row_commit_connections: COMMITTERS,
         jetstream_pipelined_publishes_per_sec: jetstream_floor(&js, tag, per_floor, IN_FLIGHT)
             .await?,
         jetstream_sequential_publishes_per_sec: jetstream_floor(&js, tag, per_floor, 1).await?,
@@ -75,12 +81,14 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rows a second into a fresh `packets`-shaped table, `batch` rows a transaction.
+/// Rows a second into a fresh `packets`-shaped table, `batch` rows a transaction, from
+/// `writers` connections at once.
 async fn postgres_floor(
     pool: &PgPool,
     tag: u32,
     duration: Duration,
     batch: usize,
+    writers: usize,
 ) -> anyhow::Result<f64> {
     let table = format!("floor_packets_{tag}");
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -94,26 +102,33 @@ async fn postgres_floor(
         "INSERT INTO {table} (call_id, sequence, data, sent_at) \
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::float8[])"
     );
-    let data = vec!["A".repeat(216); batch];
-    let sent = vec![0.0f64; batch];
-    let mut rows = 0usize;
     let started = Instant::now();
-    while started.elapsed() < duration {
-        // 50 calls, each in sequence: the shape of live traffic.
-        let calls: Vec<String> = (rows..rows + batch)
-            .map(|i| format!("call-{}", i % 50))
-            .collect();
-        let seqs: Vec<i64> = (rows..rows + batch).map(|i| (i / 50) as i64).collect();
-        sqlx::query(sqlx::AssertSqlSafe(insert.clone()))
-            .bind(&calls)
-            .bind(&seqs)
-            .bind(&data)
-            .bind(&sent)
-            .execute(pool)
-            .await?;
-        rows += batch;
-    }
-    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    let counts = futures::future::try_join_all((0..writers).map(|writer| {
+        let (insert, pool) = (insert.clone(), pool.clone());
+        async move {
+            let data = vec!["A".repeat(216); batch];
+            let sent = vec![0.0f64; batch];
+            let mut rows = 0usize;
+            while started.elapsed() < duration {
+                // 50 calls per writer, each in sequence: the shape of live traffic.
+                let calls: Vec<String> = (rows..rows + batch)
+                    .map(|i| format!("call-{writer}-{}", i % 50))
+                    .collect();
+                let seqs: Vec<i64> = (rows..rows + batch).map(|i| (i / 50) as i64).collect();
+                sqlx::query(sqlx::AssertSqlSafe(insert.clone()))
+                    .bind(&calls)
+                    .bind(&seqs)
+                    .bind(&data)
+                    .bind(&sent)
+                    .execute(&pool)
+                    .await?;
+                rows += batch;
+            }
+            anyhow::Ok(rows)
+        }
+    }))
+    .await?;
+    let rate = counts.iter().sum::<usize>() as f64 / started.elapsed().as_secs_f64();
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}")))
         .execute(pool)
         .await?;

@@ -189,27 +189,24 @@ impl Claims {
     }
 
     /// The call's packets in order, how many it should have and where its numbering starts.
+    /// One statement (so one snapshot, and one round trip): the call's row joined to its
+    /// packets, streamed in sequence order.
     pub async fn load_audio(&self, item: &WorkItem) -> Result<CallAudio, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-        let packets: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT sequence, data FROM packets WHERE call_id = $1 ORDER BY sequence",
+        let rows: Vec<(Option<i64>, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT p.sequence, p.data, c.sequence_start, \
+                    GREATEST(COALESCE(c.total_packets, 0), \
+                             COALESCE(c.last_sequence + 1 - c.sequence_start, 0)) \
+             FROM calls c LEFT JOIN packets p ON p.call_id = c.call_id \
+             WHERE c.call_id = $1 ORDER BY p.sequence",
         )
         .bind(item.call_id.as_str())
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        let (start, expected): (i64, i64) = sqlx::query_as(
-            "SELECT sequence_start, GREATEST(COALESCE(total_packets, 0), \
-                    COALESCE(last_sequence + 1 - sequence_start, 0)) \
-             FROM calls WHERE call_id = $1",
-        )
-        .bind(item.call_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?
-        .unwrap_or((0, 0));
-        tx.commit().await?;
+        let (start, expected) = rows.first().map_or((0, 0), |r| (r.2, r.3));
+        let packets = rows
+            .into_iter()
+            .filter_map(|(sequence, data, _, _)| Some((sequence?, data?)))
+            .collect();
         Ok(CallAudio {
             packets,
             expected,
