@@ -49,6 +49,8 @@ pub struct Report {
     pub expected: u64,
     pub delivered: u64,
     pub latency_ms: crate::bench::Latency,
+    /// Each event's own percentiles, in order.
+    pub per_event: Vec<crate::bench::Latency>,
 }
 
 pub async fn run(
@@ -89,8 +91,10 @@ pub async fn run(
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut delivered = 0u64;
+    let mut per_event = Vec::with_capacity(calls.len());
     let timeout = Duration::from_secs_f64(options.timeout);
     for (event, call) in calls.iter().enumerate() {
+        let mut this_event = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let sent = Instant::now();
         let status = ingest.send_packet(call, 0, "AAAA", 0.0).await;
         anyhow::ensure!(
@@ -103,13 +107,16 @@ pub async fn run(
             match tokio::time::timeout_at(deadline, received.recv()).await {
                 Ok(Some((index, at))) if index == event => {
                     got += 1;
-                    histogram.saturating_record((at - sent).as_micros().max(1) as u64);
+                    let micros = (at - sent).as_micros().max(1) as u64;
+                    histogram.saturating_record(micros);
+                    this_event.saturating_record(micros);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
         }
         delivered += got as u64;
+        per_event.push(crate::bench::Latency::of(&this_event));
         ingest.complete(call, 1).await.ok();
     }
     for reader in readers {
@@ -122,6 +129,7 @@ pub async fn run(
         expected: (options.sockets * options.events) as u64,
         delivered,
         latency_ms: crate::bench::Latency::of(&histogram),
+        per_event,
     };
     if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -77,9 +77,13 @@ impl Live {
             format!("{}{WS_PATH}?{query}", self.base)
         };
         // A snapshot of every call in the retention window can be large.
+        // Small buffers (tungstenite's default is 128 KiB each way): `pbx bench-live` holds
+        // thousands of sockets, and big messages are assembled outside the read buffer anyway.
         let config = WebSocketConfig::default()
             .max_message_size(Some(512 << 20))
-            .max_frame_size(Some(512 << 20));
+            .max_frame_size(Some(512 << 20))
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0);
         let (mut socket, _) =
             tokio_tungstenite::connect_async_with_config(&url, Some(config), false)
                 .await
