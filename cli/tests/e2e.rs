@@ -378,3 +378,43 @@ async fn pbx_bench_loads_ingest_and_reports_what_it_measured() {
     assert_eq!(stored, accepted_total, "every accepted packet is stored");
     std::fs::remove_dir_all(&log_dir).ok();
 }
+
+/// A smoke run of `pbx bench-live` against the real ingest and notifier binaries: every socket
+/// gets every event (each a call started through ingest), and the report says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pbx_bench_live_fans_events_out_to_every_socket() {
+    let (env, log_dir) = test_env("bench-live").await;
+    let client = reqwest::Client::new();
+    let ingest = Service::start("ingest", &env, &[], &log_dir);
+    let notifier = Service::start("notifier", &env, &[], &log_dir);
+    wait_ready(&ingest, &client).await;
+    wait_ready(&notifier, &client).await;
+
+    let output = tokio::process::Command::new(binary("pbx"))
+        .args([
+            "--ingest-url",
+            &ingest.url(),
+            "--notifier-url",
+            &notifier.url(),
+        ])
+        .args(["bench-live", "--sockets", "50", "--events", "3", "--json"])
+        .output()
+        .await
+        .expect("pbx runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pbx bench-live failed ({}): {stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+    assert_eq!(report["expected"], 150, "{report}");
+    assert_eq!(report["delivered"], 150, "{report}");
+    assert_eq!(report["per_event"].as_array().unwrap().len(), 3, "{report}");
+    assert!(
+        report["latency_ms"]["p99"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    std::fs::remove_dir_all(&log_dir).ok();
+}

@@ -99,3 +99,36 @@ async fn the_request_id_of_the_completion_travels_on_the_transcribers_events() {
         assert_eq!(header.as_deref(), Some("req-trace-1"));
     }
 }
+
+/// `AI_MAX_REQUESTS_PER_SEC`: past the burst, provider requests wait their turn (the calls
+/// are not failed or refused meanwhile). 4 a second and 9 calls, the AI answering at once:
+/// the last call is archived at least a second after the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_rate_limit_spaces_requests_and_every_call_still_finishes() {
+    let stack = stack(|c| {
+        c.ai.max_requests_per_sec = 4;
+        c.ai.latency_ms = "0-0".parse().unwrap();
+    })
+    .await;
+    let ids: Vec<String> = (0..9).map(|i| format!("rate-{i}")).collect();
+    for id in &ids {
+        stack.call(id, &["hello"]).await;
+    }
+    for id in &ids {
+        let call = stack
+            .wait_for(id, CallState::Archived, Duration::from_secs(30))
+            .await;
+        assert_eq!(call["ai_attempts"], 1, "{call}");
+    }
+    let span: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(at) - min(at))::float8 \
+         FROM call_transitions WHERE to_state = 'ARCHIVED'",
+    )
+    .fetch_one(&stack.env.pool)
+    .await
+    .unwrap();
+    assert!(
+        span >= 1.0,
+        "9 requests at 4 a second (bursts of 4) span at least 1.25 s, not {span:.3} s"
+    );
+}
