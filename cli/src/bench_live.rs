@@ -70,7 +70,7 @@ pub async fn run(
     let calls: Vec<String> = (0..options.events)
         .map(|i| format!("{run_id}-{i}"))
         .collect();
-    let (received_tx, mut received) = mpsc::unbounded_channel::<(usize, Instant)>();
+    let (received_tx, received) = mpsc::unbounded_channel::<(usize, Instant)>();
 
     let connecting = Instant::now();
     let opened: Vec<anyhow::Result<Live>> = stream::iter(0..options.sockets)
@@ -79,16 +79,50 @@ pub async fn run(
         .collect()
         .await;
     let connect_secs = connecting.elapsed().as_secs_f64();
-    let mut sockets = Vec::with_capacity(opened.len());
+    let mut readers = Vec::with_capacity(opened.len());
     for live in opened {
-        sockets.push(live?);
+        readers.push(tokio::spawn(follow(
+            live?,
+            calls.clone(),
+            received_tx.clone(),
+        )));
     }
-    let readers: Vec<_> = sockets
-        .into_iter()
-        .map(|live| tokio::spawn(follow(live, calls.clone(), received_tx.clone())))
-        .collect();
     drop(received_tx);
 
+    let measured = fan_out(ingest, &calls, &options, received).await;
+    for reader in readers {
+        reader.abort();
+    }
+    let (histogram, delivered, per_event) = measured?;
+    let report = Report {
+        sockets: options.sockets,
+        events: options.events,
+        connect_secs,
+        expected: (options.sockets * options.events) as u64,
+        delivered,
+        latency_ms: crate::bench::Latency::of(&histogram),
+        per_event,
+    };
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(if report.delivered == report.expected {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// Starts each call through ingest in turn and collects its deliveries: every latency, how
+/// many arrived, and each event's own percentiles.
+async fn fan_out(
+    ingest: &Ingest,
+    calls: &[String],
+    options: &Options,
+    mut received: mpsc::UnboundedReceiver<(usize, Instant)>,
+) -> anyhow::Result<(Histogram<u64>, u64, Vec<crate::bench::Latency>)> {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut delivered = 0u64;
     let mut per_event = Vec::with_capacity(calls.len());
@@ -119,42 +153,25 @@ pub async fn run(
         per_event.push(crate::bench::Latency::of(&this_event));
         ingest.complete(call, 1).await.ok();
     }
-    for reader in readers {
-        reader.abort();
-    }
-    let report = Report {
-        sockets: options.sockets,
-        events: options.events,
-        connect_secs,
-        expected: (options.sockets * options.events) as u64,
-        delivered,
-        latency_ms: crate::bench::Latency::of(&histogram),
-        per_event,
-    };
-    if options.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        let l = &report.latency_ms;
-        println!(
-            "{} sockets (opened in {:.1} s), {} events: delivered {} of {}\n  \
-             latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
-            report.sockets,
-            report.connect_secs,
-            report.events,
-            report.delivered,
-            report.expected,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max
-        );
-    }
-    Ok(if report.delivered == report.expected {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    Ok((histogram, delivered, per_event))
+}
+
+fn render(report: &Report) -> String {
+    let l = &report.latency_ms;
+    format!(
+        "{} sockets (opened in {:.1} s), {} events: delivered {} of {}\n  \
+         latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms\n",
+        report.sockets,
+        report.connect_secs,
+        report.events,
+        report.delivered,
+        report.expected,
+        l.p50,
+        l.p90,
+        l.p99,
+        l.p999,
+        l.max
+    )
 }
 
 /// One socket following `calls`, once its snapshot is complete.

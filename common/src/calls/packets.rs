@@ -80,6 +80,43 @@ pub struct StoredBatch {
     pub outbox: Option<i64>,
 }
 
+/// [`store`]'s statement. Data-modifying `WITH` clauses all run, whether or not the final
+/// `SELECT` reads them; `$7` is the `IN_PROGRESS` state.
+const STORE_SQL: &str = "WITH locked AS ( \
+             SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
+             FROM calls WHERE call_id = ANY($1::text[]) ORDER BY call_id FOR NO KEY UPDATE \
+         ), inserted AS ( \
+             INSERT INTO packets (call_id, sequence, data, sent_at) \
+             SELECT k.call_id, k.sequence, k.data, k.sent_at \
+             FROM UNNEST($2::text[], $3::int8[], $4::text[], $5::float8[]) AS k(call_id, sequence, data, sent_at) \
+             JOIN locked l ON l.call_id = k.call_id \
+             WHERE l.state = $7 AND k.sequence >= l.sequence_start \
+             ON CONFLICT (call_id, sequence) DO NOTHING \
+             RETURNING call_id, sequence, received_at \
+         ), per_call AS ( \
+             SELECT call_id, count(*) AS n, min(sequence) AS lo, max(sequence) AS hi, \
+                    array_agg(sequence ORDER BY sequence) AS sequences, \
+                    array_agg(received_at ORDER BY sequence) AS received \
+             FROM inserted GROUP BY call_id \
+         ), counted AS ( \
+             UPDATE calls c SET packets_received = c.packets_received + p.n, \
+                 first_sequence = LEAST(c.first_sequence, p.lo), \
+                 last_sequence = GREATEST(c.last_sequence, p.hi), \
+                 last_packet_at = now() \
+             FROM per_call p WHERE c.call_id = p.call_id \
+             RETURNING c.call_id, c.packets_received, c.last_sequence \
+         ), outbox AS ( \
+             INSERT INTO packet_outbox (call_ids, sequences) \
+             SELECT array_agg(call_id), array_agg(sequence) FROM inserted HAVING count(*) > 0 \
+             RETURNING id \
+         ), cleared AS ( \
+             DELETE FROM packet_outbox WHERE id = ANY($6::int8[]) \
+         ) \
+         SELECT l.call_id, l.state, l.sequence_start, l.last_sequence, l.packets_received, \
+                l.total_packets, c.packets_received AS packets_after, c.last_sequence AS last_after, \
+                p.sequences, p.received, (SELECT id FROM outbox) AS outbox_id \
+         FROM locked l LEFT JOIN counted c USING (call_id) LEFT JOIN per_call p USING (call_id)";
+
 /// A batch's write, in one statement (one round trip): locks the calls `call_ids` (sorted,
 /// so that writers never deadlock), inserts the packets of those `IN_PROGRESS` at or past
 /// their first sequence number (`ON CONFLICT DO NOTHING`: a stored key stays as first
@@ -114,51 +151,16 @@ pub async fn store(
     let seqs: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
     let data: Vec<&str> = rows.iter().map(|r| r.data).collect();
     let sent: Vec<f64> = rows.iter().map(|r| r.sent_at).collect();
-    let found: Vec<Row> = sqlx::query_as(
-        "WITH locked AS ( \
-             SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
-             FROM calls WHERE call_id = ANY($1::text[]) ORDER BY call_id FOR NO KEY UPDATE \
-         ), inserted AS ( \
-             INSERT INTO packets (call_id, sequence, data, sent_at) \
-             SELECT k.call_id, k.sequence, k.data, k.sent_at \
-             FROM UNNEST($2::text[], $3::int8[], $4::text[], $5::float8[]) AS k(call_id, sequence, data, sent_at) \
-             JOIN locked l ON l.call_id = k.call_id \
-             WHERE l.state = $7 AND k.sequence >= l.sequence_start \
-             ON CONFLICT (call_id, sequence) DO NOTHING \
-             RETURNING call_id, sequence, received_at \
-         ), per_call AS ( \
-             SELECT call_id, count(*) AS n, min(sequence) AS lo, max(sequence) AS hi, \
-                    array_agg(sequence ORDER BY sequence) AS sequences, \
-                    array_agg(received_at ORDER BY sequence) AS received \
-             FROM inserted GROUP BY call_id \
-         ), counted AS ( \
-             UPDATE calls c SET packets_received = c.packets_received + p.n, \
-                 first_sequence = LEAST(c.first_sequence, p.lo), \
-                 last_sequence = GREATEST(c.last_sequence, p.hi), \
-                 last_packet_at = now() \
-             FROM per_call p WHERE c.call_id = p.call_id \
-             RETURNING c.call_id, c.packets_received, c.last_sequence \
-         ), outbox AS ( \
-             INSERT INTO packet_outbox (call_ids, sequences) \
-             SELECT array_agg(call_id), array_agg(sequence) FROM inserted HAVING count(*) > 0 \
-             RETURNING id \
-         ), cleared AS ( \
-             DELETE FROM packet_outbox WHERE id = ANY($6::int8[]) \
-         ) \
-         SELECT l.call_id, l.state, l.sequence_start, l.last_sequence, l.packets_received, \
-                l.total_packets, c.packets_received AS packets_after, c.last_sequence AS last_after, \
-                p.sequences, p.received, (SELECT id FROM outbox) AS outbox_id \
-         FROM locked l LEFT JOIN counted c USING (call_id) LEFT JOIN per_call p USING (call_id)",
-    )
-    .bind(call_ids)
-    .bind(&ids)
-    .bind(&seqs)
-    .bind(&data)
-    .bind(&sent)
-    .bind(acknowledged)
-    .bind(CallState::InProgress.as_str())
-    .fetch_all(tx)
-    .await?;
+    let found: Vec<Row> = sqlx::query_as(STORE_SQL)
+        .bind(call_ids)
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&data)
+        .bind(&sent)
+        .bind(acknowledged)
+        .bind(CallState::InProgress.as_str())
+        .fetch_all(tx)
+        .await?;
     let mut batch = StoredBatch::default();
     for row in found {
         batch.outbox = batch.outbox.or(row.outbox_id);
