@@ -60,6 +60,12 @@ pub struct IngestConfig {
     /// has cores to spare.
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 1)]
     pub writers: usize,
+
+    /// How long a packet may take from arriving to being stored and acknowledged, in
+    /// milliseconds; past it the PBX is answered 503 with `Retry-After` (overload, a stuck
+    /// database) instead of waiting. Packets waiting in the queue past it are not stored.
+    #[arg(long, env = "INGEST_REQUEST_DEADLINE_MS", default_value_t = 5_000)]
+    pub request_deadline_ms: u64,
 }
 
 impl IngestConfig {
@@ -83,6 +89,11 @@ impl IngestConfig {
             "INGEST_MAX_BATCH must be between 1 and 10000"
         );
         anyhow::ensure!(
+            (10..=600_000).contains(&self.request_deadline_ms),
+            "INGEST_REQUEST_DEADLINE_MS must be between 10 and 600000, got {}",
+            self.request_deadline_ms
+        );
+        anyhow::ensure!(
             (1..=64).contains(&self.writers),
             "INGEST_WRITERS must be between 1 and 64, got {}",
             self.writers
@@ -99,6 +110,10 @@ impl IngestConfig {
 
     pub fn call_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.call_idle_timeout_secs)
+    }
+
+    pub fn request_deadline(&self) -> Duration {
+        Duration::from_millis(self.request_deadline_ms)
     }
 
     pub fn outbox_relay_interval(&self) -> Duration {

@@ -62,6 +62,10 @@ pub enum ApiError {
         dependency: &'static str,
         detail: String,
     },
+    /// 503 `overloaded`, with `Retry-After`: shed rather than queued without end (the
+    /// deadline passed or the queue is full); retrying is safe.
+    #[error("ingest is overloaded: {detail}; retry after Retry-After (retries are safe)")]
+    Overloaded { detail: String },
     /// 500 `internal_error`: logged with its cause chain, never shown.
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
@@ -116,6 +120,7 @@ impl ApiError {
             ApiError::Unavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable")
             }
+            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }

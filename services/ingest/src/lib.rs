@@ -87,6 +87,7 @@ impl App {
                 max_batch: config.max_batch,
                 writers: config.writers,
                 sequence_start: config.sequence_start,
+                deadline: config.request_deadline(),
             },
         );
         let state = AppState {

@@ -122,6 +122,10 @@ pub enum WriteError {
     Unpublished(String),
     #[error("the writer is shutting down")]
     Closed,
+    /// Not answered within `INGEST_REQUEST_DEADLINE_MS`, or the queue is full: shed. It may
+    /// still be stored (a retry is then a duplicate); it was not acknowledged.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl WriteError {
@@ -176,6 +180,8 @@ pub struct PacketWriter {
     /// One queue per writer task; a call's packets always go to the same one
     /// ([`shard_of`]), so they are stored in the order they came.
     shards: Arc<[mpsc::Sender<Job>]>,
+    /// `INGEST_REQUEST_DEADLINE_MS`: how long a packet may take from arriving to its answer.
+    deadline: Duration,
 }
 
 /// What a writer task works with.
@@ -200,6 +206,8 @@ pub struct WriterSettings {
     pub writers: usize,
     /// `SEQUENCE_START`.
     pub sequence_start: i64,
+    /// `INGEST_REQUEST_DEADLINE_MS`.
+    pub deadline: Duration,
 }
 
 impl PacketWriter {
@@ -237,20 +245,42 @@ impl PacketWriter {
         (
             Self {
                 shards: shards.into(),
+                deadline: settings.deadline,
             },
             all,
         )
     }
 
-    /// Stores one packet (batched with its neighbours), publishes it, and returns the verdict.
+    /// Stores one packet (batched with its neighbours), publishes it, and returns the verdict,
+    /// within the deadline. Overload is answered at once rather than queued without end: a
+    /// full queue, or a verdict not ready in time, is [`WriteError::Overloaded`] (the PBX
+    /// retries after `Retry-After`; a packet stored meanwhile makes that retry a duplicate).
     pub async fn write(&self, packet: NewPacket) -> Result<Stored, WriteError> {
         let (reply, verdict) = oneshot::channel();
         let shard = &self.shards[shard_of(packet.call_id.as_str(), self.shards.len())];
-        shard
-            .send(Job { packet, reply })
-            .await
-            .map_err(|_| WriteError::Closed)?;
-        verdict.await.map_err(|_| WriteError::Closed)?
+        match shard.try_send(Job { packet, reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("switchboard_ingest_shed_total", "reason" => "queue_full")
+                    .increment(1);
+                return Err(WriteError::Overloaded(format!(
+                    "{} packets are already waiting to be stored",
+                    QUEUE_CAPACITY / self.shards.len()
+                )));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(WriteError::Closed),
+        }
+        match tokio::time::timeout(self.deadline, verdict).await {
+            Ok(verdict) => verdict.map_err(|_| WriteError::Closed)?,
+            Err(_) => {
+                metrics::counter!("switchboard_ingest_shed_total", "reason" => "deadline")
+                    .increment(1);
+                Err(WriteError::Overloaded(format!(
+                    "not stored and acknowledged within {} ms (INGEST_REQUEST_DEADLINE_MS)",
+                    self.deadline.as_millis()
+                )))
+            }
+        }
     }
 }
 
@@ -283,7 +313,18 @@ async fn run(
                 if received == 0 {
                     break;
                 }
-                let batch = std::mem::replace(&mut jobs, Vec::with_capacity(writer.max_batch));
+                let mut batch = std::mem::replace(&mut jobs, Vec::with_capacity(writer.max_batch));
+                // Nobody waits for these any more (their deadline passed, or the client
+                // went): storing them now would only delay the packets behind them.
+                let waiting = batch.len();
+                batch.retain(|job| !job.reply.is_closed());
+                if batch.len() < waiting {
+                    metrics::counter!("switchboard_ingest_shed_total", "reason" => "abandoned")
+                        .increment((waiting - batch.len()) as u64);
+                }
+                if batch.is_empty() {
+                    continue;
+                }
                 progress.extend(batch.iter().map(|j| j.packet.call_id.to_string()));
                 let deletes = std::mem::take(&mut done);
                 done = write_batch(&writer, &mut memory, &publishing, batch, deletes).await;

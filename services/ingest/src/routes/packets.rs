@@ -29,7 +29,7 @@ use crate::{
         (status = 413, description = "`data` or the body is too large", body = common::http::ErrorBody),
         (status = 415, description = "Not JSON", body = common::http::ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid", body = common::http::ErrorBody),
-        (status = 503, description = "Postgres or NATS unavailable; retry after `Retry-After`", body = common::http::ErrorBody),
+        (status = 503, description = "Postgres or NATS unavailable, or ingest overloaded (`overloaded`: not answered within `INGEST_REQUEST_DEADLINE_MS`); retry after `Retry-After`", body = common::http::ErrorBody),
     ))]
 pub async fn stream_packet(
     State(app): State<AppState>,
@@ -107,6 +107,7 @@ fn write_error(e: WriteError, call_id: &CallId, sequence: i64) -> ApiError {
             dependency: "ingest",
             detail: "shutting down".into(),
         },
+        WriteError::Overloaded(detail) => ApiError::Overloaded { detail },
     }
 }
 
@@ -172,5 +173,6 @@ fn outcome_label(e: &WriteError) -> &'static str {
         WriteError::Database { .. } | WriteError::Unpublished(_) | WriteError::Closed => {
             "unavailable"
         }
+        WriteError::Overloaded(_) => "shed",
     }
 }

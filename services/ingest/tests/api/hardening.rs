@@ -400,3 +400,52 @@ async fn answers_stay_exact_when_two_replicas_write_one_lossy_call() {
         );
     }
 }
+
+/// Overload is answered, not queued without end: with the writer stuck behind a call whose row
+/// someone else holds locked, packets get `503 overloaded` with `Retry-After` once
+/// `INGEST_REQUEST_DEADLINE_MS` has passed, and the retry after the jam clears is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_writer_answers_503_overloaded_within_the_deadline() {
+    let app = spawn_app_with(TestEnv::new().await, |c| c.request_deadline_ms = 300).await;
+    let (blocked, other) = (call_id(), call_id());
+    assert_eq!(app.post_packet(&blocked, 0, "a").await.status(), 202);
+    let mut jam = app.env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM calls WHERE call_id = $1 FOR UPDATE")
+        .bind(&blocked)
+        .execute(&mut *jam)
+        .await
+        .unwrap();
+
+    let (stuck, behind) = tokio::join!(
+        app.post_packet(&blocked, 1, "b"),
+        app.post_packet(&other, 0, "c")
+    );
+    for response in [stuck, behind] {
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("INGEST_REQUEST_DEADLINE_MS"),
+            "{body}"
+        );
+    }
+
+    jam.rollback().await.unwrap();
+    // The PBX retries: each packet is stored exactly once (the stuck one may have been stored
+    // when the lock went: its retry is then a duplicate).
+    let (status, body) = status_and_body(app.post_packet(&blocked, 1, "b").await).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = status_and_body(app.post_packet(&other, 0, "c").await).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(app.stored_packets(&blocked).await.len(), 2);
+    assert_eq!(app.stored_packets(&other).await.len(), 1);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("switchboard_ingest_shed_total{reason=\"deadline\"}"),
+        "{metrics}"
+    );
+}
