@@ -76,15 +76,19 @@ pub struct StoredCall {
 pub struct StoredBatch {
     /// The calls that exist, locked; a call among the ids that does not exist is absent.
     pub calls: Vec<StoredCall>,
-    /// The `packet_outbox` row naming the inserted packets, if any were.
-    pub outbox: Option<i64>,
+    /// The `packet_outbox` row naming the inserted packets (none if nothing was inserted).
+    pub outbox: Vec<i64>,
 }
 
-/// [`store`]'s statement. Data-modifying `WITH` clauses all run, whether or not the final
-/// `SELECT` reads them; `$7` is the `IN_PROGRESS` state.
-const STORE_SQL: &str = "WITH locked AS ( \
+/// [`store`]'s statement, with the row lock's waiting policy (`$lock`: empty to wait,
+/// `SKIP LOCKED` to pass over calls locked elsewhere). Data-modifying `WITH` clauses all
+/// run, whether or not the final `SELECT` reads them; `$7` is the `IN_PROGRESS` state.
+macro_rules! store_sql {
+    ($lock:literal) => {
+        concat!(
+            "WITH locked AS ( \
              SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
-             FROM calls WHERE call_id = ANY($1::text[]) ORDER BY call_id FOR NO KEY UPDATE \
+             FROM calls WHERE call_id = ANY($1::text[]) ORDER BY call_id FOR NO KEY UPDATE ", $lock, " \
          ), inserted AS ( \
              INSERT INTO packets (call_id, sequence, data, sent_at) \
              SELECT k.call_id, k.sequence, k.data, k.sent_at \
@@ -115,14 +119,27 @@ const STORE_SQL: &str = "WITH locked AS ( \
          SELECT l.call_id, l.state, l.sequence_start, l.last_sequence, l.packets_received, \
                 l.total_packets, c.packets_received AS packets_after, c.last_sequence AS last_after, \
                 p.sequences, p.received, (SELECT id FROM outbox) AS outbox_id \
-         FROM locked l LEFT JOIN counted c USING (call_id) LEFT JOIN per_call p USING (call_id)";
+         FROM locked l LEFT JOIN counted c USING (call_id) LEFT JOIN per_call p USING (call_id)"
+        )
+    };
+}
+
+/// How [`store`] treats a call whose row another transaction holds locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Locked {
+    /// Wait for it (up to the transaction's `lock_timeout`).
+    Wait,
+    /// Leave the call out of this statement (it is absent from [`StoredBatch::calls`]).
+    Skip,
+}
 
 /// A batch's write, in one statement (one round trip): locks the calls `call_ids` (sorted,
 /// so that writers never deadlock), inserts the packets of those `IN_PROGRESS` at or past
 /// their first sequence number (`ON CONFLICT DO NOTHING`: a stored key stays as first
 /// stored), adds the inserted ones to their calls' counters, writes the `packet_outbox` row
 /// naming them, and deletes the acknowledged outbox rows `acknowledged`. `rows` must hold
-/// at most one packet per (call, sequence).
+/// at most one packet per (call, sequence). With [`Locked::Skip`], calls locked elsewhere are
+/// left out, their packets untouched.
 ///
 /// Data-modifying `WITH` clauses all see the snapshot the statement started with, so the
 /// locked rows are the calls as they were before the batch; the counter update reads the
@@ -132,6 +149,7 @@ pub async fn store(
     call_ids: &[&str],
     rows: &[NewRow<'_>],
     acknowledged: &[i64],
+    locked: Locked,
 ) -> Result<StoredBatch, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -151,7 +169,11 @@ pub async fn store(
     let seqs: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
     let data: Vec<&str> = rows.iter().map(|r| r.data).collect();
     let sent: Vec<f64> = rows.iter().map(|r| r.sent_at).collect();
-    let found: Vec<Row> = sqlx::query_as(STORE_SQL)
+    let sql = match locked {
+        Locked::Wait => store_sql!(""),
+        Locked::Skip => store_sql!("SKIP LOCKED"),
+    };
+    let found: Vec<Row> = sqlx::query_as(sql)
         .bind(call_ids)
         .bind(&ids)
         .bind(&seqs)
@@ -163,7 +185,9 @@ pub async fn store(
         .await?;
     let mut batch = StoredBatch::default();
     for row in found {
-        batch.outbox = batch.outbox.or(row.outbox_id);
+        if batch.outbox.is_empty() {
+            batch.outbox.extend(row.outbox_id);
+        }
         let before = CallCounts {
             state: parse_state(&row.state)?,
             sequence_start: row.sequence_start,

@@ -39,14 +39,14 @@ use common::{
     CallId, CallState, Reason,
     calls::{
         self, Recorded,
-        packets::{CallCounts, NewRow, StoredBatch},
+        packets::{CallCounts, Locked, NewRow, StoredBatch},
     },
     events::{PacketEvent, ProgressEvent},
     outbox::Publisher,
     store::{self, MissingRange},
 };
 use futures::future::join_all;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Acquire, AssertSqlSafe, PgConnection, PgPool};
 use time::OffsetDateTime;
 use tokio::{
     sync::{mpsc, oneshot},
@@ -122,6 +122,10 @@ pub enum WriteError {
     Unpublished(String),
     #[error("the writer is shutting down")]
     Closed,
+    /// The call's row is held locked by another transaction for longer than a batch waits:
+    /// not stored, retry later.
+    #[error("the call is locked by another transaction")]
+    CallLocked,
     /// Not answered within `INGEST_REQUEST_DEADLINE_MS`, or the queue is full: shed. It may
     /// still be stored (a retry is then a duplicate); it was not acknowledged.
     #[error("{0}")]
@@ -438,7 +442,7 @@ async fn store_batch(
     match commit_with_retry(writer, memory, packets, deletes).await {
         Ok(batch) => {
             announce(&writer.publisher, packets, batch.created);
-            (batch.results, batch.outbox.into_iter().collect(), true)
+            (batch.results, batch.outbox, true)
         }
         Err(failure) if packets.len() > 1 && !failure.is_unavailable() => {
             // Validation should make this impossible, but if one packet is poison, store
@@ -565,8 +569,9 @@ struct BatchOutcome {
     results: Vec<Result<Stored, WriteError>>,
     /// Calls this batch created, with their status events to publish.
     created: Vec<Recorded>,
-    /// The batch's `packet_outbox` row, if it stored anything new.
-    outbox: Option<i64>,
+    /// The batch's `packet_outbox` rows (one, or none if it stored nothing new; two when
+    /// some of its calls were stored after waiting for their locks).
+    outbox: Vec<i64>,
 }
 
 /// A batch that loses a deadlock (two replicas creating the same new calls in opposite
@@ -646,12 +651,9 @@ async fn commit_batch(
             sent_at: packets[i].timestamp,
         })
         .collect();
-    let batch = calls::packets::store(&mut tx, &call_ids, &rows, deletes).await?;
+    let mut batch = calls::packets::store(&mut tx, &call_ids, &rows, deletes, Locked::Skip).await?;
     if batch.calls.len() < call_ids.len() {
-        // A call this writer knew is gone (nothing deletes calls today). Forget what it knew;
-        // the batch is run again packet by packet, creating what is missing.
-        memory.known.clear();
-        return Err(BatchFailure::from(sqlx::Error::RowNotFound));
+        store_held_calls(&mut tx, memory, &call_ids, &rows, &mut batch).await?;
     }
     let mut applied = Applied::from(batch);
     let changes = update_gaps(&mut tx, &applied).await?;
@@ -678,11 +680,87 @@ async fn commit_batch(
     })
 }
 
+/// The calls of a batch that its main statement passed over because another transaction
+/// holds their rows (a completion, another replica's batch, or a lock nobody lets go of):
+/// stored now, waiting for each lock at most [`HELD_CALL_WAIT`]. A call still held then is
+/// left out of the batch (its packets are answered 503, `Retry-After`) and not waited for
+/// again for [`HELD_CALL_MEMORY`], so that one stuck call never holds up the others.
+async fn store_held_calls(
+    tx: &mut PgConnection,
+    memory: &mut Memory,
+    call_ids: &[&str],
+    rows: &[NewRow<'_>],
+    batch: &mut StoredBatch,
+) -> Result<(), BatchFailure> {
+    let now = Instant::now();
+    memory
+        .held
+        .retain(|_, since| now.duration_since(*since) < HELD_CALL_MEMORY);
+    let stored: HashSet<&str> = batch.calls.iter().map(|c| c.call_id.as_str()).collect();
+    let held: Vec<&str> = call_ids
+        .iter()
+        .copied()
+        .filter(|id| !stored.contains(id) && !memory.held.contains_key(*id))
+        .collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    let held_rows: Vec<NewRow> = rows
+        .iter()
+        .filter(|r| held.contains(&r.call_id))
+        .copied()
+        .collect();
+    let mut savepoint = tx.begin().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = {}",
+        HELD_CALL_WAIT.as_millis()
+    )))
+    .execute(&mut *savepoint)
+    .await?;
+    match calls::packets::store(&mut savepoint, &held, &held_rows, &[], Locked::Wait).await {
+        Ok(more) => {
+            savepoint.commit().await?;
+            if more.calls.len() < held.len() {
+                // A call this writer knew is gone (nothing deletes calls today). Forget what
+                // it knew; the batch is run again packet by packet, creating what is missing.
+                memory.known.clear();
+                return Err(BatchFailure::from(sqlx::Error::RowNotFound));
+            }
+            batch.calls.extend(more.calls);
+            batch.outbox.extend(more.outbox);
+            Ok(())
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            savepoint.rollback().await?;
+            tracing::warn!(calls = ?held, "calls held locked elsewhere; their packets are answered 503 for now");
+            metrics::counter!("switchboard_ingest_shed_total", "reason" => "call_locked")
+                .increment(held_rows.len() as u64);
+            memory
+                .held
+                .extend(held.iter().map(|id| ((*id).to_owned(), now)));
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Postgres's `lock_not_available` (a `lock_timeout` ran out).
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// How long a batch waits for a call another transaction holds (a completion holds it for
+/// about a millisecond, another replica's batch for a few).
+const HELD_CALL_WAIT: Duration = Duration::from_millis(200);
+
+/// How long a call found held that long is not waited for again.
+const HELD_CALL_MEMORY: Duration = Duration::from_secs(1);
+
 /// What a writer task remembers between batches: nothing it could not read again.
 #[derive(Default)]
 struct Memory {
     known: KnownCalls,
     windows: Windows,
+    /// Calls recently found locked elsewhere for longer than [`HELD_CALL_WAIT`], and when.
+    held: HashMap<String, Instant>,
 }
 
 /// A lossy call's remembered gaps are forgotten after this long without a packet.
@@ -726,7 +804,7 @@ struct Applied {
     inserted: HashMap<Key, OffsetDateTime>,
     /// Per call, the sequences inserted (ascending), and the call before the batch.
     stored: BTreeMap<String, (Vec<i64>, Before)>,
-    outbox: Option<i64>,
+    outbox: Vec<i64>,
 }
 
 impl From<StoredBatch> for Applied {
@@ -954,7 +1032,10 @@ fn verdicts(
         .enumerate()
         .map(|(i, p)| {
             let call_id = p.call_id.as_str();
-            let call = &calls[call_id];
+            let Some(call) = calls.get(call_id) else {
+                // Held locked elsewhere: left out of this batch.
+                return Err(WriteError::CallLocked);
+            };
             let key = (call_id.to_owned(), p.sequence);
             let first_index = first[&key];
             let stored = |outcome, sent_at, received_at| Stored {

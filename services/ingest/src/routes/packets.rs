@@ -108,6 +108,10 @@ fn write_error(e: WriteError, call_id: &CallId, sequence: i64) -> ApiError {
             detail: "shutting down".into(),
         },
         WriteError::Overloaded(detail) => ApiError::Overloaded { detail },
+        WriteError::CallLocked => ApiError::Unavailable {
+            dependency: "postgres",
+            detail: format!("call {call_id} is locked by another transaction"),
+        },
     }
 }
 
@@ -173,6 +177,6 @@ fn outcome_label(e: &WriteError) -> &'static str {
         WriteError::Database { .. } | WriteError::Unpublished(_) | WriteError::Closed => {
             "unavailable"
         }
-        WriteError::Overloaded(_) => "shed",
+        WriteError::Overloaded(_) | WriteError::CallLocked => "shed",
     }
 }

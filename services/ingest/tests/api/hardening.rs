@@ -401,23 +401,23 @@ async fn answers_stay_exact_when_two_replicas_write_one_lossy_call() {
     }
 }
 
-/// Overload is answered, not queued without end: with the writer stuck behind a call whose row
-/// someone else holds locked, packets get `503 overloaded` with `Retry-After` once
-/// `INGEST_REQUEST_DEADLINE_MS` has passed, and the retry after the jam clears is stored once.
+/// Overload is answered, not queued without end: with the writer stuck (Postgres holds the
+/// packets table locked), packets get `503 overloaded` with `Retry-After` once
+/// `INGEST_REQUEST_DEADLINE_MS` has passed, and the retries after the jam clears are stored
+/// once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_writer_answers_503_overloaded_within_the_deadline() {
     let app = spawn_app_with(TestEnv::new().await, |c| c.request_deadline_ms = 300).await;
-    let (blocked, other) = (call_id(), call_id());
-    assert_eq!(app.post_packet(&blocked, 0, "a").await.status(), 202);
+    let (first, other) = (call_id(), call_id());
+    assert_eq!(app.post_packet(&first, 0, "a").await.status(), 202);
     let mut jam = app.env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM calls WHERE call_id = $1 FOR UPDATE")
-        .bind(&blocked)
+    sqlx::query("LOCK TABLE packets IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *jam)
         .await
         .unwrap();
 
     let (stuck, behind) = tokio::join!(
-        app.post_packet(&blocked, 1, "b"),
+        app.post_packet(&first, 1, "b"),
         app.post_packet(&other, 0, "c")
     );
     for response in [stuck, behind] {
@@ -435,17 +435,64 @@ async fn a_stuck_writer_answers_503_overloaded_within_the_deadline() {
     }
 
     jam.rollback().await.unwrap();
-    // The PBX retries: each packet is stored exactly once (the stuck one may have been stored
-    // when the lock went: its retry is then a duplicate).
-    let (status, body) = status_and_body(app.post_packet(&blocked, 1, "b").await).await;
+    // The PBX retries: each packet is stored exactly once (one may have been stored when the
+    // lock went: its retry is then a duplicate).
+    let (status, body) = status_and_body(app.post_packet(&first, 1, "b").await).await;
     assert_eq!(status, 202, "{body}");
     let (status, body) = status_and_body(app.post_packet(&other, 0, "c").await).await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(app.stored_packets(&blocked).await.len(), 2);
+    assert_eq!(app.stored_packets(&first).await.len(), 2);
     assert_eq!(app.stored_packets(&other).await.len(), 1);
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("switchboard_ingest_shed_total{reason=\"deadline\"}"),
         "{metrics}"
     );
+}
+
+/// A call whose row another transaction holds (a stuck completion, a long manual
+/// transaction) costs its own packets a quick 503 and nobody else anything: the other calls'
+/// packets in the same batches are stored, and once the lock goes the call streams again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_locked_elsewhere_does_not_hold_up_the_other_calls() {
+    let app = spawn_app().await;
+    let (held, other) = (call_id(), call_id());
+    assert_eq!(app.post_packet(&held, 0, "a").await.status(), 202);
+    let mut jam = app.env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM calls WHERE call_id = $1 FOR UPDATE")
+        .bind(&held)
+        .execute(&mut *jam)
+        .await
+        .unwrap();
+
+    for seq in 0..5 {
+        let (locked, flowing) = tokio::join!(
+            app.post_packet(&held, seq + 1, "b"),
+            app.post_packet(&other, seq, "c")
+        );
+        let (status, body) = status_and_body(flowing).await;
+        assert_eq!(status, 202, "the other call flows: {body}");
+        assert_eq!(locked.status(), 503);
+        assert_eq!(locked.headers()["retry-after"], "1");
+    }
+    assert_eq!(app.stored_packets(&held).await.len(), 1);
+
+    jam.rollback().await.unwrap();
+    let (status, body) = status_and_body(app.post_packet(&held, 1, "b").await).await;
+    // Within a second of being found held, the call is not waited for: retry until it is.
+    let (status, body) = if status == 202 {
+        (status, body)
+    } else {
+        eventually(
+            "the call to take packets again",
+            Duration::from_secs(10),
+            || async {
+                let (status, body) = status_and_body(app.post_packet(&held, 1, "b").await).await;
+                (status == 202).then_some((status, body))
+            },
+        )
+        .await
+    };
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(app.stored_packets(&held).await.len(), 2);
 }
