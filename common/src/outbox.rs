@@ -17,9 +17,10 @@ use sqlx::PgPool;
 
 use crate::{
     calls::{self, Recorded},
+    config::StreamSettings,
     events::{DeadLetter, PacketEvent, ProgressEvent, StatusEvent, WorkItem},
     nats,
-    subjects::Subjects,
+    subjects::{StreamKind, Subjects},
 };
 
 /// Publishes Switchboard's events to their subjects, and marks in Postgres what JetStream
@@ -127,6 +128,29 @@ impl Publisher {
             .map(|r| (r.transition_id, &r.event))
             .collect();
         self.statuses(&events, request_id).await
+    }
+
+    /// Whether the work stream still holds a message for `item`'s call (a work-queue stream
+    /// keeps each until the transcriber acknowledges it, after the call is final).
+    pub async fn work_item_in_stream(&self, item: &WorkItem) -> anyhow::Result<bool> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .js
+            .get_stream(self.subjects.stream_name(StreamKind::Work))
+            .await?;
+        match stream
+            .get_last_raw_message_by_subject(&self.subjects.call_completed(&item.call_id))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates any stream that is missing (someone deleted it), as at start-up.
+    pub async fn ensure_streams(&self, settings: &StreamSettings) -> anyhow::Result<()> {
+        nats::ensure_streams(&self.js, &self.subjects, settings).await
     }
 
     /// Publishes a work item for the transcriber and marks it published. Returns whether

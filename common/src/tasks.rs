@@ -101,6 +101,30 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// Runs `pass` every `interval` (a late tick waits, ticks never pile up) until `shutdown` is
+/// cancelled. A pass reports what it did itself: failures are its own to log, and the next
+/// tick simply tries again. The loop of every periodic background job (outbox relay,
+/// reconciler).
+pub async fn every<F, Fut>(
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+    mut pass: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        pass().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -66,6 +66,11 @@ pub struct IngestConfig {
     /// database) instead of waiting. Packets waiting in the queue past it are not stored.
     #[arg(long, env = "INGEST_REQUEST_DEADLINE_MS", default_value_t = 5_000)]
     pub request_deadline_ms: u64,
+
+    /// How often the reconciler re-creates missing streams and republishes work items
+    /// JetStream lost (seconds).
+    #[arg(long, env = "RECONCILE_INTERVAL_SECS", default_value_t = 15)]
+    pub reconcile_interval_secs: u64,
 }
 
 impl IngestConfig {
@@ -89,6 +94,11 @@ impl IngestConfig {
             "INGEST_MAX_BATCH must be between 1 and 10000"
         );
         anyhow::ensure!(
+            (1..=3_600).contains(&self.reconcile_interval_secs),
+            "RECONCILE_INTERVAL_SECS must be between 1 and 3600, got {}",
+            self.reconcile_interval_secs
+        );
+        anyhow::ensure!(
             (10..=600_000).contains(&self.request_deadline_ms),
             "INGEST_REQUEST_DEADLINE_MS must be between 10 and 600000, got {}",
             self.request_deadline_ms
@@ -110,6 +120,10 @@ impl IngestConfig {
 
     pub fn call_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.call_idle_timeout_secs)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_secs(self.reconcile_interval_secs)
     }
 
     pub fn request_deadline(&self) -> Duration {

@@ -16,6 +16,7 @@
 //! - [`lifecycle`]: completing a call (endpoint and idle reaper alike).
 //! - [`reaper`]: completes calls that went quiet.
 //! - [`relay`]: the outbox relay: republishes what JetStream has not acknowledged.
+//! - [`reconciler`]: puts back work items JetStream lost after acknowledging them.
 //! - [`openapi`]: the OpenAPI document behind `/docs`.
 //! - `testing` (feature `testing`): the one test configuration and the one way tests start it.
 //!
@@ -29,6 +30,7 @@ pub mod gaps;
 pub mod lifecycle;
 pub mod openapi;
 pub mod reaper;
+pub mod reconciler;
 pub mod relay;
 pub mod routes;
 #[cfg(feature = "testing")]
@@ -155,6 +157,17 @@ impl App {
             }
             .run(background.clone()),
         );
+        tasks.spawn(
+            "reconciler",
+            reconciler::Reconciler {
+                publisher: state.publisher.clone(),
+                pool: state.pool.clone(),
+                streams: config.common.streams.clone(),
+                interval: config.reconcile_interval(),
+                grace: config.reconcile_interval().max(RECONCILE_GRACE),
+            }
+            .run(background.clone()),
+        );
         // The router holds the last writer handles besides `state`.
         drop(state);
         let served = common::http::serve(listener, router, shutdown.clone()).await;
@@ -168,6 +181,9 @@ impl App {
         tasks_result
     }
 }
+
+/// Calls changed more recently than this are never taken for lost by the reconciler.
+const RECONCILE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Room a packet event needs besides its `data`: the JSON envelope (call id of up to 128
 /// characters, numbers, timestamps) and NATS headers, with margin.

@@ -31,13 +31,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Look four times per timeout, so a call is completed at most 25% late.
     let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-        }
+    common::tasks::every(every, shutdown.clone(), || async {
         // A full pass means there may be more: go on at once (a backlog after an outage).
         loop {
             match reap_once(&pool, &publisher, idle_timeout, PASS_LIMIT).await {
@@ -49,7 +43,8 @@ pub async fn run(
                 }
             }
         }
-    }
+    })
+    .await
 }
 
 /// Completes up to `limit` calls idle for longer than `idle_timeout` that no other

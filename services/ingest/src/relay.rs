@@ -32,19 +32,14 @@ const PACKET_OUTBOX_BATCH: i64 = 20;
 impl Relay {
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
+        common::tasks::every(self.interval, shutdown, || async {
             match self.relay_once().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(outbox.republished = n, "outbox relay republished events"),
                 Err(e) => tracing::warn!(error.message = %e, "outbox relay pass failed"),
             }
-        }
+        })
+        .await
     }
 
     /// One pass: returns how many events JetStream acknowledged.

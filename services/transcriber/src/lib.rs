@@ -72,10 +72,16 @@ impl App {
             addr_setting: "TRANSCRIBER_ADDR",
         })
         .await?;
+        let source = worker::WorkSource {
+            js: infra.js.clone(),
+            subjects: infra.subjects.clone(),
+            config: config.clone(),
+        };
         let consumer = worker::ensure_consumer(&infra.js, &infra.subjects, &config).await?;
         let provider = Arc::new(Provider::from_config(&config.ai)?);
         let worker = Arc::new(Worker::new(
             consumer,
+            source,
             pool.clone(),
             provider,
             Publisher::new(infra.js, infra.subjects, pool.clone()),

@@ -55,6 +55,8 @@ pub enum Outcome {
 /// settings ([`Worker::new`]); everything it holds is its own.
 pub struct Worker {
     consumer: PullConsumer,
+    /// To make the consumer again when pulls fail (the stream or consumer was deleted).
+    source: WorkSource,
     /// The call's side in Postgres (claims, leases, attempts; `TRANSCRIBE_MAX_ATTEMPTS`).
     claims: Claims,
     provider: Arc<Provider>,
@@ -90,6 +92,32 @@ async fn hand_back_pulled(batch: &mut jetstream::consumer::pull::Batch) {
         if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
             tracing::warn!(error.message = %e, "cannot hand a pulled message back");
         }
+    }
+}
+
+/// How a pulled batch ended.
+enum Pulled {
+    /// Every message started.
+    Done,
+    /// The pull broke off (the consumer or stream may be gone).
+    Failed,
+    /// Shutdown: what was pulled and not started went back to JetStream.
+    Shutdown,
+}
+
+/// Where the work comes from: the work stream and the durable consumer on it, made again if
+/// someone deleted them (the ingest reconciler then republishes the lost work items).
+pub struct WorkSource {
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub config: TranscriberConfig,
+}
+
+impl WorkSource {
+    /// The consumer, after making sure the streams and the consumer exist.
+    pub async fn consumer(&self) -> anyhow::Result<PullConsumer> {
+        common::nats::ensure_streams(&self.js, &self.subjects, &self.config.common.streams).await?;
+        ensure_consumer(&self.js, &self.subjects, &self.config).await
     }
 }
 
@@ -156,6 +184,7 @@ impl std::ops::Deref for Work {
 impl Worker {
     pub fn new(
         consumer: PullConsumer,
+        source: WorkSource,
         pool: sqlx::PgPool,
         provider: Arc<Provider>,
         publisher: Publisher,
@@ -163,6 +192,7 @@ impl Worker {
     ) -> Self {
         Worker {
             consumer,
+            source,
             claims: Claims::new(pool, config.ack_wait(), config.max_attempts),
             provider,
             publisher,
@@ -202,6 +232,7 @@ impl Worker {
         let tasks = TaskTracker::new();
         // Fired when the grace period is over: unfinished attempts are handed back.
         let hand_back = CancellationToken::new();
+        let mut consumer = self.consumer.clone();
         'pull: loop {
             // Pull only as many messages as there are free slots, so every message pulled
             // starts at once (none waits out its ack wait in a local queue).
@@ -213,46 +244,32 @@ impl Worker {
             while let Ok(permit) = slots.clone().try_acquire_owned() {
                 permits.push(permit);
             }
-            let batch = self
-                .consumer
+            let pulled = consumer
                 .batch()
                 .max_messages(permits.len())
                 .expires(PULL_EXPIRES)
                 .messages()
                 .await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::warn!(error.message = %e, "pull request failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'pull,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+            let failed = match pulled {
+                Ok(mut batch) => {
+                    let started =
+                        self.start_all(&mut batch, permits, &tasks, &hand_back, &shutdown);
+                    match started.await {
+                        Pulled::Shutdown => break 'pull,
+                        Pulled::Done => false,
+                        Pulled::Failed => true,
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "pull request failed; retrying");
+                    true
+                }
             };
-            loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        hand_back_pulled(&mut batch).await;
-                        break 'pull;
-                    }
-                    next = batch.next() => next,
-                };
-                match next {
-                    None => break,
-                    Some(Err(e)) => {
-                        tracing::warn!(error.message = %e, "pull batch error");
-                        break;
-                    }
-                    Some(Ok(message)) => {
-                        let permit = permits.pop().expect("one permit per message pulled");
-                        let worker = self.clone();
-                        let hand_back = hand_back.clone();
-                        tasks.spawn(async move {
-                            worker.deliver(message, hand_back).await;
-                            drop(permit);
-                        });
-                    }
+            if failed {
+                match self.pause_and_recover(&shutdown).await {
+                    Some(recovered) => consumer = recovered,
+                    None if shutdown.is_cancelled() => break 'pull,
+                    None => {}
                 }
             }
         }
@@ -273,6 +290,59 @@ impl Worker {
             tasks.wait().await;
         }
         Ok(())
+    }
+
+    /// Starts a task for each message of a pulled batch, each with one of `permits`.
+    async fn start_all(
+        self: &Arc<Self>,
+        batch: &mut jetstream::consumer::pull::Batch,
+        mut permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+        tasks: &TaskTracker,
+        hand_back: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Pulled {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    hand_back_pulled(batch).await;
+                    return Pulled::Shutdown;
+                }
+                next = batch.next() => next,
+            };
+            match next {
+                None => return Pulled::Done,
+                Some(Err(e)) => {
+                    tracing::warn!(error.message = %e, "pull batch error");
+                    return Pulled::Failed;
+                }
+                Some(Ok(message)) => {
+                    let permit = permits.pop().expect("one permit per message pulled");
+                    let worker = self.clone();
+                    let hand_back = hand_back.clone();
+                    tasks.spawn(async move {
+                        worker.deliver(message, hand_back).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+
+    /// After a failed pull: waits a second, then makes sure the work stream and the consumer
+    /// exist (an operator may have deleted them) and returns a fresh consumer; `None` on
+    /// shutdown or if that failed too (the next pull tries again).
+    async fn pause_and_recover(&self, shutdown: &CancellationToken) -> Option<PullConsumer> {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        match self.source.consumer().await {
+            Ok(consumer) => Some(consumer),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot make the work consumer again yet");
+                None
+            }
+        }
     }
 
     /// One delivery, in its own span, answered to JetStream (unless it is `Silent`).

@@ -265,3 +265,76 @@ async fn each_round_of_a_re_driven_call_is_its_own_and_a_late_item_of_an_earlier
         .collect();
     assert_eq!(versions, [round_1, round_2], "one dead letter per round");
 }
+
+/// The work stream deleted under waiting calls (an operator's mistake, a lost JetStream node):
+/// ingest's reconciler makes the stream again and puts back the work items of the calls still
+/// waiting, once each, and a transcriber started afterwards finishes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_puts_back_work_items_lost_with_their_stream() {
+    let mut stack = ingest_only().await;
+    let ids = ["lost-1", "lost-2", "lost-3"];
+    for id in ids {
+        stack.call(id, &["hello", "again"]).await;
+    }
+    let pool = stack.env.pool.clone();
+    eventually(
+        "the work items published",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM calls WHERE work_item_published_at IS NOT NULL",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (n == 3).then_some(())
+        },
+    )
+    .await;
+    let js = stack.env.jetstream().await;
+    js.delete_stream(stack.env.subjects().stream_name(StreamKind::Work))
+        .await
+        .unwrap();
+
+    let reconciler = ingest::reconciler::Reconciler {
+        publisher: common::outbox::Publisher::new(js, stack.env.subjects(), pool.clone()),
+        pool: pool.clone(),
+        streams: stack.env.config.streams.clone(),
+        interval: Duration::from_secs(1),
+        grace: Duration::ZERO,
+    };
+    assert_eq!(reconciler.reconcile_once().await.unwrap(), 3);
+    // Found in the stream now: nothing more to put back.
+    assert_eq!(reconciler.reconcile_once().await.unwrap(), 0);
+
+    stack.add_transcriber(|_| {}).await;
+    for id in ids {
+        let call = stack
+            .wait_for(id, CallState::Archived, Duration::from_secs(30))
+            .await;
+        assert_eq!(call["ai_attempts"], 1, "{call}");
+    }
+    assert_eq!(reconciler.reconcile_once().await.unwrap(), 0);
+}
+
+/// A running transcriber whose work stream is deleted makes its consumer again and goes on
+/// with the calls completed afterwards (their work items wait in the outbox until the stream
+/// is back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transcriber_follows_its_work_stream_being_deleted_and_made_again() {
+    let stack = stack(|_| {}).await;
+    stack.call("before", &["one"]).await;
+    stack
+        .wait_for("before", CallState::Archived, Duration::from_secs(20))
+        .await;
+    let js = stack.env.jetstream().await;
+    js.delete_stream(stack.env.subjects().stream_name(StreamKind::Work))
+        .await
+        .unwrap();
+
+    stack.call("after", &["two"]).await;
+    let call = stack
+        .wait_for("after", CallState::Archived, Duration::from_secs(60))
+        .await;
+    assert_eq!(call["transcript"], "two");
+}
