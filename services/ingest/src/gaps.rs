@@ -225,4 +225,54 @@ mod tests {
             highest = Some(s);
         }
     }
+
+    /// The gaps of a set of received sequences: every run missing below the highest.
+    fn model_gaps(received: &std::collections::BTreeSet<i64>, start: i64) -> Vec<Gap> {
+        let mut gaps = Vec::new();
+        let mut next = start;
+        for &s in received {
+            if s > next {
+                gaps.push(gap(next, s - 1));
+            }
+            next = s + 1;
+        }
+        gaps
+    }
+
+    proptest::proptest! {
+        /// Batch after batch of arbitrary sequences (late, early, repeated across batches),
+        /// the gaps kept by folding each batch's changes are exactly the runs missing from the
+        /// set received so far.
+        #[test]
+        fn folding_batches_keeps_exactly_the_missing_runs(
+            start in 0i64..=1,
+            batches in proptest::collection::vec(
+                proptest::collection::btree_set(0i64..200, 1..20), 1..30),
+        ) {
+            let mut received = std::collections::BTreeSet::new();
+            let mut kept: Vec<Gap> = Vec::new();
+            for batch in batches {
+                // What the writer stores: the sequences not stored yet, from `start` on.
+                let new: Vec<i64> = batch
+                    .into_iter()
+                    .filter(|s| *s >= start && !received.contains(s))
+                    .collect();
+                if new.is_empty() {
+                    continue;
+                }
+                let highest = received.last().copied();
+                let containing: Vec<Gap> = kept
+                    .iter()
+                    .copied()
+                    .filter(|g| new.iter().any(|s| (g.first..=g.last).contains(s)))
+                    .collect();
+                let changes = fold(highest, start, &containing, &new);
+                kept.retain(|g| !changes.removed.contains(&g.first));
+                kept.extend(changes.added);
+                kept.sort_unstable();
+                received.extend(new);
+                proptest::prop_assert_eq!(&kept, &model_gaps(&received, start));
+            }
+        }
+    }
 }

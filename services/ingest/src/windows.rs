@@ -211,4 +211,62 @@ mod tests {
         windows.prune(Instant::now() + std::time::Duration::from_secs(1));
         assert_eq!(windows.advance("a", 1, 2, None), None);
     }
+
+    proptest::proptest! {
+        /// Whatever the batches (and whoever else writes the call between them), a window
+        /// either answers exactly the call's lowest gaps or asks to be read again.
+        #[test]
+        fn a_window_is_exact_or_asks_for_a_read(
+            steps in proptest::collection::vec(
+                (proptest::collection::btree_set(0i64..400, 1..12), proptest::bool::weighted(0.2)),
+                1..40),
+        ) {
+            use std::collections::BTreeSet;
+            let all_gaps = |received: &BTreeSet<i64>| -> Vec<Gap> {
+                let mut gaps = Vec::new();
+                let mut next = 0;
+                for &s in received {
+                    if s > next {
+                        gaps.push(gap(next, s - 1));
+                    }
+                    next = s + 1;
+                }
+                gaps
+            };
+            let lowest = |received: &BTreeSet<i64>| -> Vec<Gap> {
+                let mut gaps = all_gaps(received);
+                gaps.truncate(WINDOW);
+                gaps
+            };
+            let mut windows = Windows::default();
+            let mut received = BTreeSet::new();
+            for (batch, by_someone_else) in steps {
+                let before_gaps = all_gaps(&received);
+                let before = received.len() as i64;
+                received.extend(batch);
+                let after = received.len() as i64;
+                if by_someone_else {
+                    // Another replica wrote the call: this writer saw nothing of it.
+                    continue;
+                }
+                let after_gaps = all_gaps(&received);
+                let changes = GapChanges {
+                    removed: before_gaps
+                        .iter()
+                        .filter(|g| !after_gaps.contains(g))
+                        .map(|g| g.first)
+                        .collect(),
+                    added: after_gaps
+                        .iter()
+                        .filter(|g| !before_gaps.contains(g))
+                        .copied()
+                        .collect(),
+                };
+                match windows.advance("a", before, after, Some(&changes)) {
+                    Some(window) => proptest::prop_assert_eq!(window, lowest(&received)),
+                    None => windows.fill("a", after, lowest(&received)),
+                }
+            }
+        }
+    }
 }

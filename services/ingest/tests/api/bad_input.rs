@@ -392,3 +392,156 @@ async fn bad_completions_and_queries_get_clear_errors() {
         (405, Some("method_not_allowed"))
     );
 }
+
+/// Fuzz-style: 10,000 generated requests to the packet route (arbitrary bytes, valid bodies
+/// with fields swapped for values of every JSON type, extreme numbers, missing and unknown
+/// fields, arbitrary call ids and content types). None may get a 5xx, and every refusal is a
+/// JSON error naming its code; accepted ones are 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_generated_packet_requests_get_no_5xx() {
+    use futures::StreamExt;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    let app = spawn_app().await;
+    let seed: u64 = rand::random();
+    let requests: Vec<(String, Option<&'static str>, Vec<u8>)> = {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..10_000).map(|_| generated_request(&mut rng)).collect()
+    };
+    let outcomes: Vec<(u16, String, String)> = futures::stream::iter(requests)
+        .map(|(path, content_type, body)| {
+            let app = &app;
+            async move {
+                let mut request = app.client.post(app.url(&path)).body(body.clone());
+                if let Some(content_type) = content_type {
+                    request = request.header("content-type", content_type);
+                }
+                let response = request.send().await.expect("an answer");
+                let status = response.status().as_u16();
+                let text = response.text().await.unwrap_or_default();
+                (
+                    status,
+                    text,
+                    format!("{path} {:?}", String::from_utf8_lossy(&body)),
+                )
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
+    for (status, text, request) in outcomes {
+        *by_status.entry(status).or_default() += 1;
+        assert!(status < 500, "seed {seed}: {status} for {request}: {text}");
+        if status != 202 {
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("seed {seed}: not JSON for {request}: {text}"));
+            assert!(
+                body["error"]["code"].is_string(),
+                "seed {seed}: {request}: {body}"
+            );
+            assert!(
+                body["error"]["message"].is_string(),
+                "seed {seed}: {request}: {body}"
+            );
+        }
+    }
+    // The generator reaches both sides.
+    assert!(
+        by_status.get(&202).copied().unwrap_or(0) > 100,
+        "{by_status:?}"
+    );
+    assert!(
+        by_status.keys().any(|s| (400..500).contains(s)),
+        "{by_status:?}"
+    );
+}
+
+/// One generated request: (path, content type, body).
+fn generated_request(rng: &mut impl rand::Rng) -> (String, Option<&'static str>, Vec<u8>) {
+    const CALL_IDS: [&str; 8] = [
+        "fuzz-ok",
+        "fuzz-ok-2",
+        "a",
+        "%00",
+        "..%2F..",
+        "x%20y",
+        "ça-va",
+        "-_-",
+    ];
+    let call_id = match rng.random_range(0..10) {
+        0 => "z".repeat(rng.random_range(100..200)),
+        1 => (0..rng.random_range(1..20))
+            .map(|_| char::from(rng.random_range(33u8..127)))
+            .filter(|c| !matches!(c, '/' | '?' | '#'))
+            .collect(),
+        n => CALL_IDS[n % CALL_IDS.len()].to_owned(),
+    };
+    let content_type = match rng.random_range(0..12) {
+        0 => None,
+        1 => Some("text/plain"),
+        2 => Some("application/json; charset=latin1"),
+        _ => Some("application/json"),
+    };
+    let body = match rng.random_range(0..6) {
+        0 => (0..rng.random_range(0..300))
+            .map(|_| rng.random())
+            .collect(),
+        _ => generated_json(rng).into_bytes(),
+    };
+    (format!("/v1/call/stream/{call_id}"), content_type, body)
+}
+
+/// A packet body, each field valid or replaced by something else.
+fn generated_json(rng: &mut impl rand::Rng) -> String {
+    let values = [
+        "0",
+        "1",
+        "-1",
+        "42",
+        "1e308",
+        "-1e308",
+        "1.5",
+        "9223372036854775807",
+        "99999999999999999999",
+        "null",
+        "true",
+        "\"\"",
+        "\"AAAA\"",
+        "\"\\u0000\"",
+        "[]",
+        "{}",
+        "[1,2]",
+        "\"1\"",
+        "1e-400",
+        "\"\u{1F600}\"",
+    ];
+    let mut pick = |valid: String| {
+        if rng.random_bool(0.6) {
+            Some(valid)
+        } else if rng.random_bool(0.1) {
+            None
+        } else {
+            Some(values[rng.random_range(0..values.len())].to_owned())
+        }
+    };
+    let sequence = pick(rng_sequence());
+    let data = pick("\"AAAA\"".into());
+    let timestamp = pick("1764086400.5".into());
+    let mut fields: Vec<String> = [
+        ("sequence", sequence),
+        ("data", data),
+        ("timestamp", timestamp),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| format!("\"{k}\":{v}")))
+    .collect();
+    if rng.random_bool(0.05) {
+        fields.push("\"extra\":1".into());
+    }
+    format!("{{{}}}", fields.join(","))
+}
+
+fn rng_sequence() -> String {
+    rand::random_range(0..1_000i64).to_string()
+}
