@@ -109,10 +109,31 @@ pub async fn ensure_streams(
     subjects: &Subjects,
     settings: &StreamSettings,
 ) -> anyhow::Result<()> {
+    provision(js, subjects, settings, true).await
+}
+
+/// Creates the streams that are missing (someone deleted them) and leaves the others as they
+/// are: for the periodic repairs, which must not flip a stream's limits back and forth
+/// between processes started with different settings (updates are for start-up).
+pub async fn create_missing_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> anyhow::Result<()> {
+    provision(js, subjects, settings, false).await
+}
+
+async fn provision(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+    update_existing: bool,
+) -> anyhow::Result<()> {
     for kind in StreamKind::ALL {
         let config = stream_config(kind, subjects, settings);
         let name = config.name.clone();
         match js.get_stream(&name).await {
+            Ok(_) if !update_existing => {}
             Ok(_) => {
                 js.update_stream(config)
                     .await

@@ -148,9 +148,9 @@ impl Publisher {
         }
     }
 
-    /// Creates any stream that is missing (someone deleted it), as at start-up.
-    pub async fn ensure_streams(&self, settings: &StreamSettings) -> anyhow::Result<()> {
-        nats::ensure_streams(&self.js, &self.subjects, settings).await
+    /// Creates any stream that is missing (someone deleted it); leaves the others alone.
+    pub async fn create_missing_streams(&self, settings: &StreamSettings) -> anyhow::Result<()> {
+        nats::create_missing_streams(&self.js, &self.subjects, settings).await
     }
 
     /// Publishes a work item for the transcriber and marks it published. Returns whether

@@ -76,31 +76,43 @@ pub async fn unpublished_work_items(
 
 /// Calls that should have a live work item in the work stream and may have lost it (the
 /// stream was deleted or purged): `COMPLETED` with the item published, or `PROCESSING_AI`
-/// with no worker's lease and no retry still to come; untouched for `grace`; oldest first.
-/// Each comes with the work item of its current round, to look for in the stream.
+/// with no worker's lease and no retry still to come; untouched for `grace`. In
+/// `(updated_at, call_id)` order from just after `after` (the last one of the previous
+/// page), so that passes walk past a backlog instead of looking at its head every time.
+/// Each comes with the work item of its current round (to look for in the stream) and its
+/// place in that order.
 pub async fn work_item_candidates(
     pool: &PgPool,
     grace: Duration,
+    after: Option<&(OffsetDateTime, String)>,
     limit: i64,
-) -> Result<Vec<WorkItem>, sqlx::Error> {
-    let rows: Vec<(String, i64, OffsetDateTime)> = sqlx::query_as(
+) -> Result<Vec<(WorkItem, (OffsetDateTime, String))>, sqlx::Error> {
+    let rows: Vec<(String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
         "SELECT c.call_id, \
                 CASE WHEN c.state = 'COMPLETED' THEN c.version ELSE \
                     (SELECT max(t.version) FROM call_transitions t \
                      WHERE t.call_id = c.call_id AND t.to_state = 'COMPLETED') END, \
-                COALESCE(c.completed_at, c.updated_at) \
+                COALESCE(c.completed_at, c.updated_at), c.updated_at \
          FROM calls c \
          WHERE ((c.state = 'COMPLETED' AND c.work_item_published_at IS NOT NULL) \
              OR (c.state = 'PROCESSING_AI' AND (c.ai_lease_until IS NULL OR c.ai_lease_until < now()) \
                  AND (c.next_attempt_at IS NULL OR c.next_attempt_at < now()))) \
            AND c.updated_at < now() - make_interval(secs => $1) \
-         ORDER BY c.updated_at LIMIT $2",
+           AND ($3::timestamptz IS NULL OR (c.updated_at, c.call_id) > ($3, $4)) \
+         ORDER BY c.updated_at, c.call_id LIMIT $2",
     )
     .bind(grace.as_secs_f64())
     .bind(limit)
+    .bind(after.map(|(at, _)| *at))
+    .bind(after.map(|(_, id)| id.as_str()))
     .fetch_all(pool)
     .await?;
-    work_items(rows)
+    let places: Vec<(OffsetDateTime, String)> = rows
+        .iter()
+        .map(|(id, _, _, updated_at)| (*updated_at, id.clone()))
+        .collect();
+    let items = work_items(rows.into_iter().map(|(id, v, at, _)| (id, v, at)).collect())?;
+    Ok(items.into_iter().zip(places).collect())
 }
 
 /// Work items from `(call_id, version, completed_at)` rows.

@@ -160,6 +160,7 @@ impl App {
         tasks.spawn(
             "reconciler",
             reconciler::Reconciler {
+                cursor: Default::default(),
                 publisher: state.publisher.clone(),
                 pool: state.pool.clone(),
                 streams: config.common.streams.clone(),

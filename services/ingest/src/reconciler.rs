@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 const PASS: i64 = 500;
 
 pub struct Reconciler {
+    /// Where the previous pass stopped (`None`: start from the oldest), so that a backlog of
+    /// calls legitimately waiting is walked past rather than looked at every pass.
+    pub cursor: tokio::sync::Mutex<Option<(time::OffsetDateTime, String)>>,
     pub publisher: Publisher,
     pub pool: PgPool,
     pub streams: StreamSettings,
@@ -45,11 +48,19 @@ impl Reconciler {
 
     /// One pass: returns how many work items were published again.
     pub async fn reconcile_once(&self) -> anyhow::Result<usize> {
-        self.publisher.ensure_streams(&self.streams).await?;
+        self.publisher.create_missing_streams(&self.streams).await?;
         let mut republished = 0;
+        let mut cursor = self.cursor.lock().await;
         let candidates =
-            calls::published::work_item_candidates(&self.pool, self.grace, PASS).await?;
-        for item in candidates {
+            calls::published::work_item_candidates(&self.pool, self.grace, cursor.as_ref(), PASS)
+                .await?;
+        // A short page is the end: the next pass starts from the oldest again.
+        *cursor = if candidates.len() < PASS as usize {
+            None
+        } else {
+            candidates.last().map(|(_, place)| place.clone())
+        };
+        for (item, _) in candidates {
             if self.publisher.work_item_in_stream(&item).await? {
                 continue;
             }

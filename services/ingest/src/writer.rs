@@ -26,8 +26,11 @@
 //! create one call), the batch locks its calls (`FOR NO KEY UPDATE`, existing calls in call-id
 //! order) before checking they are `IN_PROGRESS`, so a completion either commits before the
 //! batch (its packets get 409) or waits for it (its packets are in), and packets are unique per
-//! (call, sequence). Calls created concurrently by two replicas can still be locked in
-//! opposite orders; Postgres then aborts one batch as a deadlock and the writer runs it again.
+//! (call, sequence). A call whose row another transaction holds is passed over by the batch
+//! (`SKIP LOCKED`) and stored right after the batch commits, in a transaction that waits for
+//! it alone, briefly: no writer ever waits for a lock while holding others, and one stuck call
+//! never holds up the rest. Should Postgres still abort a batch as a deadlock or a
+//! serialization failure, the writer runs it again.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -46,7 +49,7 @@ use common::{
     store::{self, MissingRange},
 };
 use futures::future::join_all;
-use sqlx::{Acquire, AssertSqlSafe, PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use time::OffsetDateTime;
 use tokio::{
     sync::{mpsc, oneshot},
@@ -71,7 +74,7 @@ pub const MAX_MISSING_RANGES_IN_RESPONSE: i64 = 100;
 pub const MAX_SEQUENCE: i64 = 100_000_000;
 
 /// Packets queued for the writer tasks at most (shared among them); beyond that, requests
-/// wait (backpressure).
+/// are answered 503 `overloaded` at once.
 const QUEUE_CAPACITY: usize = 16_384;
 
 /// A validated packet, ready to store.
@@ -440,8 +443,15 @@ async fn store_batch(
     deletes: &[i64],
 ) -> (Vec<Result<Stored, WriteError>>, Vec<i64>, bool) {
     match commit_with_retry(writer, memory, packets, deletes).await {
-        Ok(batch) => {
-            announce(&writer.publisher, packets, batch.created);
+        Ok(mut batch) => {
+            announce(
+                &writer.publisher,
+                packets,
+                std::mem::take(&mut batch.created),
+            );
+            if !batch.held.is_empty() {
+                store_held_calls(writer, memory, packets, &mut batch).await;
+            }
             (batch.results, batch.outbox, true)
         }
         Err(failure) if packets.len() > 1 && !failure.is_unavailable() => {
@@ -454,7 +464,8 @@ async fn store_batch(
             let mut results = Vec::with_capacity(packets.len());
             let mut outbox = Vec::new();
             for packet in packets {
-                match commit_batch(writer, memory, std::slice::from_ref(packet), &[]).await {
+                let one = std::slice::from_ref(packet);
+                match commit_batch(writer, memory, one, &[], Locked::Skip).await {
                     Ok(mut batch) => {
                         announce(
                             &writer.publisher,
@@ -572,6 +583,9 @@ struct BatchOutcome {
     /// The batch's `packet_outbox` rows (one, or none if it stored nothing new; two when
     /// some of its calls were stored after waiting for their locks).
     outbox: Vec<i64>,
+    /// The packets (indexes) of calls passed over because another transaction held them:
+    /// answered [`WriteError::CallLocked`] unless [`store_held_calls`] stores them.
+    held: Vec<usize>,
 }
 
 /// A batch that loses a deadlock (two replicas creating the same new calls in opposite
@@ -584,8 +598,10 @@ async fn commit_with_retry(
 ) -> Result<BatchOutcome, BatchFailure> {
     let mut tries = 0;
     loop {
-        match commit_batch(writer, memory, packets, deletes).await {
+        match commit_batch(writer, memory, packets, deletes, Locked::Skip).await {
             Err(failure) if tries < 3 && failure.is_conflict() => {
+                // What the failed try remembered of its calls' gaps did not happen.
+                memory.windows.clear();
                 tries += 1;
                 metrics::counter!("switchboard_ingest_batch_retries_total").increment(1);
                 tracing::info!(error.message = %failure.error, "packet batch lost a lock conflict; running it again");
@@ -620,11 +636,20 @@ async fn commit_batch(
     memory: &mut Memory,
     packets: &[NewPacket],
     deletes: &[i64],
+    locked: Locked,
 ) -> Result<BatchOutcome, BatchFailure> {
     let mut tx = writer.pool.begin().await.map_err(|error| BatchFailure {
         error,
         connecting: true,
     })?;
+    if locked == Locked::Wait {
+        sqlx::query(AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = {}",
+            HELD_CALL_WAIT.as_millis()
+        )))
+        .execute(&mut *tx)
+        .await?;
+    }
     // Sorted: every writer locks calls in the same order.
     let mut call_ids: Vec<&str> = packets.iter().map(|p| p.call_id.as_str()).collect();
     call_ids.sort_unstable();
@@ -651,9 +676,14 @@ async fn commit_batch(
             sent_at: packets[i].timestamp,
         })
         .collect();
-    let mut batch = calls::packets::store(&mut tx, &call_ids, &rows, deletes, Locked::Skip).await?;
-    if batch.calls.len() < call_ids.len() {
-        store_held_calls(&mut tx, memory, &call_ids, &rows, &mut batch).await?;
+    let batch = calls::packets::store(&mut tx, &call_ids, &rows, deletes, locked).await?;
+    let held = held_packets(packets, &batch);
+    if !held.is_empty() && locked == Locked::Wait {
+        // Waited for, and not there: a call this writer knew is gone (nothing deletes calls
+        // today). Forget what it knew; the batch is run again packet by packet, creating
+        // what is missing.
+        memory.known.clear();
+        return Err(BatchFailure::from(sqlx::Error::RowNotFound));
     }
     let mut applied = Applied::from(batch);
     let changes = update_gaps(&mut tx, &applied).await?;
@@ -677,70 +707,73 @@ async fn commit_batch(
         results: verdicts(packets, &first, &applied.calls, &found),
         created: recorded,
         outbox: applied.outbox,
+        held,
     })
 }
 
-/// The calls of a batch that its main statement passed over because another transaction
-/// holds their rows (a completion, another replica's batch, or a lock nobody lets go of):
-/// stored now, waiting for each lock at most [`HELD_CALL_WAIT`]. A call still held then is
-/// left out of the batch (its packets are answered 503, `Retry-After`) and not waited for
-/// again for [`HELD_CALL_MEMORY`], so that one stuck call never holds up the others.
+/// The packets (indexes) whose calls the batch's statement left out.
+fn held_packets(packets: &[NewPacket], batch: &StoredBatch) -> Vec<usize> {
+    let stored: HashSet<&str> = batch.calls.iter().map(|c| c.call_id.as_str()).collect();
+    (0..packets.len())
+        .filter(|&i| !stored.contains(packets[i].call_id.as_str()))
+        .collect()
+}
+
+/// The packets of a batch whose calls its main statement passed over because another
+/// transaction held their rows (a completion, another replica's batch, or a lock nobody lets
+/// go of): stored after the batch committed, in a transaction of their own that waits for
+/// each lock at most [`HELD_CALL_WAIT`] and holds no other (so two writers never wait for
+/// each other). A call still held then keeps its packets answered 503 (`Retry-After`) and is
+/// not waited for again for [`HELD_CALL_MEMORY`], so that one stuck call never holds up the
+/// others.
 async fn store_held_calls(
-    tx: &mut PgConnection,
+    writer: &Writer,
     memory: &mut Memory,
-    call_ids: &[&str],
-    rows: &[NewRow<'_>],
-    batch: &mut StoredBatch,
-) -> Result<(), BatchFailure> {
+    packets: &[NewPacket],
+    batch: &mut BatchOutcome,
+) {
     let now = Instant::now();
     memory
         .held
         .retain(|_, since| now.duration_since(*since) < HELD_CALL_MEMORY);
-    let stored: HashSet<&str> = batch.calls.iter().map(|c| c.call_id.as_str()).collect();
-    let held: Vec<&str> = call_ids
+    let (waiting, recent): (Vec<usize>, Vec<usize>) = batch
+        .held
         .iter()
-        .copied()
-        .filter(|id| !stored.contains(id) && !memory.held.contains_key(*id))
-        .collect();
-    if held.is_empty() {
-        return Ok(());
+        .partition(|&&i| !memory.held.contains_key(packets[i].call_id.as_str()));
+    if !recent.is_empty() {
+        metrics::counter!("switchboard_ingest_shed_total", "reason" => "call_locked")
+            .increment(recent.len() as u64);
     }
-    let held_rows: Vec<NewRow> = rows
-        .iter()
-        .filter(|r| held.contains(&r.call_id))
-        .copied()
-        .collect();
-    let mut savepoint = tx.begin().await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "SET LOCAL lock_timeout = {}",
-        HELD_CALL_WAIT.as_millis()
-    )))
-    .execute(&mut *savepoint)
-    .await?;
-    match calls::packets::store(&mut savepoint, &held, &held_rows, &[], Locked::Wait).await {
-        Ok(more) => {
-            savepoint.commit().await?;
-            if more.calls.len() < held.len() {
-                // A call this writer knew is gone (nothing deletes calls today). Forget what
-                // it knew; the batch is run again packet by packet, creating what is missing.
-                memory.known.clear();
-                return Err(BatchFailure::from(sqlx::Error::RowNotFound));
+    if waiting.is_empty() {
+        return;
+    }
+    let subset: Vec<NewPacket> = waiting.iter().map(|&i| packets[i].clone()).collect();
+    match commit_batch(writer, memory, &subset, &[], Locked::Wait).await {
+        Ok(outcome) => {
+            for (&i, result) in waiting.iter().zip(outcome.results) {
+                batch.results[i] = result;
             }
-            batch.calls.extend(more.calls);
-            batch.outbox.extend(more.outbox);
-            Ok(())
+            batch.outbox.extend(outcome.outbox);
+            announce(&writer.publisher, &subset, outcome.created);
         }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
-            savepoint.rollback().await?;
-            tracing::warn!(calls = ?held, "calls held locked elsewhere; their packets are answered 503 for now");
-            metrics::counter!("switchboard_ingest_shed_total", "reason" => "call_locked")
-                .increment(held_rows.len() as u64);
-            memory
-                .held
-                .extend(held.iter().map(|id| ((*id).to_owned(), now)));
-            Ok(())
+        Err(failure) => {
+            memory.windows.clear();
+            let still_held = matches!(&failure.error, sqlx::Error::Database(e)
+                if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE));
+            if still_held {
+                let calls: HashSet<&str> = subset.iter().map(|p| p.call_id.as_str()).collect();
+                tracing::warn!(calls = ?calls, "calls held locked elsewhere; their packets are answered 503 for now");
+                metrics::counter!("switchboard_ingest_shed_total", "reason" => "call_locked")
+                    .increment(subset.len() as u64);
+                memory
+                    .held
+                    .extend(calls.into_iter().map(|id| (id.to_owned(), now)));
+            } else {
+                for &i in &waiting {
+                    batch.results[i] = Err(WriteError::from_failure(&failure));
+                }
+            }
         }
-        Err(e) => Err(e.into()),
     }
 }
 

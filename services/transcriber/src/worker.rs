@@ -116,7 +116,8 @@ pub struct WorkSource {
 impl WorkSource {
     /// The consumer, after making sure the streams and the consumer exist.
     pub async fn consumer(&self) -> anyhow::Result<PullConsumer> {
-        common::nats::ensure_streams(&self.js, &self.subjects, &self.config.common.streams).await?;
+        common::nats::create_missing_streams(&self.js, &self.subjects, &self.config.common.streams)
+            .await?;
         ensure_consumer(&self.js, &self.subjects, &self.config).await
     }
 }

@@ -297,6 +297,7 @@ async fn the_reconciler_puts_back_work_items_lost_with_their_stream() {
         .unwrap();
 
     let reconciler = ingest::reconciler::Reconciler {
+        cursor: Default::default(),
         publisher: common::outbox::Publisher::new(js, stack.env.subjects(), pool.clone()),
         pool: pool.clone(),
         streams: stack.env.config.streams.clone(),
