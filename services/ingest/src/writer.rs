@@ -835,8 +835,10 @@ struct Applied {
     received_before: HashMap<String, i64>,
     /// The keys inserted, with their `received_at`.
     inserted: HashMap<Key, OffsetDateTime>,
-    /// Per call, the sequences inserted (ascending), and the call before the batch.
-    stored: BTreeMap<String, (Vec<i64>, Before)>,
+    /// Per call that got packets, the sequences inserted (ascending)...
+    stored: BTreeMap<String, Vec<i64>>,
+    /// ... and what its gaps depend on from before the batch: as `gaps::apply` takes them.
+    gaps_before: HashMap<String, Before>,
     outbox: Vec<i64>,
 }
 
@@ -848,6 +850,7 @@ impl From<StoredBatch> for Applied {
             received_before: HashMap::with_capacity(batch.calls.len()),
             inserted: HashMap::new(),
             stored: BTreeMap::new(),
+            gaps_before: HashMap::new(),
             outbox: batch.outbox,
         };
         for call in batch.calls {
@@ -860,11 +863,12 @@ impl From<StoredBatch> for Applied {
                 .insert(call.call_id.clone(), before.packets_received);
             if !call.inserted.is_empty() {
                 let seqs = call.inserted.iter().map(|(s, _)| *s).collect();
+                applied.stored.insert(call.call_id.clone(), seqs);
                 let was = Before {
                     highest: before.last_sequence,
                     start: before.sequence_start,
                 };
-                applied.stored.insert(call.call_id.clone(), (seqs, was));
+                applied.gaps_before.insert(call.call_id.clone(), was);
             }
             for (sequence, at) in call.inserted {
                 applied
@@ -891,17 +895,7 @@ async fn update_gaps(
     if applied.stored.is_empty() {
         return Ok(HashMap::new());
     }
-    let before: HashMap<String, Before> = applied
-        .stored
-        .iter()
-        .map(|(id, (_, before))| (id.clone(), *before))
-        .collect();
-    let stored: BTreeMap<String, Vec<i64>> = applied
-        .stored
-        .iter()
-        .map(|(id, (seqs, _))| (id.clone(), seqs.clone()))
-        .collect();
-    gaps::apply(tx, &before, &stored).await
+    gaps::apply(tx, &applied.gaps_before, &applied.stored).await
 }
 
 /// The first packet of each (call, sequence) in the batch is the one that may be stored; any
