@@ -112,3 +112,17 @@ stop_throwaways() {
 ensure_chromium() {
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || apt_install chromium
 }
+
+# The API fuzzing test (services/ingest/tests/api/schemathesis.rs) runs schemathesis from PyPI,
+# pinned, in a virtualenv under the run directory. Exports SCHEMATHESIS.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+  local venv="$RUN_DIR/venv"
+  if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    command -v python3 >/dev/null || apt_install python3
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+    log "installing schemathesis $SCHEMATHESIS_VERSION (PyPI) into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  export SCHEMATHESIS="$venv/bin/schemathesis"
+}

@@ -50,11 +50,22 @@ impl ErrorBody {
 pub struct PacketBody {
     /// Position in the call, counting from `SEQUENCE_START` (0 unless configured to 1). Gaps,
     /// repeats and any order are allowed.
-    #[cfg_attr(feature = "openapi", schema(minimum = 0, example = 0))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 0, maximum = 100_000_000, example = 0)
+    )]
+    #[serde(deserialize_with = "integer::deserialize")]
     pub sequence: i64,
     /// The payload (base64 audio for real PBXs; words, for the simulator). At most
     /// `MAX_PACKET_BYTES` bytes.
-    #[cfg_attr(feature = "openapi", schema(example = "UklGRiQAAABXQVZF"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            max_length = 65_536,
+            pattern = "^[^\\u0000]*$",
+            example = "UklGRiQAAABXQVZF"
+        )
+    )]
     pub data: String,
     /// When the PBX captured it, in seconds since the Unix epoch (fractions allowed).
     #[cfg_attr(feature = "openapi", schema(minimum = 0, example = 1764086400.02))]
@@ -162,7 +173,8 @@ pub struct TransitionRowView {
 pub struct CompleteBody {
     /// How many packets the PBX sent (sequences `0..total_packets`), so that packets lost
     /// at the end of the call count as missing.
-    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 100_000_001))]
+    #[serde(default, deserialize_with = "integer::deserialize_option")]
     pub total_packets: Option<i64>,
 }
 
@@ -235,5 +247,111 @@ mod tests {
         )
         .unwrap();
         assert_eq!(receipt.status, PacketStatus::Duplicate);
+    }
+}
+
+/// JSON has one kind of number: `1.0` is the integer 1 (JSON Schema says so too, and clients
+/// written in JavaScript send it), so integer fields take any number without a fractional
+/// part, not only one written without a decimal point.
+mod integer {
+    use std::fmt;
+
+    use serde::{Deserializer, de};
+
+    struct Integer;
+
+    impl de::Visitor<'_> for Integer {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an integer")
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+            // The range check is on the float: `as` would saturate.
+            if v.fract() == 0.0 && (-9.2e18..=9.2e18).contains(&v) {
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_value(de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        d.deserialize_any(Integer)
+    }
+
+    struct OptionalInteger;
+
+    impl<'de> de::Visitor<'de> for OptionalInteger {
+        type Value = Option<i64>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an integer or null")
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            deserialize(d).map(Some)
+        }
+    }
+
+    pub fn deserialize_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        d.deserialize_option(OptionalInteger)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use crate::api::{CompleteBody, PacketBody};
+
+        fn sequence(json: &str) -> Result<i64, String> {
+            let body = format!(r#"{{"sequence": {json}, "data": "", "timestamp": 0}}"#);
+            serde_json::from_str::<PacketBody>(&body)
+                .map(|b| b.sequence)
+                .map_err(|e| e.to_string())
+        }
+
+        #[test]
+        fn a_number_without_a_fraction_is_an_integer() {
+            assert_eq!(sequence("7"), Ok(7));
+            assert_eq!(sequence("7.0"), Ok(7));
+            assert_eq!(sequence("-3"), Ok(-3));
+            assert_eq!(sequence("1e3"), Ok(1000));
+            for bad in [
+                "7.5",
+                "1e300",
+                "18446744073709551615",
+                "\"7\"",
+                "null",
+                "true",
+            ] {
+                let err = sequence(bad).unwrap_err();
+                assert!(err.contains("an integer"), "{bad}: {err}");
+            }
+            let total = |json: &str| {
+                serde_json::from_str::<CompleteBody>(json)
+                    .map(|b| b.total_packets)
+                    .map_err(|e| e.to_string())
+            };
+            assert_eq!(total("{}"), Ok(None));
+            assert_eq!(total(r#"{"total_packets": null}"#), Ok(None));
+            assert_eq!(total(r#"{"total_packets": 12.0}"#), Ok(Some(12)));
+            assert!(total(r#"{"total_packets": 1.5}"#).is_err());
+        }
     }
 }

@@ -67,6 +67,17 @@ pub struct IngestConfig {
     #[arg(long, env = "INGEST_REQUEST_DEADLINE_MS", default_value_t = 5_000)]
     pub request_deadline_ms: u64,
 
+    /// API requests served at once; one more is answered at once with 503 `overloaded`,
+    /// `Retry-After` and `Connection: close`. Bounds ingest's memory and the latency of what
+    /// it accepts however many PBX connections arrive.
+    #[arg(long, env = "INGEST_MAX_IN_FLIGHT", default_value_t = 2_048)]
+    pub max_in_flight: usize,
+
+    /// Open connections served; the API requests of any more are answered 503 `overloaded`
+    /// with `Retry-After` and `Connection: close`. Each open connection costs about 50 KB.
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 2_048)]
+    pub max_connections: usize,
+
     /// How often the reconciler re-creates missing streams and republishes work items
     /// JetStream lost (seconds).
     #[arg(long, env = "RECONCILE_INTERVAL_SECS", default_value_t = 15)]
@@ -97,6 +108,16 @@ impl IngestConfig {
             (1..=3_600).contains(&self.reconcile_interval_secs),
             "RECONCILE_INTERVAL_SECS must be between 1 and 3600, got {}",
             self.reconcile_interval_secs
+        );
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&self.max_connections),
+            "INGEST_MAX_CONNECTIONS must be between 1 and 1000000, got {}",
+            self.max_connections
+        );
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&self.max_in_flight),
+            "INGEST_MAX_IN_FLIGHT must be between 1 and 1000000, got {}",
+            self.max_in_flight
         );
         anyhow::ensure!(
             (10..=600_000).contains(&self.request_deadline_ms),

@@ -36,7 +36,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (headers, body) = read_body(req, state).await?;
-        if body.iter().all(u8::is_ascii_whitespace) {
+        // No body, or a JSON `null` (what "no body" is in JSON), is no body.
+        let null = is_json(&headers) && body.trim_ascii() == b"null";
+        if null || body.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(None));
         }
         parse_json(&headers, &body).map(|v| OptionalJson(Some(v)))

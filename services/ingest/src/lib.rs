@@ -24,6 +24,7 @@
 //! reaper and the outbox relay.
 
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod extract;
 pub mod gaps;
@@ -171,7 +172,13 @@ impl App {
         );
         // The router holds the last writer handles besides `state`.
         drop(state);
-        let served = common::http::serve(listener, router, shutdown.clone()).await;
+        let listener = connections::CappedListener::new(listener, config.max_connections);
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<connections::Admission>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
         // The server has dropped the router (and its writer handle): the writer finishes
         // what is queued and stops; then the other tasks stop.
         // The writer ends by itself once drained; the relay and reaper when told to.

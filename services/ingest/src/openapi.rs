@@ -27,3 +27,56 @@ use crate::routes::{calls, ops, packets};
     )
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi;
+
+    use super::ApiDoc;
+
+    /// The document states the limits the handlers enforce, so that a client generated from
+    /// it (or schemathesis) never sends what it calls valid and gets it refused.
+    #[test]
+    fn the_document_states_the_limits_the_handlers_enforce() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let packet = &doc["components"]["schemas"]["PacketBody"]["properties"];
+        assert_eq!(
+            packet["sequence"]["maximum"].as_f64(),
+            Some(crate::writer::MAX_SEQUENCE as f64)
+        );
+        let defaults = <crate::config::IngestConfig as clap::Parser>::try_parse_from(["ingest"]);
+        let max_packet_bytes = defaults.unwrap().max_packet_bytes as u64;
+        assert_eq!(packet["data"]["maxLength"].as_u64(), Some(max_packet_bytes));
+        let mut call_id_params = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for operation in item.as_object().unwrap().values() {
+                for param in operation["parameters"].as_array().into_iter().flatten() {
+                    if param["name"] == "call_id" {
+                        call_id_params += 1;
+                        let schema = &param["schema"];
+                        assert_eq!(schema["pattern"], "^[A-Za-z0-9_-]{1,128}$", "{path}");
+                        assert_eq!(
+                            schema["maxLength"].as_u64(),
+                            Some(common::call_id::MAX_CALL_ID_LEN as u64),
+                            "{path}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            call_id_params, 4,
+            "stream, read, complete and retry take a call id"
+        );
+        let list = doc["paths"]["/v1/calls"]["get"]["parameters"]
+            .as_array()
+            .unwrap();
+        let state = list.iter().find(|p| p["name"] == "state").unwrap();
+        let names: Vec<&str> = common::CallState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            state["schema"]["pattern"],
+            format!("^({})?$", names.join("|")),
+            "the state filter's pattern names every state"
+        );
+    }
+}

@@ -45,7 +45,7 @@ pub struct TranscriberConfig {
     pub ack_wait_secs: u64,
 
     /// Attempts before a call is marked FAILED and dead-lettered.
-    #[arg(long, env = "TRANSCRIBE_MAX_ATTEMPTS", default_value_t = 10)]
+    #[arg(long, env = "TRANSCRIBE_MAX_ATTEMPTS", default_value_t = 12)]
     pub max_attempts: i32,
 
     /// Delay before the retry after attempt n: BASE x 2^(n-1) ms, capped, +-20% jitter.
@@ -53,7 +53,7 @@ pub struct TranscriberConfig {
     pub backoff_base_ms: u64,
 
     /// Cap of the retry delay, in milliseconds.
-    #[arg(long, env = "TRANSCRIBE_BACKOFF_MAX_MS", default_value_t = 60_000)]
+    #[arg(long, env = "TRANSCRIBE_BACKOFF_MAX_MS", default_value_t = 120_000)]
     pub backoff_max_ms: u64,
 
     /// On SIGTERM, how long in-flight calls may finish before they are handed back.
@@ -276,6 +276,20 @@ mod tests {
         assert_eq!(c.ai.failure_rate, 0.25);
     }
 
+    /// A provider outage of five minutes (scripts/chaos, scenario 7) must not fail calls: the
+    /// default retries span more than that even when the jitter shortens every wait.
+    #[test]
+    fn the_default_retries_outlast_a_five_minute_outage() {
+        let c = config(&[]).unwrap();
+        let backoff = crate::backoff::Backoff {
+            base: std::time::Duration::from_millis(c.backoff_base_ms),
+            max: std::time::Duration::from_millis(c.backoff_max_ms),
+        };
+        let waits: std::time::Duration = (1..c.max_attempts).map(|n| backoff.nominal(n)).sum();
+        let shortest = waits.mul_f64(1.0 - crate::backoff::JITTER);
+        assert!(shortest.as_secs() > 5 * 60, "{shortest:?}");
+    }
+
     #[test]
     fn bad_settings_are_refused_with_a_message_naming_them() {
         for (args, names) in [
@@ -283,7 +297,7 @@ mod tests {
             (vec!["--ack-wait-secs", "10"], "TRANSCRIBE_ACK_WAIT_SECS"),
             (vec!["--max-attempts", "0"], "TRANSCRIBE_MAX_ATTEMPTS"),
             (
-                vec!["--backoff-base-ms", "90000"],
+                vec!["--backoff-base-ms", "190000"],
                 "TRANSCRIBE_BACKOFF_BASE_MS",
             ),
             (

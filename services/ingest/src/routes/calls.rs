@@ -46,7 +46,7 @@ fn summary(row: CallRow) -> CallSummary {
 
 /// One call's state, counts, missing ranges, AI results and history.
 #[utoipa::path(get, path = "/v1/call/{call_id}", tag = "calls",
-    params(("call_id" = String, Path)),
+    params(("call_id" = String, Path, description = "1-128 characters of [A-Za-z0-9_-]", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_-]{1,128}$")),
     responses(
         (status = 200, body = CallDetail),
         (status = 400, body = common::http::ErrorBody),
@@ -77,7 +77,7 @@ pub async fn get_call(
 /// Idempotent: repeating it answers with the current state and publishes nothing. The
 /// work item reaches JetStream even if NATS is down now (the call row is its outbox).
 #[utoipa::path(post, path = "/v1/call/{call_id}/complete", tag = "calls",
-    params(("call_id" = String, Path)),
+    params(("call_id" = String, Path, description = "1-128 characters of [A-Za-z0-9_-]", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_-]{1,128}$")),
     request_body(content = Option<CompleteBody>, description = "Optional"),
     responses(
         (status = 200, body = CompleteResponse),
@@ -124,7 +124,7 @@ pub async fn complete_call(
 
 /// Re-drive a failed call: `FAILED -> COMPLETED`, attempts reset, a new work item.
 #[utoipa::path(post, path = "/v1/call/{call_id}/retry", tag = "calls",
-    params(("call_id" = String, Path)),
+    params(("call_id" = String, Path, description = "1-128 characters of [A-Za-z0-9_-]", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_-]{1,128}$")),
     responses(
         (status = 200, body = CallSummary),
         (status = 400, body = common::http::ErrorBody),
@@ -145,9 +145,9 @@ pub async fn retry_call(
 /// Calls, newest first, optionally in one state.
 #[utoipa::path(get, path = "/v1/calls", tag = "calls",
     params(
-        ("state" = Option<CallState>, Query, description = "Only calls in this state"),
-        ("limit" = Option<i64>, Query, description = "1-500, default 50"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("state" = Option<String>, Query, description = "Only calls in this state (empty: every state)", pattern = "^(IN_PROGRESS|COMPLETED|PROCESSING_AI|ARCHIVED|FAILED)?$"),
+        ("limit" = Option<i64>, Query, description = "1-500, default 50", minimum = 1, maximum = 500),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page", pattern = "^([0-9]{1,20}\\.[A-Za-z0-9_-]{1,128})?$"),
     ),
     responses((status = 200, body = CallPage), (status = 400, body = common::http::ErrorBody)))]
 pub async fn list_calls(

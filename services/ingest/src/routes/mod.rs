@@ -8,18 +8,22 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request},
+    extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State},
+    http::{HeaderValue, header},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use common::outbox::Publisher;
 use sqlx::PgPool;
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::{config::IngestConfig, openapi::ApiDoc, writer::PacketWriter};
+use crate::{
+    config::IngestConfig, connections::Admission, error::ApiError, openapi::ApiDoc,
+    writer::PacketWriter,
+};
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -42,6 +46,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/call/{call_id}/complete", post(calls::complete_call))
         .route("/v1/call/{call_id}/retry", post(calls::retry_call))
         .route("/v1/calls", get(calls::list_calls))
+        .route_layer(middleware::from_fn_with_state(
+            InFlight::new(state.config.max_in_flight),
+            shed_over_limit,
+        ))
         .route("/readyz", get(ops::readyz))
         .route_layer(middleware::from_fn(record_metrics));
     let router = Router::new()
@@ -53,6 +61,46 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.config.body_limit()))
         .with_state(state);
     common::http::with_request_ids(router)
+}
+
+/// The API requests being served, against `INGEST_MAX_IN_FLIGHT`.
+#[derive(Clone)]
+struct InFlight(Arc<Semaphore>);
+
+impl InFlight {
+    fn new(limit: usize) -> Self {
+        Self(Arc::new(Semaphore::new(limit)))
+    }
+}
+
+/// Serves a request only while fewer than `INGEST_MAX_IN_FLIGHT` are being served; any more
+/// is answered 503 at once, before its body is read, so a flood costs a short answer each
+/// rather than memory and the latency of what is accepted.
+async fn shed_over_limit(State(in_flight): State<InFlight>, req: Request, next: Next) -> Response {
+    let over_cap = req
+        .extensions()
+        .get::<ConnectInfo<Admission>>()
+        .is_some_and(|info| info.0.over_cap);
+    if over_cap {
+        metrics::counter!("switchboard_ingest_shed_total", "reason" => "connections").increment(1);
+        let mut response = ApiError::Overloaded {
+            detail: "too many open connections (INGEST_MAX_CONNECTIONS)".into(),
+        }
+        .into_response();
+        // Close it: a connection over the cap lives for one answer.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let Ok(_permit) = in_flight.0.try_acquire() else {
+        metrics::counter!("switchboard_ingest_shed_total", "reason" => "in_flight").increment(1);
+        return ApiError::Overloaded {
+            detail: "too many requests in flight (INGEST_MAX_IN_FLIGHT)".into(),
+        }
+        .into_response();
+    };
+    next.run(req).await
 }
 
 /// `switchboard_http_requests_total` and `switchboard_http_request_duration_seconds`, by

@@ -20,7 +20,7 @@ use crate::{
 /// The first packet of an unknown call creates the call. Retrying after a `503` or a
 /// timeout is always safe.
 #[utoipa::path(post, path = "/v1/call/stream/{call_id}", tag = "packets",
-    params(("call_id" = String, Path, description = "1-128 characters of [A-Za-z0-9_-]")),
+    params(("call_id" = String, Path, description = "1-128 characters of [A-Za-z0-9_-]", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_-]{1,128}$")),
     request_body = PacketBody,
     responses(
         (status = 202, description = "Stored and published (or a duplicate of a stored packet)", body = PacketReceipt),

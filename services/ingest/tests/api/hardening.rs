@@ -496,3 +496,102 @@ async fn a_call_locked_elsewhere_does_not_hold_up_the_other_calls() {
     assert_eq!(status, 202, "{body}");
     assert_eq!(app.stored_packets(&held).await.len(), 2);
 }
+
+/// Past `INGEST_MAX_IN_FLIGHT` requests being served, one more is answered `503 overloaded`
+/// at once (it does not wait for the writer), naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_in_flight_limit_is_answered_503_at_once() {
+    let app = spawn_app_with(TestEnv::new().await, |c| {
+        c.max_in_flight = 1;
+        c.request_deadline_ms = 2_000;
+    })
+    .await;
+    let (stuck, other) = (call_id(), call_id());
+    assert_eq!(app.post_packet(&stuck, 0, "a").await.status(), 202);
+    let mut jam = app.env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE packets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *jam)
+        .await
+        .unwrap();
+    // This one takes the only place and waits for the writer until its deadline.
+    let waiting = tokio::spawn({
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/v1/call/stream/{stuck}")),
+        );
+        async move {
+            let body = serde_json::json!({"sequence": 1, "data": "b", "timestamp": 1.0});
+            client.post(url).json(&body).send().await.unwrap().status()
+        }
+    });
+    let shed = eventually(
+        "a request shed for the in-flight limit",
+        Duration::from_secs(10),
+        || async {
+            let started = std::time::Instant::now();
+            let response = app.post_packet(&other, 0, "c").await;
+            let took = started.elapsed();
+            let (status, body) = status_and_body(response).await;
+            let by_limit = body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("INGEST_MAX_IN_FLIGHT"));
+            (status == 503 && by_limit).then_some((body, took))
+        },
+    )
+    .await;
+    assert_eq!(shed.0["error"]["code"], "overloaded", "{}", shed.0);
+    assert!(shed.1 < Duration::from_secs(1), "shed after {:?}", shed.1);
+    jam.rollback().await.unwrap();
+    waiting.await.unwrap();
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("switchboard_ingest_shed_total{reason=\"in_flight\"}"),
+        "{metrics}"
+    );
+}
+
+/// Past `INGEST_MAX_CONNECTIONS` open connections, a new connection's API requests are
+/// answered `503 overloaded` with `Connection: close` (health is still served on it), and
+/// once a connection closes the next one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_the_cap_is_answered_503_and_closed() {
+    let app = spawn_app_with(TestEnv::new().await, |c| c.max_connections = 1).await;
+    let call = call_id();
+    // The test's own client holds the one place with its kept-alive connection.
+    let holder = reqwest::Client::new();
+    let url = app.url(&format!("/v1/call/stream/{call}"));
+    let packet = |seq: i64| serde_json::json!({"sequence": seq, "data": "a", "timestamp": 1.0});
+    let held = holder.post(&url).json(&packet(0)).send().await.unwrap();
+    assert_eq!(held.status(), 202);
+    held.bytes().await.unwrap();
+
+    let other = reqwest::Client::new();
+    let response = other.post(&url).json(&packet(1)).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["connection"], "close");
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("INGEST_MAX_CONNECTIONS"),
+        "{body}"
+    );
+    let health = other.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    drop(holder);
+    let stored = eventually(
+        "a new connection served once the first closed",
+        Duration::from_secs(10),
+        || async {
+            let response = other.post(&url).json(&packet(1)).send().await.ok()?;
+            (response.status() == 202).then_some(())
+        },
+    )
+    .await;
+    let () = stored;
+    assert_eq!(app.stored_packets(&call).await.len(), 2);
+}

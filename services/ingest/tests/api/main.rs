@@ -10,3 +10,4 @@ mod helpers;
 mod operations;
 mod outages;
 mod packets;
+mod schemathesis;
