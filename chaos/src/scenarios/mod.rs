@@ -263,10 +263,7 @@ async fn settle(
     within: Duration,
 ) -> anyhow::Result<()> {
     let took = books::wait_final(&stack, within).await?;
-    outcome.figure(
-        "completion to all final",
-        format!("{:.1} s", took.as_secs_f64()),
-    );
+    outcome.figure("then all final in", format!("{:.1} s", took.as_secs_f64()));
     let books = books::check(&stack, loads).await?;
     outcome.books(books);
     stack.stop(&run.ctx()).await

@@ -14,8 +14,12 @@ use crate::{
 
 /// Ingest's memory may not pass this under overload: its queues are bounded.
 const MEMORY_BOUND: u64 = 256 * 1024 * 1024;
-/// Packets of a call awaiting their answers at most (see `Mode::Window`).
+/// Packets of a call awaiting their answers at most (see `Mode::Window`), at least.
 const WINDOW: usize = 4;
+/// The calls together may have at least this many packets awaiting answers: twice ingest's
+/// default `INGEST_MAX_IN_FLIGHT`, whatever the machine's sustainable rate (a slower machine
+/// means fewer calls for three times its rate, each with a larger window).
+const OFFERED_IN_FLIGHT: usize = 2 * 2_048;
 
 #[derive(Debug, Deserialize)]
 struct BenchReport {
@@ -57,12 +61,13 @@ pub async fn overload(run: &mut Run) -> anyhow::Result<Outcome> {
     // Real-time calls (50 packets/s each), as many as make three times the sustainable rate.
     let calls = ((rate * 3.0) / 50.0).ceil() as u32;
     let seconds = run.scale.overload.as_secs() as u32;
+    let window = WINDOW.max(OFFERED_IN_FLIGHT.div_ceil(calls as usize));
     let plan = LoadPlan {
         id_prefix: "chaos-s10-over".into(),
         calls,
         packets: 50 * seconds,
         rate: 50,
-        mode: Mode::Window(WINDOW),
+        mode: Mode::Window(window),
         first_number: 1,
     };
     let offered = plan.calls * plan.packets;
@@ -86,7 +91,7 @@ pub async fn overload(run: &mut Run) -> anyhow::Result<Outcome> {
     let a = &overload.answers;
     outcome.figure(
         "offered",
-        format!("{offered} packets in {seconds} s ({calls} calls x 50/s, {WINDOW} in flight per call at most)"),
+        format!("{offered} packets in {seconds} s ({calls} calls x 50/s, {window} in flight per call at most)"),
     );
     outcome.figure(
         "accepted",

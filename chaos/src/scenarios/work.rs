@@ -27,7 +27,7 @@ pub async fn ai_down(run: &mut Run) -> anyhow::Result<Outcome> {
         .finish()
         .await;
     let down_until = Instant::now() + run.scale.ai_down;
-    let mut failed_early = 0;
+    let mut failed_early: i64 = 0;
     while Instant::now() < down_until {
         tokio::time::sleep(Duration::from_secs(1).min(down_until - Instant::now())).await;
         failed_early = sqlx::query_scalar("SELECT count(*) FROM calls WHERE state = 'FAILED'")

@@ -29,7 +29,7 @@ use crate::{
         (status = 413, description = "`data` or the body is too large", body = common::http::ErrorBody),
         (status = 415, description = "Not JSON", body = common::http::ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid", body = common::http::ErrorBody),
-        (status = 503, description = "Postgres or NATS unavailable, or ingest overloaded (`overloaded`: not answered within `INGEST_REQUEST_DEADLINE_MS`); retry after `Retry-After`", body = common::http::ErrorBody),
+        (status = 503, description = "Postgres or NATS unavailable, or ingest overloaded (`overloaded`: not answered within `INGEST_REQUEST_DEADLINE_MS`, or over `INGEST_MAX_IN_FLIGHT` requests or `INGEST_MAX_CONNECTIONS` connections); retry after `Retry-After`", body = common::http::ErrorBody),
     ))]
 pub async fn stream_packet(
     State(app): State<AppState>,

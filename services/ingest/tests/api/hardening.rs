@@ -513,36 +513,35 @@ async fn a_request_over_the_in_flight_limit_is_answered_503_at_once() {
         .execute(&mut *jam)
         .await
         .unwrap();
-    // This one takes the only place and waits for the writer until its deadline.
-    let waiting = tokio::spawn({
-        let (client, url) = (
-            app.client.clone(),
-            app.url(&format!("/v1/call/stream/{stuck}")),
-        );
+    // Two at once, while the writer is stuck: one takes the only place and waits for the
+    // writer until its deadline; the other is answered at once.
+    let timed = |call: String, seq: i64| {
+        let app = &app;
         async move {
-            let body = serde_json::json!({"sequence": 1, "data": "b", "timestamp": 1.0});
-            client.post(url).json(&body).send().await.unwrap().status()
-        }
-    });
-    let shed = eventually(
-        "a request shed for the in-flight limit",
-        Duration::from_secs(10),
-        || async {
             let started = std::time::Instant::now();
-            let response = app.post_packet(&other, 0, "c").await;
-            let took = started.elapsed();
-            let (status, body) = status_and_body(response).await;
-            let by_limit = body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("INGEST_MAX_IN_FLIGHT"));
-            (status == 503 && by_limit).then_some((body, took))
-        },
-    )
-    .await;
-    assert_eq!(shed.0["error"]["code"], "overloaded", "{}", shed.0);
-    assert!(shed.1 < Duration::from_secs(1), "shed after {:?}", shed.1);
+            let (status, body) = status_and_body(app.post_packet(&call, seq, "b").await).await;
+            (status, body, started.elapsed())
+        }
+    };
+    let (first, second) = tokio::join!(timed(stuck.clone(), 1), timed(other.clone(), 0));
+    let by_limit = |body: &Value| {
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("INGEST_MAX_IN_FLIGHT"))
+    };
+    let (shed, waited) = if by_limit(&first.1) {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(shed.0, 503, "{}", shed.1);
+    assert!(by_limit(&shed.1), "{}", shed.1);
+    assert_eq!(shed.1["error"]["code"], "overloaded", "{}", shed.1);
+    assert!(shed.2 < Duration::from_secs(1), "shed after {:?}", shed.2);
+    // The other waited for the stuck writer until its deadline.
+    assert_eq!(waited.0, 503, "{}", waited.1);
+    assert!(!by_limit(&waited.1), "{}", waited.1);
     jam.rollback().await.unwrap();
-    waiting.await.unwrap();
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("switchboard_ingest_shed_total{reason=\"in_flight\"}"),
