@@ -465,7 +465,7 @@ async fn store_batch(
             let mut outbox = Vec::new();
             for packet in packets {
                 let one = std::slice::from_ref(packet);
-                match commit_batch(writer, memory, one, &[], Locked::Skip).await {
+                match commit_batch(writer, memory, one, &[], None).await {
                     Ok(mut batch) => {
                         announce(
                             &writer.publisher,
@@ -598,7 +598,7 @@ async fn commit_with_retry(
 ) -> Result<BatchOutcome, BatchFailure> {
     let mut tries = 0;
     loop {
-        match commit_batch(writer, memory, packets, deletes, Locked::Skip).await {
+        match commit_batch(writer, memory, packets, deletes, None).await {
             Err(failure) if tries < 3 && failure.is_conflict() => {
                 // What the failed try remembered of its calls' gaps did not happen.
                 memory.windows.clear();
@@ -636,16 +636,21 @@ async fn commit_batch(
     memory: &mut Memory,
     packets: &[NewPacket],
     deletes: &[i64],
-    locked: Locked,
+    wait: Option<Duration>,
 ) -> Result<BatchOutcome, BatchFailure> {
+    let locked = if wait.is_some() {
+        Locked::Wait
+    } else {
+        Locked::Skip
+    };
     let mut tx = writer.pool.begin().await.map_err(|error| BatchFailure {
         error,
         connecting: true,
     })?;
-    if locked == Locked::Wait {
+    if let Some(wait) = wait {
         sqlx::query(AssertSqlSafe(format!(
             "SET LOCAL lock_timeout = {}",
-            HELD_CALL_WAIT.as_millis()
+            wait.as_millis().max(1)
         )))
         .execute(&mut *tx)
         .await?;
@@ -724,8 +729,9 @@ fn held_packets(packets: &[NewPacket], batch: &StoredBatch) -> Vec<usize> {
 /// go of): stored after the batch committed, in a transaction of their own that waits for
 /// each lock at most [`HELD_CALL_WAIT`] and holds no other (so two writers never wait for
 /// each other). A call still held then keeps its packets answered 503 (`Retry-After`) and is
-/// not waited for again for [`HELD_CALL_MEMORY`], so that one stuck call never holds up the
-/// others.
+/// not waited for again for [`HELD_CALL_MEMORY`]; after that it is only probed
+/// ([`HELD_CALL_PROBE`]) until a probe finds it free, so that a call stuck for long costs the
+/// batches around it a few milliseconds a second, not a fifth of a second.
 async fn store_held_calls(
     writer: &Writer,
     memory: &mut Memory,
@@ -735,11 +741,17 @@ async fn store_held_calls(
     let now = Instant::now();
     memory
         .held
-        .retain(|_, since| now.duration_since(*since) < HELD_CALL_MEMORY);
+        .retain(|_, since| now.duration_since(*since) < HELD_CALL_FORGOTTEN);
+    let recent = |id: &str| {
+        memory
+            .held
+            .get(id)
+            .is_some_and(|since| now.duration_since(*since) < HELD_CALL_MEMORY)
+    };
     let (waiting, recent): (Vec<usize>, Vec<usize>) = batch
         .held
         .iter()
-        .partition(|&&i| !memory.held.contains_key(packets[i].call_id.as_str()));
+        .partition(|&&i| !recent(packets[i].call_id.as_str()));
     if !recent.is_empty() {
         metrics::counter!("switchboard_ingest_shed_total", "reason" => "call_locked")
             .increment(recent.len() as u64);
@@ -747,14 +759,26 @@ async fn store_held_calls(
     if waiting.is_empty() {
         return;
     }
+    // Calls found held before are probed; a call seen held for the first time is waited for.
+    let suspects = waiting
+        .iter()
+        .all(|&i| memory.held.contains_key(packets[i].call_id.as_str()));
+    let wait = if suspects {
+        HELD_CALL_PROBE
+    } else {
+        HELD_CALL_WAIT
+    };
     let subset: Vec<NewPacket> = waiting.iter().map(|&i| packets[i].clone()).collect();
-    match commit_batch(writer, memory, &subset, &[], Locked::Wait).await {
+    match commit_batch(writer, memory, &subset, &[], Some(wait)).await {
         Ok(outcome) => {
             for (&i, result) in waiting.iter().zip(outcome.results) {
                 batch.results[i] = result;
             }
             batch.outbox.extend(outcome.outbox);
             announce(&writer.publisher, &subset, outcome.created);
+            for packet in &subset {
+                memory.held.remove(packet.call_id.as_str());
+            }
         }
         Err(failure) => {
             memory.windows.clear();
@@ -787,12 +811,20 @@ const HELD_CALL_WAIT: Duration = Duration::from_millis(200);
 /// How long a call found held that long is not waited for again.
 const HELD_CALL_MEMORY: Duration = Duration::from_secs(1);
 
+/// How long a batch waits for a call found held before: long enough for a lock that has just
+/// gone, short enough that a lock nobody lets go of costs the writer little.
+const HELD_CALL_PROBE: Duration = Duration::from_millis(10);
+
+/// A call found held is probed rather than waited for until this long after it was last
+/// found held.
+const HELD_CALL_FORGOTTEN: Duration = Duration::from_secs(60);
+
 /// What a writer task remembers between batches: nothing it could not read again.
 #[derive(Default)]
 struct Memory {
     known: KnownCalls,
     windows: Windows,
-    /// Calls recently found locked elsewhere for longer than [`HELD_CALL_WAIT`], and when.
+    /// Calls found locked elsewhere for longer than a batch waits, and when they last were.
     held: HashMap<String, Instant>,
 }
 
