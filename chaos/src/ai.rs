@@ -25,7 +25,7 @@ pub struct AiState {
     latency_ms: AtomicU64,
     in_flight: AtomicUsize,
     refused: AtomicU64,
-    /// Requests that arrived while up, by the call number read from the audio.
+    /// Requests that arrived (refused ones too), by the call number read from the audio.
     requests: Mutex<HashMap<u32, u32>>,
     unreadable: AtomicU64,
 }
@@ -82,13 +82,6 @@ impl FakeAi {
 }
 
 async fn transcribe(State(state): State<Arc<AiState>>, body: Bytes) -> impl IntoResponse {
-    if state.down.load(Ordering::SeqCst) {
-        state.refused.fetch_add(1, Ordering::SeqCst);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"error":{"message":"chaos: the provider is down"}}"#.to_owned(),
-        );
-    }
     let Some(call) = call_number(&body) else {
         state.unreadable.fetch_add(1, Ordering::SeqCst);
         return (
@@ -102,6 +95,13 @@ async fn transcribe(State(state): State<Arc<AiState>>, body: Bytes) -> impl Into
         .expect("not poisoned")
         .entry(call)
         .or_default() += 1;
+    if state.down.load(Ordering::SeqCst) {
+        state.refused.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":{"message":"chaos: the provider is down"}}"#.to_owned(),
+        );
+    }
     state.in_flight.fetch_add(1, Ordering::SeqCst);
     let latency = state.latency_ms.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(latency)).await;

@@ -200,9 +200,12 @@ async fn check_calls(
             books.calls_retried += 1;
         }
     }
+    // A transcript is written by an attempt that succeeded (fenced on its attempt number):
+    // two succeeded attempts of one call would be two writes. (`ARCHIVED` is final, so the
+    // history alone could never show it twice.)
     books.calls_transcribed_twice = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT call_id FROM call_transitions WHERE to_state = 'ARCHIVED'
-         GROUP BY call_id HAVING count(*) > 1) twice",
+        "SELECT count(*) FROM (SELECT call_id FROM transcription_attempts
+         WHERE outcome = 'succeeded' GROUP BY call_id HAVING count(*) > 1) twice",
     )
     .fetch_one(&stack.pool)
     .await
@@ -230,7 +233,8 @@ async fn check_calls(
             .to_owned();
         *per_call.entry(call).or_default() += n;
     }
-    // One dead letter per round: a call re-driven and failed again may have two.
+    // One dead letter per round that failed: none for a call that never failed, two for one
+    // re-driven and failed again.
     let rounds: HashMap<String, i64> = sqlx::query_as(
         "SELECT call_id, count(*) FILTER (WHERE to_state = 'FAILED') FROM call_transitions GROUP BY call_id",
     )
@@ -240,7 +244,7 @@ async fn check_calls(
     .collect();
     books.calls_dead_lettered_twice = per_call
         .iter()
-        .filter(|(call, n)| i64::from(**n) > rounds.get(*call).copied().unwrap_or(0).max(1))
+        .filter(|(call, n)| i64::from(**n) > rounds.get(*call).copied().unwrap_or(0))
         .count() as u64;
     Ok(())
 }

@@ -55,20 +55,21 @@ impl Postgres {
             .max()
             .context("no initdb under /usr/lib/postgresql/*/bin")?;
         let dir = root.join("postgres");
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
-        std::fs::create_dir_all(&dir)?;
-        let as_postgres = running_as_root();
-        if as_postgres {
-            run(Command::new("chown").arg("postgres").arg(&dir))?;
-        }
         let pg = Self {
             bindir,
             dir,
             port: free_port()?,
-            as_postgres,
+            as_postgres: running_as_root(),
         };
+        if pg.dir.exists() {
+            // A run that was killed left its server running: stop it before its data goes.
+            pg.stop();
+            std::fs::remove_dir_all(&pg.dir)?;
+        }
+        std::fs::create_dir_all(&pg.dir)?;
+        if pg.as_postgres {
+            run(Command::new("chown").arg("postgres").arg(&pg.dir))?;
+        }
         pg.tool("initdb")
             .arg("-D")
             .arg(pg.dir.join("data"))
@@ -148,12 +149,23 @@ pub struct Nats {
     port: u16,
     store: PathBuf,
     log: PathBuf,
+    pid_file: PathBuf,
     child: Option<Child>,
 }
 
 impl Nats {
     pub fn create(root: &Path) -> anyhow::Result<Self> {
         let store = root.join("nats");
+        // A run that was killed left its server running: stop it before its store goes.
+        if let Ok(pid) = std::fs::read_to_string(root.join("nats.pid")) {
+            let pid = pid.trim();
+            // Only if that process is still a nats-server on this store (pids are reused).
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("nats-server") && cmdline.contains(&*store.to_string_lossy()) {
+                signal(pid.parse()?, "KILL").ok();
+            }
+        }
         if store.exists() {
             std::fs::remove_dir_all(&store)?;
         }
@@ -161,6 +173,7 @@ impl Nats {
         let mut nats = Self {
             port: free_port()?,
             log: root.join("nats.log"),
+            pid_file: root.join("nats.pid"),
             store,
             child: None,
         };
@@ -191,6 +204,7 @@ impl Nats {
             .stderr(log)
             .spawn()
             .context("nats-server on PATH (apt-get install nats-server)")?;
+        std::fs::write(&self.pid_file, child.id().to_string())?;
         self.child = Some(child);
         wait_for_port(self.port, "nats-server", Duration::from_secs(30))
     }

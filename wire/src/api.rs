@@ -57,7 +57,7 @@ pub struct PacketBody {
     #[serde(deserialize_with = "integer::deserialize")]
     pub sequence: i64,
     /// The payload (base64 audio for real PBXs; words, for the simulator). At most
-    /// `MAX_PACKET_BYTES` bytes.
+    /// `MAX_PACKET_BYTES` bytes of UTF-8 (characters, for base64), no NUL.
     #[cfg_attr(
         feature = "openapi",
         schema(

@@ -73,6 +73,11 @@ pub async fn kill_transcriber(run: &mut Run) -> anyhow::Result<Outcome> {
             archived,
             "not every call ARCHIVED (the AI never fails here)",
         );
+        // The killed replica had calls at the AI: they must have been taken over.
+        outcome.require(
+            retried > 0,
+            "the kill interrupted no call: no call took a second attempt",
+        );
     }
     Ok(outcome)
 }

@@ -53,15 +53,16 @@ pub async fn outage(run: &mut Run, server: Server) -> anyhow::Result<Outcome> {
     let load = super::load_a_third(&stack, run.plan(name)).await;
     let down_at = load.started.elapsed();
     match server {
+        // The servers' tools block (pg_ctl, waiting for a port): off the load's threads.
         Server::Nats => {
-            run.nats.stop()?;
+            tokio::task::block_in_place(|| run.nats.stop())?;
             tokio::time::sleep(run.scale.nats_down).await;
-            run.nats.start()?;
+            tokio::task::block_in_place(|| run.nats.start())?;
         }
         Server::Postgres => {
-            run.postgres.stop_immediate()?;
+            tokio::task::block_in_place(|| run.postgres.stop_immediate())?;
             tokio::time::sleep(run.scale.postgres_down).await;
-            run.postgres.start()?;
+            tokio::task::block_in_place(|| run.postgres.start())?;
         }
     }
     let up_at = load.started.elapsed();
@@ -78,15 +79,21 @@ pub async fn lock_calls(run: &mut Run) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::new(6);
     let stack = Stack::start(&run.ctx(), "s6", StackOptions::default()).await?;
     let plan = run.plan("s6");
-    let held: Vec<String> = (0..2).map(|n| plan.call_id(n)).collect();
+    let first = plan.first_number;
+    let held: Vec<String> = (first..first + 2).map(|n| plan.call_id(n)).collect();
     let load = Load::start(stack.ingest.url(), plan.clone());
     // Every call exists once each has sent a second of audio.
     load.until_acked(u64::from(plan.calls) * 50).await;
     let mut tx = stack.pool.begin().await?;
-    sqlx::query("SELECT call_id FROM calls WHERE call_id = ANY($1) FOR UPDATE")
+    let locked = sqlx::query("SELECT call_id FROM calls WHERE call_id = ANY($1) FOR UPDATE")
         .bind(&held)
         .fetch_all(&mut *tx)
         .await?;
+    anyhow::ensure!(
+        locked.len() == held.len(),
+        "locked {} of the calls {held:?}",
+        locked.len()
+    );
     let locked_at = load.started.elapsed();
     tokio::time::sleep(run.scale.lock_held).await;
     tx.rollback().await?;

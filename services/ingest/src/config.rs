@@ -67,14 +67,15 @@ pub struct IngestConfig {
     #[arg(long, env = "INGEST_REQUEST_DEADLINE_MS", default_value_t = 5_000)]
     pub request_deadline_ms: u64,
 
-    /// API requests served at once; one more is answered at once with 503 `overloaded`,
-    /// `Retry-After` and `Connection: close`. Bounds ingest's memory and the latency of what
-    /// it accepts however many PBX connections arrive.
-    #[arg(long, env = "INGEST_MAX_IN_FLIGHT", default_value_t = 2_048)]
+    /// API requests served at once; one more is answered at once with 503 `overloaded` and
+    /// `Retry-After`, before its body is read. Bounds the queueing an accepted packet sees.
+    /// A connection carries one request at a time: this acts below `INGEST_MAX_CONNECTIONS`.
+    #[arg(long, env = "INGEST_MAX_IN_FLIGHT", default_value_t = 1_024)]
     pub max_in_flight: usize,
 
     /// Open connections served; the API requests of any more are answered 503 `overloaded`
-    /// with `Retry-After` and `Connection: close`. Each open connection costs about 50 KB.
+    /// with `Retry-After` and `Connection: close`. Each open connection costs about 50 KB; one
+    /// that sends nothing for 60 s is closed (over the cap: 5 s).
     #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 2_048)]
     pub max_connections: usize,
 

@@ -6,6 +6,9 @@
 //! are. A connection over the cap is still accepted, because an unanswered connect tells a PBX
 //! nothing, but its API requests are answered `503 overloaded` with `Retry-After` and
 //! `Connection: close` (see `routes::shed_over_limit`): it lives for one short answer.
+//! A connection that sends nothing for [`IDLE_TIMEOUT`] (one over the cap: for
+//! [`OVER_CAP_IDLE_TIMEOUT`]) is closed, so that idle or silent connections cannot keep their
+//! slots, or their memory, for ever (`axum::serve` gives hyper no timers of its own).
 //! Written here because axum's `Listener` trait is the hook for it and the crates that limit
 //! load (tower's) count requests, not connections.
 
@@ -21,11 +24,21 @@ use axum::{
     extract::connect_info::Connected,
     serve::{IncomingStream, Listener},
 };
+use std::{future::Future, time::Duration};
+
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
 };
+
+/// A connection that sends nothing for this long is closed (a PBX's kept-alive connection
+/// between calls, or a client that went away without closing).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A connection over the cap must send its request within this long.
+pub const OVER_CAP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct CappedListener {
     inner: TcpListener,
@@ -51,7 +64,18 @@ impl Listener for CappedListener {
         if slot.is_none() {
             metrics::counter!("switchboard_ingest_connections_over_cap_total").increment(1);
         }
-        (Admitted { stream, slot }, addr)
+        let idle = if slot.is_some() {
+            IDLE_TIMEOUT
+        } else {
+            OVER_CAP_IDLE_TIMEOUT
+        };
+        let admitted = Admitted {
+            stream,
+            slot,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        };
+        (admitted, addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -59,10 +83,13 @@ impl Listener for CappedListener {
     }
 }
 
-/// An accepted connection, holding its slot (if it got one) for as long as it is open.
+/// An accepted connection, holding its slot (if it got one) for as long as it is open, and
+/// closed once it has sent nothing for its idle timeout.
 pub struct Admitted {
     stream: TcpStream,
     slot: Option<OwnedSemaphorePermit>,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
 }
 
 /// Whether a request's connection is over the cap (`ConnectInfo<Admission>`).
@@ -85,7 +112,24 @@ impl AsyncRead for Admitted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    let next = Instant::now() + this.idle;
+                    this.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection sent nothing for its idle timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 

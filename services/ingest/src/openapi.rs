@@ -3,7 +3,10 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{calls, ops, packets};
+use crate::{
+    config::IngestConfig,
+    routes::{calls, ops, packets},
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,25 +31,47 @@ use crate::routes::{calls, ops, packets};
 )]
 pub struct ApiDoc;
 
+/// The document as this server enforces it: the packet's bounds that are settings
+/// (`MAX_PACKET_BYTES`, `SEQUENCE_START`) as configured, not as defaulted.
+pub fn document(config: &IngestConfig) -> utoipa::openapi::OpenApi {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+    let packet = &mut doc["components"]["schemas"]["PacketBody"]["properties"];
+    packet["data"]["maxLength"] = config.max_packet_bytes.into();
+    packet["sequence"]["minimum"] = config.sequence_start.into();
+    serde_json::from_value(doc).expect("the patched document reads back")
+}
+
 #[cfg(test)]
 mod tests {
-    use utoipa::OpenApi;
-
-    use super::ApiDoc;
+    use crate::config::IngestConfig;
 
     /// The document states the limits the handlers enforce, so that a client generated from
     /// it (or schemathesis) never sends what it calls valid and gets it refused.
     #[test]
     fn the_document_states_the_limits_the_handlers_enforce() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let parse = |args: &[&str]| {
+            <IngestConfig as clap::Parser>::try_parse_from(args).expect("settings parse")
+        };
+        let doc = serde_json::to_value(super::document(&parse(&["ingest"]))).unwrap();
         let packet = &doc["components"]["schemas"]["PacketBody"]["properties"];
         assert_eq!(
             packet["sequence"]["maximum"].as_f64(),
             Some(crate::writer::MAX_SEQUENCE as f64)
         );
-        let defaults = <crate::config::IngestConfig as clap::Parser>::try_parse_from(["ingest"]);
-        let max_packet_bytes = defaults.unwrap().max_packet_bytes as u64;
-        assert_eq!(packet["data"]["maxLength"].as_u64(), Some(max_packet_bytes));
+        assert_eq!(packet["sequence"]["minimum"].as_f64(), Some(0.0));
+        assert_eq!(packet["data"]["maxLength"].as_u64(), Some(65_536));
+        // Settings that bound a packet are in the document as configured.
+        let custom = parse(&[
+            "ingest",
+            "--sequence-start",
+            "1",
+            "--max-packet-bytes",
+            "1000",
+        ]);
+        let custom = serde_json::to_value(super::document(&custom)).unwrap();
+        let custom = &custom["components"]["schemas"]["PacketBody"]["properties"];
+        assert_eq!(custom["sequence"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(custom["data"]["maxLength"].as_u64(), Some(1000));
         let mut call_id_params = 0;
         for (path, item) in doc["paths"].as_object().unwrap() {
             for operation in item.as_object().unwrap().values() {

@@ -731,7 +731,7 @@ fn held_packets(packets: &[NewPacket], batch: &StoredBatch) -> Vec<usize> {
 /// each other). A call still held then keeps its packets answered 503 (`Retry-After`) and is
 /// not waited for again for [`HELD_CALL_MEMORY`]; after that it is only probed
 /// ([`HELD_CALL_PROBE`]) until a probe finds it free, so that a call stuck for long costs the
-/// batches around it a few milliseconds a second, not a fifth of a second.
+/// batches around it a twentieth of a second a second, not a fifth.
 async fn store_held_calls(
     writer: &Writer,
     memory: &mut Memory,
@@ -813,11 +813,13 @@ const HELD_CALL_MEMORY: Duration = Duration::from_secs(1);
 
 /// How long a batch waits for a call found held before: long enough for a lock that has just
 /// gone, short enough that a lock nobody lets go of costs the writer little.
-const HELD_CALL_PROBE: Duration = Duration::from_millis(10);
+const HELD_CALL_PROBE: Duration = Duration::from_millis(50);
 
 /// A call found held is probed rather than waited for until this long after it was last
-/// found held.
-const HELD_CALL_FORGOTTEN: Duration = Duration::from_secs(60);
+/// found held (or until a probe finds it free). Short: a call held once and free since must
+/// soon be waited for again like any other, as a brief lock (a completion, another
+/// replica's batch) may outlast a probe.
+const HELD_CALL_FORGOTTEN: Duration = Duration::from_secs(10);
 
 /// What a writer task remembers between batches: nothing it could not read again.
 #[derive(Default)]

@@ -17,12 +17,10 @@ use axum::{
 use common::outbox::Publisher;
 use sqlx::PgPool;
 use tokio::{sync::Semaphore, time::Instant};
-use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
-    config::IngestConfig, connections::Admission, error::ApiError, openapi::ApiDoc,
-    writer::PacketWriter,
+    config::IngestConfig, connections::Admission, error::ApiError, openapi, writer::PacketWriter,
 };
 
 /// What every handler can reach. Cheap to clone.
@@ -55,7 +53,7 @@ pub fn router(state: AppState) -> Router {
     let router = Router::new()
         .merge(api)
         .merge(common::http::operational_routes())
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document(&state.config)))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.body_limit()))
