@@ -624,6 +624,28 @@ type Key = (String, i64);
 /// What is stored under a key the batch did not insert: (data, sent_at, received_at).
 type Existing = (String, f64, OffsetDateTime);
 
+/// The batch's transaction: one that passes over calls held elsewhere (`wait` `None`), or
+/// one that waits for them at most `wait` (`lock_timeout`).
+async fn begin(
+    writer: &Writer,
+    wait: Option<Duration>,
+) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, Locked), BatchFailure> {
+    let mut tx = writer.pool.begin().await.map_err(|error| BatchFailure {
+        error,
+        connecting: true,
+    })?;
+    let Some(wait) = wait else {
+        return Ok((tx, Locked::Skip));
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = {}",
+        wait.as_millis().max(1)
+    )))
+    .execute(&mut *tx)
+    .await?;
+    Ok((tx, Locked::Wait))
+}
+
 /// One transaction: create the calls this writer has not seen yet, then one statement that
 /// locks the calls, inserts the new packets, counts them and writes the outbox row (deleting
 /// the acknowledged ones, `deletes`); then, only when needed, read what was already stored
@@ -638,23 +660,7 @@ async fn commit_batch(
     deletes: &[i64],
     wait: Option<Duration>,
 ) -> Result<BatchOutcome, BatchFailure> {
-    let locked = if wait.is_some() {
-        Locked::Wait
-    } else {
-        Locked::Skip
-    };
-    let mut tx = writer.pool.begin().await.map_err(|error| BatchFailure {
-        error,
-        connecting: true,
-    })?;
-    if let Some(wait) = wait {
-        sqlx::query(AssertSqlSafe(format!(
-            "SET LOCAL lock_timeout = {}",
-            wait.as_millis().max(1)
-        )))
-        .execute(&mut *tx)
-        .await?;
-    }
+    let (mut tx, locked) = begin(writer, wait).await?;
     // Sorted: every writer locks calls in the same order.
     let mut call_ids: Vec<&str> = packets.iter().map(|p| p.call_id.as_str()).collect();
     call_ids.sort_unstable();
