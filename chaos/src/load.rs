@@ -65,14 +65,6 @@ pub fn packet_data(call: u32, sequence: u32) -> String {
     STANDARD.encode(bytes)
 }
 
-#[derive(Default)]
-pub struct Counters {
-    pub acked: AtomicU64,
-    pub answers_503: AtomicU64,
-    pub connection_errors: AtomicU64,
-    pub calls_completed: AtomicU64,
-}
-
 /// What one call saw.
 #[derive(Debug, Default)]
 pub struct CallRecord {
@@ -146,14 +138,15 @@ impl LoadReport {
 }
 
 pub struct Load {
-    pub counters: Arc<Counters>,
+    /// Packets acknowledged so far, while the load runs.
+    acked: Arc<AtomicU64>,
     pub started: Instant,
     handle: JoinHandle<LoadReport>,
 }
 
 impl Load {
     pub fn start(ingest_url: String, plan: LoadPlan) -> Self {
-        let counters = Arc::new(Counters::default());
+        let acked = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
@@ -161,14 +154,14 @@ impl Load {
             .build()
             .expect("an HTTP client");
         let answers = Arc::new(Mutex::new(Answers::default()));
-        let c = counters.clone();
+        let c = acked.clone();
         let handle = tokio::spawn(async move {
             let numbers = plan.first_number..plan.first_number + plan.calls;
             let calls = numbers.map(|number| {
                 let sender = Sender {
                     client: client.clone(),
                     base: ingest_url.clone(),
-                    counters: c.clone(),
+                    acked: c.clone(),
                     answers: answers.clone(),
                     started,
                 };
@@ -188,14 +181,14 @@ impl Load {
             }
         });
         Self {
-            counters,
+            acked,
             started,
             handle,
         }
     }
 
     pub fn acked(&self) -> u64 {
-        self.counters.acked.load(Ordering::SeqCst)
+        self.acked.load(Ordering::SeqCst)
     }
 
     /// Waits until `n` packets are acknowledged (or the load ends).
@@ -214,7 +207,7 @@ impl Load {
 struct Sender {
     client: reqwest::Client,
     base: String,
-    counters: Arc<Counters>,
+    acked: Arc<AtomicU64>,
     answers: Arc<Mutex<Answers>>,
     started: Instant,
 }
@@ -266,7 +259,7 @@ impl Sender {
             let (sequence, result) = task.await.expect("a packet task does not panic");
             if let Ok(acked) = result {
                 record.acked.push((i64::from(sequence), acked));
-                self.counters.acked.fetch_add(1, Ordering::SeqCst);
+                self.acked.fetch_add(1, Ordering::SeqCst);
             }
         }
         let url = format!("{}/v1/call/{call_id}/complete", self.base);
@@ -274,7 +267,6 @@ impl Sender {
         match self.request(&url, &body, 200).await {
             Ok(_) => {
                 record.completed = true;
-                self.counters.calls_completed.fetch_add(1, Ordering::SeqCst);
             }
             Err(e) => record.errors.push(format!("{call_id} complete: {e}")),
         }
@@ -287,7 +279,7 @@ impl Sender {
                 record
                     .acked
                     .push((i64::from(sequence), self.started.elapsed()));
-                self.counters.acked.fetch_add(1, Ordering::SeqCst);
+                self.acked.fetch_add(1, Ordering::SeqCst);
             }
             Err(e) => record
                 .errors
@@ -411,7 +403,6 @@ impl Sender {
     }
 
     fn record_503(&self, elapsed: Duration, with_retry_after: bool) {
-        self.counters.answers_503.fetch_add(1, Ordering::SeqCst);
         let mut answers = self.answers.lock().expect("not poisoned");
         answers.answers_503 += 1;
         answers.slowest_503 = answers.slowest_503.max(elapsed);
@@ -421,9 +412,6 @@ impl Sender {
     }
 
     fn record_no_answer(&self, timeout: bool) {
-        self.counters
-            .connection_errors
-            .fetch_add(1, Ordering::SeqCst);
         let mut answers = self.answers.lock().expect("not poisoned");
         if timeout {
             answers.timeouts += 1;
