@@ -230,10 +230,7 @@ async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lo
         "the run had duplicates"
     );
     // Every accepted packet is in Postgres.
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM packets")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let stored = common::audio::count_stored(&env.pool).await.unwrap();
     assert_eq!(stored as u64, summary["packets_accepted"].as_u64().unwrap());
     let retried: i64 = sqlx::query_scalar("SELECT count(*) FROM calls WHERE ai_attempts > 1")
         .fetch_one(&env.pool)
@@ -371,10 +368,7 @@ async fn pbx_bench_loads_ingest_and_reports_what_it_measured() {
         assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
         accepted_total += report["accepted"].as_i64().unwrap();
     }
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM packets")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let stored = common::audio::count_stored(&env.pool).await.unwrap();
     assert_eq!(stored, accepted_total, "every accepted packet is stored");
     std::fs::remove_dir_all(&log_dir).ok();
 }

@@ -16,6 +16,8 @@
 //! - [`shutdown`]: a root cancellation token fired by SIGTERM / ctrl-c.
 //! - [`db`]: the Postgres pool and the one embedded [`db::MIGRATOR`].
 //! - [`store`]: reads of calls.
+//! - [`audio`]: a call's stored audio, read from its packet rows or its compacted record.
+//! - [`partitions`]: the time partitions of `packets` and `call_audio`: added ahead, retired.
 //! - [`calls`]: every write to `calls` and `call_transitions` (the one owner), among them the
 //!   compare-and-set that moves a call between states.
 //! - [`nats`]: connecting, stream provisioning, and acknowledged publishing.
@@ -26,12 +28,14 @@
 //! - [`tls`]: the rustls crypto provider for outgoing HTTPS.
 //! - `testing` (feature `testing`): a throwaway database and NATS prefix per test.
 
+pub mod audio;
 pub mod calls;
 pub mod config;
 pub mod db;
 pub mod http;
 pub mod nats;
 pub mod outbox;
+pub mod partitions;
 pub mod service;
 pub mod shutdown;
 pub mod store;

@@ -8,11 +8,15 @@
 //! - [`completion`]: completing a call (the endpoint, the idle reaper), creations' history.
 //! - [`ai`]: the transcriber's columns: claim, lease, attempts, give-up, round.
 //! - [`published`]: outbox marks: what JetStream acknowledged, what is still to publish.
+//! - [`compaction`]: a final call's packet rows become one `call_audio` record.
+//! - [`retention`]: final calls past `CALL_RETENTION_DAYS` deleted with their history.
 
 pub mod ai;
+pub mod compaction;
 pub mod completion;
 pub mod packets;
 pub mod published;
+pub mod retention;
 mod transition;
 
 pub use transition::{

@@ -87,15 +87,16 @@ macro_rules! store_sql {
     ($lock:literal) => {
         concat!(
             "WITH locked AS ( \
-             SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets \
+             SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets, \
+                    created_at \
              FROM calls WHERE call_id = ANY($1::text[]) ORDER BY call_id FOR NO KEY UPDATE ", $lock, " \
          ), inserted AS ( \
-             INSERT INTO packets (call_id, sequence, data, sent_at) \
-             SELECT k.call_id, k.sequence, k.data, k.sent_at \
+             INSERT INTO packets (call_id, sequence, data, sent_at, call_created_at) \
+             SELECT k.call_id, k.sequence, k.data, k.sent_at, l.created_at \
              FROM UNNEST($2::text[], $3::int8[], $4::text[], $5::float8[]) AS k(call_id, sequence, data, sent_at) \
              JOIN locked l ON l.call_id = k.call_id \
              WHERE l.state = $7 AND k.sequence >= l.sequence_start \
-             ON CONFLICT (call_id, sequence) DO NOTHING \
+             ON CONFLICT (call_id, sequence, call_created_at) DO NOTHING \
              RETURNING call_id, sequence, received_at \
          ), per_call AS ( \
              SELECT call_id, count(*) AS n, min(sequence) AS lo, max(sequence) AS hi, \

@@ -83,6 +83,36 @@ pub struct IngestConfig {
     /// JetStream lost (seconds).
     #[arg(long, env = "RECONCILE_INTERVAL_SECS", default_value_t = 15)]
     pub reconcile_interval_secs: u64,
+
+    /// Days a call's compacted audio is kept (decimals allowed: 0.5 is 12 hours); then the
+    /// partition holding it is dropped, so audio goes between this and one
+    /// `PARTITION_INTERVAL_SECS` later. Unset or empty: kept forever.
+    #[arg(long, env = "AUDIO_RETENTION_DAYS", value_parser = parse_retention_days)]
+    pub audio_retention_days: Option<f64>,
+
+    /// Days a final call (its row, history, attempts and gaps) is kept after it began, then
+    /// deleted in batches; its audio goes with it. Unset or empty: kept forever.
+    #[arg(long, env = "CALL_RETENTION_DAYS", value_parser = parse_retention_days)]
+    pub call_retention_days: Option<f64>,
+
+    /// Width of the time partitions of `packets` and `call_audio`, in seconds: at least 60 and
+    /// a whole divisor of a day. Calls are filed by the time they began.
+    #[arg(long, env = "PARTITION_INTERVAL_SECS", default_value_t = 86_400)]
+    pub partition_interval_secs: u64,
+}
+
+/// A retention in days: a positive number (decimals allowed) of at most 100 years.
+fn parse_retention_days(value: &str) -> Result<f64, String> {
+    let days: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number of days (e.g. 30, or 0.5)"))?;
+    if !(days > 0.0 && days <= 36_500.0) {
+        return Err(format!(
+            "{value} days: must be more than 0 and at most 36500 (leave it unset to keep forever)"
+        ));
+    }
+    Ok(days)
 }
 
 impl IngestConfig {
@@ -137,7 +167,40 @@ impl IngestConfig {
             self.writers,
             self.common.database_max_connections
         );
+        anyhow::ensure!(
+            self.partition_interval_secs >= 60 && 86_400 % self.partition_interval_secs == 0,
+            "PARTITION_INTERVAL_SECS must be at least 60 and divide a day (86400) evenly, got {}",
+            self.partition_interval_secs
+        );
         Ok(())
+    }
+
+    pub fn partition_interval(&self) -> Duration {
+        Duration::from_secs(self.partition_interval_secs)
+    }
+
+    /// How long compacted audio is kept: `AUDIO_RETENTION_DAYS`, and never longer than
+    /// `CALL_RETENTION_DAYS` (audio does not outlive its call).
+    pub fn audio_retention(&self) -> Option<Duration> {
+        let days = match (self.audio_retention_days, self.call_retention_days) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        };
+        days.map(days_to_duration)
+    }
+
+    /// What the sweeper keeps, and for how long.
+    pub fn sweeper_policy(&self) -> crate::sweeper::Policy {
+        crate::sweeper::Policy {
+            interval: self.partition_interval(),
+            audio_retention: self.audio_retention(),
+            call_retention: self.call_retention(),
+        }
+    }
+
+    /// How long a final call is kept after it began: `CALL_RETENTION_DAYS`.
+    pub fn call_retention(&self) -> Option<Duration> {
+        self.call_retention_days.map(days_to_duration)
     }
 
     pub fn call_idle_timeout(&self) -> Duration {
@@ -161,4 +224,8 @@ impl IngestConfig {
     pub fn body_limit(&self) -> usize {
         self.max_packet_bytes.saturating_mul(6).saturating_add(4096)
     }
+}
+
+fn days_to_duration(days: f64) -> Duration {
+    Duration::from_secs_f64(days * 86_400.0)
 }

@@ -17,12 +17,15 @@
 //! - [`reaper`]: completes calls that went quiet.
 //! - [`relay`]: the outbox relay: republishes what JetStream has not acknowledged.
 //! - [`reconciler`]: puts back work items JetStream lost after acknowledging them.
+//! - [`compactor`]: turns a final call's packet rows into one compacted audio record.
+//! - [`sweeper`]: keeps the time partitions and enforces retention.
 //! - [`openapi`]: the OpenAPI document behind `/docs`.
 //! - `testing` (feature `testing`): the one test configuration and the one way tests start it.
 //!
 //! Background tasks started by [`App::run_until_stopped`]: the packet writer, the idle
-//! reaper and the outbox relay.
+//! reaper, the outbox relay, the reconciler, the compactor and the sweeper.
 
+pub mod compactor;
 pub mod config;
 pub mod connections;
 pub mod error;
@@ -34,6 +37,7 @@ pub mod reaper;
 pub mod reconciler;
 pub mod relay;
 pub mod routes;
+pub mod sweeper;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod windows;
@@ -82,6 +86,14 @@ impl App {
         })
         .await?;
         check_packet_size(&config, &infra.nats)?;
+        // Partitions for the calls about to begin exist before the first packet is taken.
+        sweeper::add_partitions(
+            &pool,
+            config.sweeper_policy(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .context("adding the partitions of packets and call_audio")?;
         let publisher = Publisher::new(infra.js, infra.subjects, pool.clone());
         let (writer, writer_task) = PacketWriter::spawn(
             pool.clone(),
@@ -169,6 +181,22 @@ impl App {
                 grace: config.reconcile_interval().max(RECONCILE_GRACE),
             }
             .run(background.clone()),
+        );
+        tasks.spawn(
+            "compactor",
+            compactor::run(
+                state.pool.clone(),
+                config.audio_retention(),
+                background.clone(),
+            ),
+        );
+        tasks.spawn(
+            "sweeper",
+            sweeper::run(
+                state.pool.clone(),
+                config.sweeper_policy(),
+                background.clone(),
+            ),
         );
         // The router holds the last writer handles besides `state`.
         drop(state);

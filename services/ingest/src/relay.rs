@@ -82,7 +82,7 @@ impl Relay {
         let mut published = 0;
         for (id, call_ids, sequences) in rows {
             let ids: Vec<&str> = call_ids.iter().map(String::as_str).collect();
-            let stored = crate::writer::stored_packets(&mut tx, &ids, &sequences).await?;
+            let stored = common::audio::stored_packets(&mut tx, &ids, &sequences).await?;
             let results = join_all(stored.into_iter().map(|packet| async move {
                 let event = PacketEvent {
                     call_id: CallId::parse(packet.call_id).map_err(|e| e.to_string())?,

@@ -959,39 +959,11 @@ async fn lookup_existing(
         return Ok(HashMap::new());
     }
     let (ids, seqs): (Vec<&str>, Vec<i64>) = keys.iter().map(|(c, s)| (c.as_str(), *s)).unzip();
-    let rows = stored_packets(tx, &ids, &seqs).await?;
+    let rows = common::audio::stored_packets(tx, &ids, &seqs).await?;
     Ok(rows
         .into_iter()
         .map(|p| ((p.call_id, p.sequence), (p.data, p.sent_at, p.received_at)))
         .collect())
-}
-
-/// A packet as stored.
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct StoredPacket {
-    pub call_id: String,
-    pub sequence: i64,
-    pub data: String,
-    /// The PBX timestamp of the first copy stored.
-    pub sent_at: f64,
-    pub received_at: OffsetDateTime,
-}
-
-/// The stored packets among the keys (`call_ids[i]`, `sequences[i]`).
-pub(crate) async fn stored_packets(
-    tx: &mut PgConnection,
-    call_ids: &[&str],
-    sequences: &[i64],
-) -> Result<Vec<StoredPacket>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at FROM packets p \
-         JOIN UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
-           ON p.call_id = k.call_id AND p.sequence = k.sequence",
-    )
-    .bind(call_ids)
-    .bind(sequences)
-    .fetch_all(tx)
-    .await
 }
 
 /// The first missing ranges of each call that misses anything: from what the writer task

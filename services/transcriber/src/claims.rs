@@ -175,43 +175,28 @@ impl Claims {
         calls::ai::hold(tx, &item.call_id, self.lease).await
     }
 
-    /// The size of the call's stored packet data, in bytes: a `sum(octet_length(data))`,
-    /// which Postgres answers from each value's header, so a call of gigabytes is measured
-    /// without ever being in memory. A call being transcribed takes no more packets, so the
-    /// size does not change before it is loaded.
+    /// The size of the call's stored packet data, in bytes, measured without reading it
+    /// (`common::audio::size_bytes`: packet rows or compacted record alike). A call being
+    /// transcribed takes no more packets, so the size does not change before it is loaded.
     pub async fn audio_bytes(&self, item: &WorkItem) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT COALESCE(sum(octet_length(data)), 0)::int8 FROM packets WHERE call_id = $1",
-        )
-        .bind(item.call_id.as_str())
-        .fetch_one(&self.pool)
-        .await
+        common::audio::size_bytes(&self.pool, item.call_id.as_str()).await
     }
 
-    /// The call's packets in order, how many it should have and where its numbering starts.
-    /// One statement (so one snapshot, and one round trip): the call's row joined to its
-    /// packets, streamed in sequence order.
-    pub async fn load_audio(&self, item: &WorkItem) -> Result<CallAudio, sqlx::Error> {
-        let rows: Vec<(Option<i64>, Option<String>, i64, i64)> = sqlx::query_as(
-            "SELECT p.sequence, p.data, c.sequence_start, \
-                    GREATEST(COALESCE(c.total_packets, 0), \
-                             COALESCE(c.last_sequence + 1 - c.sequence_start, 0)) \
-             FROM calls c LEFT JOIN packets p ON p.call_id = c.call_id \
-             WHERE c.call_id = $1 ORDER BY p.sequence",
-        )
-        .bind(item.call_id.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let (start, expected) = rows.first().map_or((0, 0), |r| (r.2, r.3));
-        let packets = rows
-            .into_iter()
-            .filter_map(|(sequence, data, _, _)| Some((sequence?, data?)))
-            .collect();
-        Ok(CallAudio {
-            packets,
-            expected,
-            start,
-        })
+    /// The call's packets in order, how many it should have and where its numbering starts,
+    /// from its packet rows or its compacted record (one statement, so one snapshot); `None`
+    /// if its audio was compacted and has since expired (`AUDIO_RETENTION_DAYS`).
+    pub async fn load_audio(&self, item: &WorkItem) -> Result<Option<CallAudio>, sqlx::Error> {
+        let recording = common::audio::load(&self.pool, item.call_id.as_str())
+            .await?
+            .unwrap_or_default();
+        if recording.expired {
+            return Ok(None);
+        }
+        Ok(Some(CallAudio {
+            packets: recording.packets,
+            expected: recording.expected,
+            start: recording.start,
+        }))
     }
 
     /// Extends the lease while the AI works on attempt `attempt` (and only while that

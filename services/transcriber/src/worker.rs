@@ -34,6 +34,14 @@ use crate::{
 /// failed mid-delivery. Not an AI attempt: the counter does not move.
 const INFRA_RETRY: Duration = Duration::from_secs(5);
 
+/// Why a call's audio cannot be sent: the transcriber gives up on it without asking the AI.
+enum Unsendable {
+    /// Larger than `AI_MAX_AUDIO_BYTES` (its size in bytes).
+    TooLarge(i64),
+    /// Compacted and since expired (`AUDIO_RETENTION_DAYS`).
+    Expired,
+}
+
 /// How long one pull request waits for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
@@ -521,11 +529,13 @@ impl Worker {
         let loading = async {
             let bytes = self.claims.audio_bytes(item).await?;
             if u64::try_from(bytes).unwrap_or(0) > self.max_audio_bytes {
-                return Ok(Err(bytes));
+                return Ok(Err(Unsendable::TooLarge(bytes)));
             }
             let held = self.budget.take(bytes.max(0) as u64).await;
-            let audio = self.claims.load_audio(item).await?;
-            Ok::<_, sqlx::Error>(Ok((audio, held)))
+            match self.claims.load_audio(item).await? {
+                Some(audio) => Ok::<_, sqlx::Error>(Ok((audio, held))),
+                None => Ok(Err(Unsendable::Expired)),
+            }
         };
         let loaded = tokio::select! {
             loaded = self.with_progress(message, item, attempt, loading) => loaded,
@@ -533,7 +543,7 @@ impl Worker {
         };
         match loaded {
             Ok(Ok(loaded)) => Ok(loaded),
-            Ok(Err(bytes)) => {
+            Ok(Err(Unsendable::TooLarge(bytes))) => {
                 let error = format!(
                     "the call's audio ({bytes} bytes of packet data) is larger than \
                      AI_MAX_AUDIO_BYTES ({})",
@@ -545,6 +555,14 @@ impl Worker {
                 Err(self
                     .give_up(item, attempt, &error, GiveUp::AudioTooLarge)
                     .await)
+            }
+            Ok(Err(Unsendable::Expired)) => {
+                let error = "the call's audio has expired (AUDIO_RETENTION_DAYS): \
+                             there is nothing left to transcribe";
+                tracing::warn!("call's audio expired; giving up");
+                metrics::counter!("switchboard_transcriber_failures_total", "kind" => "audio_expired")
+                    .increment(1);
+                Err(self.give_up(item, attempt, error, GiveUp::Permanent).await)
             }
             Err(e) => {
                 tracing::warn!(error.message = %e, "cannot load the call's packets");

@@ -7,6 +7,7 @@ mod completion;
 mod concurrency;
 mod hardening;
 mod helpers;
+mod lifecycle;
 mod operations;
 mod outages;
 mod packets;

@@ -339,3 +339,91 @@ async fn a_transcriber_follows_its_work_stream_being_deleted_and_made_again() {
         .await;
     assert_eq!(call["transcript"], "two");
 }
+
+/// Waits until the ingest's compactor has turned the call's packet rows into its record.
+async fn wait_compacted(stack: &crate::helpers::Stack, call_id: &str) {
+    eventually("the call compacted", Duration::from_secs(20), || async {
+        let rows = stack
+            .scalar("SELECT count(*) FROM packets WHERE call_id = $1", call_id)
+            .await;
+        let records = stack
+            .scalar(
+                "SELECT count(*) FROM call_audio WHERE call_id = $1",
+                call_id,
+            )
+            .await;
+        (rows == 0 && records == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_is_compacted_and_re_driven_from_its_compacted_record() {
+    let mut stack = ingest_only().await;
+    let failing = stack
+        .add_transcriber(|c| {
+            c.ai.failure_rate = 1.0;
+            c.max_attempts = 1;
+        })
+        .await;
+    // Out of order, with a gap at 2 and characters of several bytes.
+    for (seq, word) in [(0, "héllo"), (3, "wörld"), (1, "thère")] {
+        stack.packet("compact-1", seq, word).await;
+    }
+    stack.complete("compact-1").await;
+    stack
+        .wait_for("compact-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+    wait_compacted(&stack, "compact-1").await;
+
+    stack.transcribers[failing].terminate().await;
+    stack.add_transcriber(|_| {}).await;
+    let (status, body) = stack.post("/v1/call/compact-1/retry").await;
+    assert_eq!(status, 200, "{body}");
+    let call = stack
+        .wait_for("compact-1", CallState::Archived, Duration::from_secs(20))
+        .await;
+    // The simulated provider joins the packets' words in order and marks gaps: the record
+    // gave it exactly the packets that were sent.
+    assert_eq!(call["transcript"], "héllo thère […] wörld");
+    assert_eq!(call["packets_received"], 3);
+    assert_eq!(call["missing"], serde_json::json!([{"from": 2, "to": 2}]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_audio_expired_fails_at_once_when_re_driven() {
+    let mut stack = ingest_only().await;
+    let failing = stack
+        .add_transcriber(|c| {
+            c.ai.failure_rate = 1.0;
+            c.max_attempts = 1;
+        })
+        .await;
+    stack.call("expired-1", &["gone", "soon"]).await;
+    stack
+        .wait_for("expired-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+    wait_compacted(&stack, "expired-1").await;
+    // What AUDIO_RETENTION_DAYS does to the record (its partition dropped).
+    sqlx::query("DELETE FROM call_audio WHERE call_id = 'expired-1'")
+        .execute(&stack.env.pool)
+        .await
+        .unwrap();
+
+    stack.transcribers[failing].terminate().await;
+    let working = stack.add_transcriber(|_| {}).await;
+    let (status, body) = stack.post("/v1/call/expired-1/retry").await;
+    assert_eq!(status, 200, "{body}");
+    let call = stack
+        .wait_for("expired-1", CallState::Failed, Duration::from_secs(20))
+        .await;
+    assert!(
+        call["last_error"].as_str().unwrap().contains("expired"),
+        "{call}"
+    );
+    assert_eq!(
+        stack.transcribers[working].requests(),
+        0,
+        "nothing was sent to the AI"
+    );
+}

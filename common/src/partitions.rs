@@ -1,0 +1,211 @@
+//! The time partitions of `packets` and `call_audio` (migration 8): listing them, adding
+//! them ahead of time, and retiring old ones without ever making ingest wait.
+//!
+//! Both tables are partitioned by the call's creation time (`call_created_at`), in
+//! partitions `PARTITION_INTERVAL_SECS` wide, aligned on the Unix epoch (so on UTC days when
+//! the interval divides a day). A partition is added by the migration's
+//! `switchboard_add_partition` (a table `LIKE` the parent, then `ATTACH PARTITION`: a SHARE
+//! UPDATE EXCLUSIVE lock on the parent, which inserts do not wait for) and retired by
+//! `DETACH PARTITION .. CONCURRENTLY` then `DROP TABLE` of the detached table (neither takes
+//! a lock inserts wait for). Every DDL statement here runs with a short `lock_timeout`: a
+//! pass that cannot get its lock at once gives up and tries again next time, rather than
+//! queueing in front of ingest's statements.
+
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, PgConnection};
+use time::OffsetDateTime;
+
+/// The partitioned tables.
+pub const TABLES: [&str; 2] = ["packets", "call_audio"];
+
+/// How long a DDL statement of this module waits for a lock before giving up.
+const LOCK_TIMEOUT_MS: u64 = 200;
+
+/// One partition: its table name and the range of `call_created_at` it holds `[lower, upper)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    pub name: String,
+    pub lower: OffsetDateTime,
+    pub upper: OffsetDateTime,
+    /// A `DETACH .. CONCURRENTLY` was interrupted: the partition is half detached.
+    pub detach_pending: bool,
+}
+
+/// The partitions of `table`, oldest first.
+pub async fn list(conn: &mut PgConnection, table: &str) -> Result<Vec<Partition>, sqlx::Error> {
+    let rows: Vec<(String, OffsetDateTime, OffsetDateTime, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, m[1]::timestamptz, m[2]::timestamptz, i.inhdetachpending \
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid, \
+              regexp_match(pg_get_expr(c.relpartbound, c.oid), \
+                           'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)') AS m \
+         WHERE i.inhparent = $1::regclass ORDER BY 2",
+    )
+    .bind(table)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, lower, upper, detach_pending)| Partition {
+            name,
+            lower,
+            upper,
+            detach_pending,
+        })
+        .collect())
+}
+
+/// The start of the partition `at` falls in, for partitions `interval` wide.
+pub fn floor(at: OffsetDateTime, interval: Duration) -> OffsetDateTime {
+    let width = interval.as_secs().max(1) as i64;
+    let secs = at.unix_timestamp().div_euclid(width) * width;
+    OffsetDateTime::from_unix_timestamp(secs).expect("a floored timestamp is in range")
+}
+
+/// Adds the partitions of every table so that `call_created_at` up to `until` has one: from
+/// the end of the newest partition (or the start of `now`'s), `interval` wide. Returns the
+/// (table, partition) pairs added.
+pub async fn add_ahead(
+    conn: &mut PgConnection,
+    now: OffsetDateTime,
+    until: OffsetDateTime,
+    interval: Duration,
+) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
+    let mut added = Vec::new();
+    set_lock_timeout(conn).await?;
+    for table in TABLES {
+        let existing = list(conn, table).await?;
+        let mut lower = existing
+            .iter()
+            .map(|p| p.upper)
+            .max()
+            .filter(|newest| *newest > floor(now, interval))
+            .unwrap_or_else(|| floor(now, interval));
+        while lower <= until {
+            let upper = floor(lower, interval) + interval;
+            let name: Option<String> =
+                sqlx::query_scalar("SELECT switchboard_add_partition($1, $2, $3)")
+                    .bind(table)
+                    .bind(lower)
+                    .bind(upper)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            added.extend(name.map(|n| (table, n)));
+            lower = upper;
+        }
+    }
+    Ok(added)
+}
+
+/// What retiring one partition removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub table: &'static str,
+    pub name: String,
+    /// Live rows (exact for `call_audio`, whose rows are one small row per call; the
+    /// planner's estimate for `packets`, not to scan a day of packets to count them).
+    pub rows: u64,
+    /// Its size on disk, indexes and TOAST included.
+    pub bytes: u64,
+}
+
+/// Detaches the partition `partition` of `table` concurrently and drops it. Must run outside
+/// a transaction (`DETACH .. CONCURRENTLY` cannot run in one).
+pub async fn drop_partition(
+    conn: &mut PgConnection,
+    table: &'static str,
+    partition: &Partition,
+) -> Result<Dropped, sqlx::Error> {
+    set_lock_timeout(conn).await?;
+    let name = &partition.name;
+    let count = if table == "call_audio" {
+        format!("SELECT count(*)::int8 FROM {}", quote(name))
+    } else {
+        format!(
+            "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = '{}'::regclass",
+            quote(name)
+        )
+    };
+    let rows: i64 = sqlx::query_scalar(AssertSqlSafe(count))
+        .fetch_one(&mut *conn)
+        .await?;
+    let bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size($1::regclass)")
+        .bind(quote(name))
+        .fetch_one(&mut *conn)
+        .await?;
+    let detach = if partition.detach_pending {
+        "FINALIZE"
+    } else {
+        "CONCURRENTLY"
+    };
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "ALTER TABLE {} DETACH PARTITION {} {detach}",
+        quote(table),
+        quote(name)
+    )))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {}", quote(name))))
+        .execute(&mut *conn)
+        .await?;
+    Ok(Dropped {
+        table,
+        name: name.clone(),
+        rows: rows.max(0) as u64,
+        bytes: bytes.max(0) as u64,
+    })
+}
+
+/// Whether any call that began in `[lower, upper)` still has packet rows (is not compacted):
+/// its packets partition must stay. Answered from the partial index of uncompacted calls.
+pub async fn has_uncompacted_calls(
+    conn: &mut PgConnection,
+    lower: OffsetDateTime,
+    upper: OffsetDateTime,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM calls WHERE audio_compacted_at IS NULL \
+                        AND created_at >= $1 AND created_at < $2)",
+    )
+    .bind(lower)
+    .bind(upper)
+    .fetch_one(conn)
+    .await
+}
+
+async fn set_lock_timeout(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET lock_timeout = {LOCK_TIMEOUT_MS}"
+    )))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// A table name as an SQL identifier. The names here are ours (`<table>_p<digits>_<digits>`),
+/// but quoting costs nothing.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(unix: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(unix).unwrap()
+    }
+
+    #[test]
+    fn partitions_start_on_multiples_of_their_width() {
+        let day = Duration::from_secs(86_400);
+        // 2026-11-26 13:45:10 UTC: its day starts at midnight UTC, its minute at 13:45.
+        assert_eq!(floor(at(1_795_700_710), day), at(1_795_651_200));
+        assert_eq!(
+            floor(at(1_795_700_710), Duration::from_secs(60)),
+            at(1_795_700_700)
+        );
+        // Before the epoch too.
+        assert_eq!(floor(at(-3_600), day), at(-86_400));
+    }
+}

@@ -1,0 +1,103 @@
+-- Data lifecycle (issue 15): `packets` partitioned by time, and `call_audio`, the one compacted
+-- record per final call that replaces its packet rows.
+--
+-- Both are partitioned by RANGE on `call_created_at`, the call's own `calls.created_at`
+-- (Postgres's clock when its first packet arrived), not by each packet's arrival. A unique key
+-- of a partitioned table must contain the partition key; with the call's creation time that
+-- costs nothing, since every packet of a call has the same one, so `(call_id, sequence,
+-- call_created_at)` is as unique as `(call_id, sequence)` was, and duplicates are still found
+-- by `ON CONFLICT`. A call's packets and record therefore live in the partition of the
+-- interval it began in, and expiring an interval of calls is one `DROP` per table.
+--
+-- Partitions are made by `switchboard_add_partition` (below: the one place their names and
+-- shape are defined), `PARTITION_INTERVAL_SECS` wide (a UTC day by default), by ingest's
+-- partition keeper, ahead of time; see common/src/partitions.rs.
+--
+-- Upgrade: this migration copies the packets stored so far into the new table (one pass, under
+-- the migration's lock). While it runs, and until they are replaced, ingest replicas of the
+-- previous release answer packets 503 (their INSERT names the old key), which PBXs retry:
+-- nothing is stored wrongly and nothing acknowledged is lost. Stop the previous release first
+-- if a large packets table makes the copy long.
+
+-- The shape of every partition: a table like its parent, attached with `ATTACH PARTITION`
+-- rather than `CREATE TABLE .. PARTITION OF`, because attaching takes only a SHARE UPDATE
+-- EXCLUSIVE lock on the parent, which inserts do not wait for (the keeper runs while ingest
+-- writes). Returns the new partition's name, or NULL if it existed.
+CREATE FUNCTION switchboard_add_partition(parent TEXT, lower_bound TIMESTAMPTZ, upper_bound TIMESTAMPTZ)
+RETURNS TEXT LANGUAGE plpgsql AS $$
+DECLARE
+    name TEXT := parent || '_p' || to_char(lower_bound AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS');
+BEGIN
+    IF to_regclass(quote_ident(name)) IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format(
+        'CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION)',
+        name, parent);
+    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+        parent, name, lower_bound, upper_bound);
+    RETURN name;
+END $$;
+
+ALTER TABLE packets RENAME TO packets_unpartitioned;
+ALTER INDEX packets_pkey RENAME TO packets_unpartitioned_pkey;
+
+CREATE TABLE packets (
+    call_id          TEXT NOT NULL,
+    sequence         BIGINT NOT NULL CHECK (sequence >= 0),
+    data             TEXT NOT NULL,
+    -- The PBX's own timestamp (seconds since the epoch, fractional), as sent.
+    sent_at          DOUBLE PRECISION NOT NULL,
+    received_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- The call's calls.created_at: the partition key.
+    call_created_at  TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (call_id, sequence, call_created_at)
+) PARTITION BY RANGE (call_created_at);
+
+-- A final call's packets, compacted (common/src/calls/compaction.rs): written in the
+-- transaction that deletes its packet rows. Lossless: every packet's data, PBX timestamp and
+-- arrival time, in sequence order, and which sequences were received. Read through
+-- common/src/audio.rs, which reads either form.
+CREATE TABLE call_audio (
+    call_id          TEXT NOT NULL,
+    call_created_at  TIMESTAMPTZ NOT NULL,
+    -- The sequences received, as ranges (gaps stay known).
+    received         INT8MULTIRANGE NOT NULL,
+    packets          INTEGER NOT NULL,
+    -- Every packet's data (UTF-8), concatenated in sequence order; TOAST compresses it.
+    data             BYTEA NOT NULL,
+    -- Each packet's length in bytes, its PBX timestamp and its arrival, in sequence order.
+    lengths          INTEGER[] NOT NULL,
+    sent_at          DOUBLE PRECISION[] NOT NULL,
+    received_at      TIMESTAMPTZ[] NOT NULL,
+    compacted_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (call_id, call_created_at)
+) PARTITION BY RANGE (call_created_at);
+
+-- When the call's packets were compacted into call_audio (NULL: still packet rows). A compacted
+-- call without a call_audio row had its audio expired (AUDIO_RETENTION_DAYS). Its index is in
+-- the next migration (built concurrently).
+ALTER TABLE calls ADD COLUMN audio_compacted_at TIMESTAMPTZ;
+
+-- Partitions for every UTC day a call began on, and the next three (the keeper adds the rest
+-- at start-up, at the configured width).
+DO $$
+DECLARE
+    day TIMESTAMPTZ;
+BEGIN
+    FOR day IN
+        SELECT DISTINCT date_trunc('day', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' FROM calls
+        UNION
+        SELECT (date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + make_interval(days => n)
+        FROM generate_series(0, 3) AS n
+    LOOP
+        PERFORM switchboard_add_partition('packets', day, day + interval '1 day');
+        PERFORM switchboard_add_partition('call_audio', day, day + interval '1 day');
+    END LOOP;
+END $$;
+
+INSERT INTO packets (call_id, sequence, data, sent_at, received_at, call_created_at)
+SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at, c.created_at
+FROM packets_unpartitioned p JOIN calls c USING (call_id);
+
+DROP TABLE packets_unpartitioned;
