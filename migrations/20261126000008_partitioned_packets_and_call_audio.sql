@@ -79,17 +79,14 @@ CREATE TABLE call_audio (
 -- the next migration (built concurrently).
 ALTER TABLE calls ADD COLUMN audio_compacted_at TIMESTAMPTZ;
 
--- Partitions for every UTC day a call began on, and the next three (the keeper adds the rest
--- at start-up, at the configured width).
+-- Partitions for the packets copied below: one per UTC day a call began on. None ahead: ingest
+-- adds those at start-up, before it takes a packet, at the configured width.
 DO $$
 DECLARE
     day TIMESTAMPTZ;
 BEGIN
     FOR day IN
         SELECT DISTINCT date_trunc('day', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' FROM calls
-        UNION
-        SELECT (date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + make_interval(days => n)
-        FROM generate_series(0, 3) AS n
     LOOP
         PERFORM switchboard_add_partition('packets', day, day + interval '1 day');
         PERFORM switchboard_add_partition('call_audio', day, day + interval '1 day');

@@ -160,17 +160,18 @@ pub async fn run(ingest: &Ingest, options: Options) -> anyhow::Result<ExitCode> 
         "bench-{:x}",
         time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
     );
-    let data = "A".repeat(options.packet_bytes);
+    // Three seconds of distinct speech-like frames, each call starting at its own place.
+    let frames = crate::audio::speech_like_frames(150, options.packet_bytes);
     let duration = Duration::from_secs_f64(options.duration);
     let started = Instant::now();
     let tallies = join_all((0..options.calls).map(|i| {
         let call = format!("{run_id}-{i}");
-        let (ingest, data, options) = (ingest, &data, &options);
+        let (ingest, frames, options) = (ingest, &frames[..], &options);
         async move {
             if options.closed {
-                closed_call(ingest, &call, data, options, started + duration).await
+                closed_call(ingest, &call, frames, options, i, started + duration).await
             } else {
-                open_call(ingest, &call, data, options, i, started, duration).await
+                open_call(ingest, &call, frames, options, i, started, duration).await
             }
         }
     }))
@@ -217,12 +218,17 @@ fn sequence(pattern: Pattern, k: u64) -> i64 {
     }
 }
 
+/// The `k`-th packet's data of call `index`: the frames in order, each call from its own start.
+fn frame(frames: &[String], index: usize, k: u64) -> &str {
+    &frames[(index * 37 + k as usize) % frames.len()]
+}
+
 /// Open loop: call `index` of `calls` sends its `k`-th packet when packet number
 /// `k * calls + index` of the whole run is due (rate-spaced from `start`), in sequence.
 async fn open_call(
     ingest: &Ingest,
     call: &str,
-    data: &str,
+    frames: &[String],
     options: &Options,
     index: usize,
     start: Instant,
@@ -237,6 +243,7 @@ async fn open_call(
         }
         let due = start + due;
         tokio::time::sleep_until(due).await;
+        let data = frame(frames, index, k);
         let outcome = ingest
             .send_packet(call, sequence(options.pattern, k), data, k as f64 * 0.02)
             .await;
@@ -250,14 +257,16 @@ async fn open_call(
 async fn closed_call(
     ingest: &Ingest,
     call: &str,
-    data: &str,
+    frames: &[String],
     options: &Options,
+    index: usize,
     until: Instant,
 ) -> Tally {
     let mut tally = Tally::new();
     let mut k = 0;
     while Instant::now() < until {
         let sent = Instant::now();
+        let data = frame(frames, index, k);
         let outcome = ingest
             .send_packet(call, sequence(options.pattern, k), data, k as f64 * 0.02)
             .await;

@@ -2,6 +2,7 @@
 //! serve their users. `pbx --help` lists the commands.
 
 mod api;
+mod audio;
 mod bench;
 mod bench_live;
 mod cli;

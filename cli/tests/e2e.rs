@@ -261,6 +261,124 @@ async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lo
     std::fs::remove_dir_all(&log_dir).ok();
 }
 
+/// Two of each service, as separate processes on one database and prefix: ingest,
+/// transcriber and notifier hold nothing another replica needs. Two `pbx simulate` runs stream
+/// through different ingests and follow their calls on the other run's notifier; every call
+/// ends `ARCHIVED` exactly once, nothing is lost, both transcribers did work, and the final
+/// calls are compacted by whichever ingest got to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_of_every_service_share_the_work_and_lose_nothing() {
+    let (env, log_dir) = test_env("replicas").await;
+    let fast_ai = [
+        ("AI_LATENCY_MS", "20-60".to_string()),
+        ("AI_FAILURE_RATE", "0.1".into()),
+        ("TRANSCRIBE_BACKOFF_BASE_MS", "20".into()),
+        ("TRANSCRIBE_BACKOFF_MAX_MS", "200".into()),
+        ("TRANSCRIBE_MAX_ATTEMPTS", "15".into()),
+        ("TRANSCRIBE_CONCURRENCY", "8".into()),
+    ];
+    let ingests = [
+        Service::start("ingest", &env, &[], &log_dir),
+        Service::start("ingest", &env, &[], &log_dir),
+    ];
+    let transcribers = [
+        Service::start("transcriber", &env, &fast_ai, &log_dir),
+        Service::start("transcriber", &env, &fast_ai, &log_dir),
+    ];
+    let notifiers = [
+        Service::start("notifier", &env, &[], &log_dir),
+        Service::start("notifier", &env, &[], &log_dir),
+    ];
+    let client = reqwest::Client::new();
+    for service in ingests.iter().chain(&transcribers).chain(&notifiers) {
+        wait_ready(service, &client).await;
+    }
+
+    let simulate = |ingest: &Service, notifier: &Service, prefix: &str| {
+        tokio::process::Command::new(binary("pbx"))
+            .args([
+                "--ingest-url",
+                &ingest.url(),
+                "--notifier-url",
+                &notifier.url(),
+                "simulate",
+                "--calls",
+                "40",
+                "--packets",
+                "30",
+                "--concurrency",
+                "10",
+                "--rate",
+                "0",
+                "--loss",
+                "0.05",
+                "--duplicates",
+                "0.05",
+                "--seed",
+                "7",
+                "--id-prefix",
+                prefix,
+                "--timeout-secs",
+                "120",
+                "--json",
+            ])
+            .output()
+    };
+    let (a, b) = tokio::join!(
+        simulate(&ingests[0], &notifiers[1], "rep-a"),
+        simulate(&ingests[1], &notifiers[0], "rep-b")
+    );
+    let mut accepted = 0;
+    for output in [a.unwrap(), b.unwrap()] {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "pbx simulate failed: {stdout}");
+        let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(
+            summary["final_states"],
+            serde_json::json!({"ARCHIVED": 40}),
+            "{summary}"
+        );
+        assert_eq!(summary["lost_packets"], 0, "{summary}");
+        assert_eq!(summary["missing_mismatches"], 0, "{summary}");
+        accepted += summary["packets_accepted"].as_i64().unwrap();
+    }
+
+    let archived_twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT call_id FROM call_transitions WHERE to_state = 'ARCHIVED' \
+         GROUP BY call_id HAVING count(*) > 1) twice",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(archived_twice, 0);
+    let workers: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT worker) FROM transcription_attempts WHERE outcome = 'succeeded'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(workers, 2, "both transcribers transcribed calls");
+    eventually(
+        "every final call compacted",
+        Duration::from_secs(30),
+        || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM calls WHERE audio_compacted_at IS NULL")
+                    .fetch_one(&env.pool)
+                    .await
+                    .unwrap();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        common::audio::count_stored(&env.pool).await.unwrap(),
+        accepted
+    );
+    drop((ingests, transcribers, notifiers));
+    std::fs::remove_dir_all(&log_dir).ok();
+}
+
 /// `pbx watch` against the real notifier binary, which is killed and started again on the
 /// same port in the middle: pbx reconnects by itself with the resume URL it builds
 /// (`since` and `stream`), and a call sent after the restart shows up in its output.

@@ -87,13 +87,15 @@ pub struct IngestConfig {
     /// Days a call's compacted audio is kept (decimals allowed: 0.5 is 12 hours); then the
     /// partition holding it is dropped, so audio goes between this and one
     /// `PARTITION_INTERVAL_SECS` later. Unset or empty: kept forever.
-    #[arg(long, env = "AUDIO_RETENTION_DAYS", value_parser = parse_retention_days)]
-    pub audio_retention_days: Option<f64>,
+    #[arg(long, env = "AUDIO_RETENTION_DAYS", default_value = "", hide_default_value = true,
+          value_parser = parse_retention_days)]
+    pub audio_retention_days: RetentionDays,
 
     /// Days a final call (its row, history, attempts and gaps) is kept after it began, then
     /// deleted in batches; its audio goes with it. Unset or empty: kept forever.
-    #[arg(long, env = "CALL_RETENTION_DAYS", value_parser = parse_retention_days)]
-    pub call_retention_days: Option<f64>,
+    #[arg(long, env = "CALL_RETENTION_DAYS", default_value = "", hide_default_value = true,
+          value_parser = parse_retention_days)]
+    pub call_retention_days: RetentionDays,
 
     /// Width of the time partitions of `packets` and `call_audio`, in seconds: at least 60 and
     /// a whole divisor of a day. Calls are filed by the time they began.
@@ -101,8 +103,16 @@ pub struct IngestConfig {
     pub partition_interval_secs: u64,
 }
 
-/// A retention in days: a positive number (decimals allowed) of at most 100 years.
-fn parse_retention_days(value: &str) -> Result<f64, String> {
+/// A retention setting: a number of days, or none (keep forever).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RetentionDays(pub Option<f64>);
+
+/// A retention in days: a positive number (decimals allowed) of at most 100 years; empty (as
+/// Compose and Kubernetes pass an unset value) means none.
+fn parse_retention_days(value: &str) -> Result<RetentionDays, String> {
+    if value.trim().is_empty() {
+        return Ok(RetentionDays(None));
+    }
     let days: f64 = value
         .trim()
         .parse()
@@ -112,7 +122,7 @@ fn parse_retention_days(value: &str) -> Result<f64, String> {
             "{value} days: must be more than 0 and at most 36500 (leave it unset to keep forever)"
         ));
     }
-    Ok(days)
+    Ok(RetentionDays(Some(days)))
 }
 
 impl IngestConfig {
@@ -182,7 +192,7 @@ impl IngestConfig {
     /// How long compacted audio is kept: `AUDIO_RETENTION_DAYS`, and never longer than
     /// `CALL_RETENTION_DAYS` (audio does not outlive its call).
     pub fn audio_retention(&self) -> Option<Duration> {
-        let days = match (self.audio_retention_days, self.call_retention_days) {
+        let days = match (self.audio_retention_days.0, self.call_retention_days.0) {
             (Some(a), Some(c)) => Some(a.min(c)),
             (a, c) => a.or(c),
         };
@@ -200,7 +210,7 @@ impl IngestConfig {
 
     /// How long a final call is kept after it began: `CALL_RETENTION_DAYS`.
     pub fn call_retention(&self) -> Option<Duration> {
-        self.call_retention_days.map(days_to_duration)
+        self.call_retention_days.0.map(days_to_duration)
     }
 
     pub fn call_idle_timeout(&self) -> Duration {
