@@ -55,24 +55,32 @@ CREATE TABLE packets (
 ) PARTITION BY RANGE (call_created_at);
 
 -- A final call's packets, compacted (common/src/calls/compaction.rs): written in the
--- transaction that deletes its packet rows. Lossless: every packet's data, PBX timestamp and
--- arrival time, in sequence order, and which sequences were received. Read through
--- common/src/audio.rs, which reads either form.
+-- transaction that deletes its packet rows. Lossless: every packet's data exactly as it arrived,
+-- its PBX timestamp and its arrival, in sequence order, and which sequences were received. Read
+-- through common/src/audio.rs (`Record`), which reads either form.
 CREATE TABLE call_audio (
     call_id          TEXT NOT NULL,
     call_created_at  TIMESTAMPTZ NOT NULL,
     -- The sequences received, as ranges (gaps stay known).
     received         INT8MULTIRANGE NOT NULL,
     packets          INTEGER NOT NULL,
-    -- Every packet's data (UTF-8), concatenated in sequence order; TOAST compresses it.
-    data             BYTEA NOT NULL,
-    -- Each packet's length in bytes, its PBX timestamp and its arrival, in sequence order.
+    -- How each packet's data is held in `audio`: 'text' (its UTF-8 bytes) or 'base64' (its
+    -- decoded bytes, when every packet of the call was canonical base64, which encodes back to
+    -- exactly what arrived: a quarter smaller, and audio compresses better than its base64).
+    encoding         TEXT NOT NULL CHECK (encoding IN ('text', 'base64')),
+    -- Every packet's bytes in sequence order, concatenated, then compressed (one zstd frame).
+    audio            BYTEA NOT NULL,
+    -- Each packet's length in the decompressed `audio`, its PBX timestamp and its arrival.
     lengths          INTEGER[] NOT NULL,
     sent_at          DOUBLE PRECISION[] NOT NULL,
     received_at      TIMESTAMPTZ[] NOT NULL,
+    -- The size of the packets' data as it arrived (what the transcriber measures and bounds).
+    data_bytes       BIGINT NOT NULL,
     compacted_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (call_id, call_created_at)
 ) PARTITION BY RANGE (call_created_at);
+-- Already compressed: TOAST stores it out of line without trying pglz on it again.
+ALTER TABLE call_audio ALTER COLUMN audio SET STORAGE EXTERNAL;
 
 -- When the call's packets were compacted into call_audio (NULL: still packet rows). A compacted
 -- call without a call_audio row had its audio expired (AUDIO_RETENTION_DAYS). Its index is in

@@ -9,6 +9,8 @@ JetStream streams.
     bench_report.py json RESULTS_DIR
     bench_report.py write DOC TABLE_FILE
     bench_report.py delete-streams NATS_URL PREFIX
+    bench_report.py sizes DATABASE_URL
+    bench_report.py wait-compacted DATABASE_URL TIMEOUT_SECS
 
 Only the standard library: psql for Postgres, a few lines of the NATS text protocol for the
 JetStream API (no client library to install for a script).
@@ -61,6 +63,55 @@ def wait_final(url, timeout):
         "seconds_first_claim_to_last_final": span,
         "calls_per_sec": finals / span if span > 0 else 0.0,
     }
+
+
+def sizes(url):
+    """Bytes on disk (tables, their TOAST and indexes; partitions summed into their parent) and
+    what they hold: packets in either form and the call-minutes they make (3,000 packets of
+    20 ms each)."""
+    rows = psql(
+        url,
+        "SELECT COALESCE(p.relname, c.relname), sum(pg_total_relation_size(c.oid))::int8 "
+        "FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid "
+        "LEFT JOIN pg_class p ON p.oid = i.inhparent "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind = 'r' GROUP BY 1",
+    )
+    tables = {name: int(size) for name, size in rows}
+    [[packet_rows, compacted, calls, final, database]] = psql(
+        url,
+        "SELECT (SELECT count(*) FROM packets), (SELECT COALESCE(sum(packets), 0) FROM call_audio), "
+        "(SELECT count(*) FROM calls), "
+        "(SELECT count(*) FROM calls WHERE state IN ('ARCHIVED', 'FAILED')), "
+        "pg_database_size(current_database())",
+    )
+    stored = int(packet_rows) + int(compacted)
+    return {
+        "at": time.time(),
+        "tables": tables,
+        "packet_rows": int(packet_rows),
+        "packets_compacted": int(compacted),
+        "call_minutes": stored / 3000,
+        "calls": int(calls),
+        "final_calls": int(final),
+        "database_bytes": int(database),
+    }
+
+
+def wait_compacted(url, timeout):
+    """Waits until every final call is compacted; reports how long that took from now."""
+    started = time.monotonic()
+    deadline = started + float(timeout)
+    while True:
+        [[left]] = psql(
+            url,
+            "SELECT count(*) FROM calls WHERE audio_compacted_at IS NULL "
+            "AND state IN ('ARCHIVED', 'FAILED')",
+        )
+        if int(left) == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return {"uncompacted_final_calls": int(left), "seconds": time.monotonic() - started}
 
 
 def final_times(url):
@@ -246,6 +297,10 @@ def main(argv):
         print(json.dumps(load(argv[2]), indent=2))
     elif cmd == "write":
         write(argv[2], argv[3])
+    elif cmd == "sizes":
+        print(json.dumps(sizes(argv[2]), indent=2))
+    elif cmd == "wait-compacted":
+        print(json.dumps(wait_compacted(argv[2], argv[3]), indent=2))
     elif cmd == "delete-streams":
         print(" ".join(delete_streams(argv[2], argv[3])))
     else:

@@ -1,12 +1,18 @@
 //! A call's audio, read from whichever form it is in: one `packets` row per packet while the
 //! call streams and until it is final, then one `call_audio` record (the compactor's,
-//! [`crate::calls::compaction`]). Every reader of stored packets goes through here (the
-//! writer's duplicate check, the outbox relay, the transcriber), so compaction is invisible to
-//! them. Each read is one statement: one snapshot, so a compaction committing meanwhile is
-//! seen entirely or not at all.
+//! [`crate::calls::compaction`]), built and read back by [`Record`]. Every reader of stored
+//! packets goes through here (the writer's duplicate check, the outbox relay, the
+//! transcriber), so compaction is invisible to them. Reads that may meet both forms are one
+//! statement (one snapshot), so a compaction committing meanwhile is seen entirely or not at
+//! all.
 
+use base64::{Engine, engine::general_purpose::STANDARD};
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
+
+/// zstd's level for records: its default, about 300 MB/s here, within a few percent of the
+/// ratio of much slower levels on audio.
+const ZSTD_LEVEL: i32 = 3;
 
 /// A packet as stored.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -19,46 +25,230 @@ pub struct StoredPacket {
     pub received_at: OffsetDateTime,
 }
 
+/// One call's compacted audio (a `call_audio` row): every packet's data concatenated in
+/// sequence order and compressed with zstd, each one's length, PBX timestamp and arrival, and
+/// the sequences received as ranges. Lossless: [`Record::packets`] gives back exactly the
+/// packets it was built from.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Record {
+    pub call_id: String,
+    /// `text` (each packet's UTF-8 bytes) or `base64` (each packet's decoded bytes: every
+    /// packet was canonical base64, so encoding them again gives exactly what arrived).
+    pub encoding: String,
+    /// The packets' bytes, concatenated and compressed (one zstd frame).
+    pub audio: Vec<u8>,
+    pub lengths: Vec<i32>,
+    pub sent_at: Vec<f64>,
+    pub received_at: Vec<OffsetDateTime>,
+    /// The received sequences as half-open ranges `[lower, upper)`, ascending.
+    pub lowers: Vec<i64>,
+    pub uppers: Vec<i64>,
+    /// The packets' data as it arrived, in bytes.
+    pub data_bytes: i64,
+}
+
+impl Record {
+    /// The record of `packets` (one call's, sorted by sequence, each sequence once).
+    pub fn build(call_id: &str, packets: &[StoredPacket]) -> Record {
+        let decoded: Option<Vec<Vec<u8>>> = packets
+            .iter()
+            .map(|p| {
+                let bytes = STANDARD.decode(&p.data).ok()?;
+                (STANDARD.encode(&bytes) == p.data).then_some(bytes)
+            })
+            .collect();
+        let (encoding, pieces): (&str, Vec<Vec<u8>>) = match decoded {
+            Some(bytes) => ("base64", bytes),
+            None => (
+                "text",
+                packets
+                    .iter()
+                    .map(|p| p.data.clone().into_bytes())
+                    .collect(),
+            ),
+        };
+        let (mut lowers, mut uppers) = (Vec::new(), Vec::<i64>::new());
+        for p in packets {
+            match uppers.last_mut() {
+                Some(upper) if *upper == p.sequence => *upper += 1,
+                _ => {
+                    lowers.push(p.sequence);
+                    uppers.push(p.sequence + 1);
+                }
+            }
+        }
+        let lengths = pieces.iter().map(|b| b.len() as i32).collect();
+        let audio = zstd::bulk::compress(&pieces.concat(), ZSTD_LEVEL)
+            .expect("zstd compresses any input in memory");
+        Record {
+            call_id: call_id.to_owned(),
+            encoding: encoding.to_owned(),
+            audio,
+            lengths,
+            sent_at: packets.iter().map(|p| p.sent_at).collect(),
+            received_at: packets.iter().map(|p| p.received_at).collect(),
+            lowers,
+            uppers,
+            data_bytes: packets.iter().map(|p| p.data.len() as i64).sum(),
+        }
+    }
+
+    /// The received sequences in `int8multirange` syntax (`{[0,2),[3,5)}`).
+    pub fn received(&self) -> String {
+        let ranges: Vec<String> = self
+            .lowers
+            .iter()
+            .zip(&self.uppers)
+            .map(|(l, u)| format!("[{l},{u})"))
+            .collect();
+        format!("{{{}}}", ranges.join(","))
+    }
+
+    /// The packets, exactly as they were stored before compaction, in sequence order.
+    pub fn packets(&self) -> Result<Vec<StoredPacket>, sqlx::Error> {
+        let corrupt = |what: &str| {
+            sqlx::Error::Decode(format!("call_audio of {}: {what}", self.call_id).into())
+        };
+        let bytes =
+            zstd::bulk::decompress(&self.audio, self.lengths.iter().map(|l| *l as usize).sum())
+                .map_err(|e| corrupt(&format!("audio that does not decompress ({e})")))?;
+        let sequences = self
+            .lowers
+            .iter()
+            .zip(&self.uppers)
+            .flat_map(|(lower, upper)| *lower..*upper);
+        let n = self.lengths.len();
+        if self.sent_at.len() != n || self.received_at.len() != n {
+            return Err(corrupt("columns of different lengths"));
+        }
+        let mut packets = Vec::with_capacity(n);
+        let mut offset = 0usize;
+        for (i, sequence) in (0..n).zip(sequences) {
+            let length =
+                usize::try_from(self.lengths[i]).map_err(|_| corrupt("a negative length"))?;
+            let piece = bytes
+                .get(offset..offset + length)
+                .ok_or_else(|| corrupt("lengths past the audio"))?;
+            let data = match self.encoding.as_str() {
+                "base64" => STANDARD.encode(piece),
+                _ => std::str::from_utf8(piece)
+                    .map_err(|_| corrupt("text that is not UTF-8"))?
+                    .to_owned(),
+            };
+            packets.push(StoredPacket {
+                call_id: self.call_id.clone(),
+                sequence,
+                data,
+                sent_at: self.sent_at[i],
+                received_at: self.received_at[i],
+            });
+            offset += length;
+        }
+        if packets.len() != n || offset != bytes.len() {
+            return Err(corrupt("lengths and ranges that do not match its audio"));
+        }
+        Ok(packets)
+    }
+}
+
+/// The columns of a [`Record`], from `call_audio a`.
+macro_rules! record_columns {
+    () => {
+        "a.call_id, a.encoding, a.audio, a.lengths, a.sent_at, a.received_at, a.data_bytes, \
+         ARRAY(SELECT lower(r) FROM unnest(a.received) r) AS lowers, \
+         ARRAY(SELECT upper(r) FROM unnest(a.received) r) AS uppers"
+    };
+}
+
+/// Writes a call's record (the compactor, in its transaction).
+pub(crate) async fn insert_record(
+    conn: &mut PgConnection,
+    created_at: OffsetDateTime,
+    record: &Record,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO call_audio (call_id, call_created_at, received, packets, encoding, audio, \
+                                 lengths, sent_at, received_at, data_bytes) \
+         VALUES ($1, $2, $3::text::int8multirange, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&record.call_id)
+    .bind(created_at)
+    .bind(record.received())
+    .bind(record.lengths.len() as i32)
+    .bind(&record.encoding)
+    .bind(&record.audio)
+    .bind(&record.lengths)
+    .bind(&record.sent_at)
+    .bind(&record.received_at)
+    .bind(record.data_bytes)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
 /// The stored packets among the keys (`call_ids[i]`, `sequences[i]`), in either form. Keys
-/// stored nowhere are absent.
+/// stored nowhere are absent. A key of a compacted call is cut out of its record (the whole
+/// record is read: this is the rare path of a PBX retrying a packet of a finished call).
 pub async fn stored_packets(
     conn: &mut PgConnection,
     call_ids: &[&str],
     sequences: &[i64],
 ) -> Result<Vec<StoredPacket>, sqlx::Error> {
-    // A compacted packet is cut out of its call's record: its index among the received
-    // sequences (the ranges below it), then its offset (the lengths before it). `substring`
-    // of a TOASTed value reads only the slice it needs where the value is stored uncompressed.
-    sqlx::query_as(
+    let mut found: Vec<StoredPacket> = sqlx::query_as(
         "SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at FROM packets p \
          JOIN UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
-           ON p.call_id = k.call_id AND p.sequence = k.sequence \
-         UNION ALL \
-         SELECT a.call_id, k.sequence, \
-                convert_from(substring(a.data FROM o.off::int + 1 FOR a.lengths[i.idx + 1]), 'UTF8'), \
-                a.sent_at[i.idx + 1], a.received_at[i.idx + 1] \
-         FROM UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
-         JOIN calls c ON c.call_id = k.call_id AND c.audio_compacted_at IS NOT NULL \
-         JOIN call_audio a ON a.call_id = c.call_id AND a.call_created_at = c.created_at \
-           AND a.received @> k.sequence \
-         CROSS JOIN LATERAL (SELECT sum(LEAST(upper(r), k.sequence) - lower(r))::int AS idx \
-             FROM unnest(a.received) r WHERE lower(r) <= k.sequence) i \
-         CROSS JOIN LATERAL (SELECT COALESCE(sum(l), 0) AS off \
-             FROM unnest(a.lengths[1:i.idx]) l) o",
+           ON p.call_id = k.call_id AND p.sequence = k.sequence",
     )
     .bind(call_ids)
     .bind(sequences)
-    .fetch_all(conn)
-    .await
+    .fetch_all(&mut *conn)
+    .await?;
+    let have: std::collections::HashSet<(&str, i64)> = found
+        .iter()
+        .map(|p| (p.call_id.as_str(), p.sequence))
+        .collect();
+    let mut wanted: std::collections::HashSet<(String, i64)> = call_ids
+        .iter()
+        .zip(sequences)
+        .filter(|(c, s)| !have.contains(&(**c, **s)))
+        .map(|(c, s)| ((*c).to_owned(), *s))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(found);
+    }
+    let calls: Vec<&str> = {
+        let mut ids: Vec<&str> = wanted.iter().map(|(c, _)| c.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let records: Vec<Record> = sqlx::query_as(concat!(
+        "SELECT ",
+        record_columns!(),
+        " FROM calls c JOIN call_audio a ON a.call_id = c.call_id AND a.call_created_at = c.created_at \
+         WHERE c.call_id = ANY($1) AND c.audio_compacted_at IS NOT NULL"
+    ))
+    .bind(&calls)
+    .fetch_all(&mut *conn)
+    .await?;
+    for record in records {
+        for packet in record.packets()? {
+            if wanted.remove(&(packet.call_id.clone(), packet.sequence)) {
+                found.push(packet);
+            }
+        }
+    }
+    Ok(found)
 }
 
-/// The size of a call's stored packet data, in bytes, in either form: answered from the
-/// values' headers (`octet_length`), so a call of gigabytes is measured without being read.
+/// The size of a call's stored packet data as it arrived, in bytes, in either form, measured
+/// without reading it (`octet_length` of the rows is answered from the values' headers; a
+/// record keeps its size).
 pub async fn size_bytes(pool: &PgPool, call_id: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT COALESCE((SELECT sum(octet_length(p.data)) FROM packets p \
                           WHERE p.call_id = c.call_id AND p.call_created_at = c.created_at), 0)::int8 \
-              + COALESCE((SELECT octet_length(a.data) FROM call_audio a \
+              + COALESCE((SELECT a.data_bytes FROM call_audio a \
                           WHERE a.call_id = c.call_id AND a.call_created_at = c.created_at), 0)::int8 \
          FROM calls c WHERE c.call_id = $1",
     )
@@ -116,12 +306,10 @@ pub async fn load(pool: &PgPool, call_id: &str) -> Result<Option<Recording>, sql
         compacted: bool,
         sequence: Option<i64>,
         data: Option<String>,
-        record: Option<Vec<u8>>,
-        lengths: Option<Vec<i32>>,
-        lowers: Option<Vec<i64>>,
-        uppers: Option<Vec<i64>>,
+        #[sqlx(flatten)]
+        record: OptionalRecord,
     }
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(concat!(
         "WITH c AS ( \
              SELECT call_id, created_at, sequence_start AS start, \
                     GREATEST(COALESCE(total_packets, 0), \
@@ -129,16 +317,17 @@ pub async fn load(pool: &PgPool, call_id: &str) -> Result<Option<Recording>, sql
                     audio_compacted_at IS NOT NULL AS compacted \
              FROM calls WHERE call_id = $1) \
          SELECT c.start, c.expected, c.compacted, p.sequence, p.data, \
-                NULL::bytea AS record, NULL::int4[] AS lengths, \
+                NULL::text AS call_id, NULL::text AS encoding, NULL::bytea AS audio, \
+                NULL::int4[] AS lengths, NULL::float8[] AS sent_at, \
+                NULL::timestamptz[] AS received_at, NULL::int8 AS data_bytes, \
                 NULL::int8[] AS lowers, NULL::int8[] AS uppers \
          FROM c LEFT JOIN packets p ON p.call_id = c.call_id AND p.call_created_at = c.created_at \
          UNION ALL \
-         SELECT c.start, c.expected, c.compacted, NULL, NULL, a.data, a.lengths, \
-                ARRAY(SELECT lower(r) FROM unnest(a.received) r), \
-                ARRAY(SELECT upper(r) FROM unnest(a.received) r) \
-         FROM c JOIN call_audio a ON a.call_id = c.call_id AND a.call_created_at = c.created_at \
-         ORDER BY sequence NULLS LAST",
-    )
+         SELECT c.start, c.expected, c.compacted, NULL, NULL, ",
+        record_columns!(),
+        " FROM c JOIN call_audio a ON a.call_id = c.call_id AND a.call_created_at = c.created_at \
+         ORDER BY sequence NULLS LAST"
+    ))
     .bind(call_id)
     .fetch_all(pool)
     .await?;
@@ -153,74 +342,107 @@ pub async fn load(pool: &PgPool, call_id: &str) -> Result<Option<Recording>, sql
     let compacted = first.compacted;
     let mut had_record = false;
     for row in rows {
-        match (row.sequence, row.data, row.record) {
-            (Some(sequence), Some(data), _) => recording.packets.push((sequence, data)),
-            (_, _, Some(record)) => {
-                had_record = true;
-                let sequences = row
-                    .lowers
-                    .unwrap_or_default()
-                    .into_iter()
-                    .zip(row.uppers.unwrap_or_default())
-                    .flat_map(|(lower, upper)| lower..upper);
-                let lengths = row.lengths.unwrap_or_default();
-                recording
-                    .packets
-                    .extend(split_record(&record, &lengths, sequences)?);
-            }
-            _ => {}
+        if let (Some(sequence), Some(data)) = (row.sequence, row.data) {
+            recording.packets.push((sequence, data));
+        } else if let Some(record) = row.record.into_record() {
+            had_record = true;
+            recording
+                .packets
+                .extend(record.packets()?.into_iter().map(|p| (p.sequence, p.data)));
         }
     }
     recording.expired = compacted && !had_record;
     Ok(Some(recording))
 }
 
-/// A compacted record cut back into its packets: `lengths[i]` bytes each, numbered by
-/// `sequences` in order.
-fn split_record(
-    record: &[u8],
-    lengths: &[i32],
-    sequences: impl Iterator<Item = i64>,
-) -> Result<Vec<(i64, String)>, sqlx::Error> {
-    let corrupt = |what: &str| sqlx::Error::Decode(format!("call_audio record: {what}").into());
-    let mut packets = Vec::with_capacity(lengths.len());
-    let mut offset = 0usize;
-    for (length, sequence) in lengths.iter().zip(sequences) {
-        let length = usize::try_from(*length).map_err(|_| corrupt("a negative length"))?;
-        let bytes = record
-            .get(offset..offset + length)
-            .ok_or_else(|| corrupt("lengths past the data"))?;
-        let data = std::str::from_utf8(bytes).map_err(|_| corrupt("data that is not UTF-8"))?;
-        packets.push((sequence, data.to_owned()));
-        offset += length;
+/// A [`Record`]'s columns where the row may not be one (`load`'s union).
+#[derive(sqlx::FromRow)]
+struct OptionalRecord {
+    call_id: Option<String>,
+    encoding: Option<String>,
+    audio: Option<Vec<u8>>,
+    lengths: Option<Vec<i32>>,
+    sent_at: Option<Vec<f64>>,
+    received_at: Option<Vec<OffsetDateTime>>,
+    lowers: Option<Vec<i64>>,
+    uppers: Option<Vec<i64>>,
+    data_bytes: Option<i64>,
+}
+
+impl OptionalRecord {
+    fn into_record(self) -> Option<Record> {
+        Some(Record {
+            call_id: self.call_id?,
+            encoding: self.encoding?,
+            audio: self.audio?,
+            lengths: self.lengths?,
+            sent_at: self.sent_at?,
+            received_at: self.received_at?,
+            lowers: self.lowers?,
+            uppers: self.uppers?,
+            data_bytes: self.data_bytes?,
+        })
     }
-    if packets.len() != lengths.len() || offset != record.len() {
-        return Err(corrupt("lengths and sequences that do not match its data"));
-    }
-    Ok(packets)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn packet(sequence: i64, data: &str) -> StoredPacket {
+        StoredPacket {
+            call_id: "c".into(),
+            sequence,
+            data: data.into(),
+            sent_at: sequence as f64 * 0.02,
+            received_at: OffsetDateTime::from_unix_timestamp(1_800_000_000 + sequence).unwrap(),
+        }
+    }
+
     #[test]
-    fn a_record_splits_back_into_its_packets() {
-        let record = "abdé€".as_bytes();
-        let packets = split_record(record, &[1, 1, 3, 3], [0, 1, 5, 6].into_iter()).unwrap();
-        assert_eq!(
-            packets,
-            vec![
-                (0, "a".into()),
-                (1, "b".into()),
-                (5, "dé".into()),
-                (6, "€".into())
-            ]
-        );
-        assert!(split_record(record, &[1, 1], [0, 1].into_iter()).is_err());
-        assert!(split_record(record, &[1, 1, 2, 9], [0, 1, 2, 3].into_iter()).is_err());
-        assert!(split_record(record, &[1, 1, 3, 3], [0, 1].into_iter()).is_err());
-        // A cut inside a character.
-        assert!(split_record(record, &[1, 1, 2, 4], [0, 1, 2, 3].into_iter()).is_err());
+    fn a_record_gives_back_exactly_its_packets_and_knows_its_gaps() {
+        let text = vec![
+            packet(0, "héllo"),
+            packet(1, ""),
+            packet(5, "€"),
+            packet(6, "x"),
+        ];
+        let record = Record::build("c", &text);
+        assert_eq!(record.encoding, "text");
+        assert_eq!(record.received(), "{[0,2),[5,7)}");
+        assert_eq!(record.data_bytes, 6 + 0 + 3 + 1);
+        assert_eq!(record.packets().unwrap(), text);
+
+        let b64 = vec![packet(3, "AAEC"), packet(4, "/+8="), packet(9, "")];
+        let record = Record::build("c", &b64);
+        assert_eq!(record.encoding, "base64");
+        assert_eq!(record.lengths, vec![3, 2, 0]);
+        assert_eq!(record.received(), "{[3,5),[9,10)}");
+        assert_eq!(record.packets().unwrap(), b64);
+        assert_eq!(Record::build("c", &[]).packets().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn base64_that_would_not_encode_back_the_same_is_kept_as_text() {
+        // "AB==" decodes, but its unused bits are set: it encodes back as "AA==".
+        for odd in ["AB==", "QQ", "not base64!"] {
+            let packets = vec![packet(0, "AAEC"), packet(1, odd)];
+            let record = Record::build("c", &packets);
+            assert_eq!(record.encoding, "text", "{odd}");
+            assert_eq!(record.packets().unwrap(), packets);
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_not_wrong_audio() {
+        let mut record = Record::build("c", &[packet(0, "abc"), packet(1, "de")]);
+        record.lengths = vec![3, 3];
+        assert!(record.packets().is_err());
+        let mut record = Record::build("c", &[packet(0, "abc"), packet(1, "de")]);
+        record.audio.truncate(4);
+        assert!(record.packets().is_err());
+        let mut record = Record::build("c", &[packet(0, "abc"), packet(1, "de")]);
+        record.uppers = vec![1];
+        assert!(record.packets().is_err());
     }
 }

@@ -1,15 +1,23 @@
-//! A final call's packet rows become one `call_audio` record, in one statement (so in one
-//! transaction): the rows are deleted and their data, timestamps and received ranges written
-//! as the record, and the call is marked compacted. Readers go through [`crate::audio`], which
-//! reads either form. Packets are frozen once a call has left `IN_PROGRESS` (the writer
-//! inserts only for `IN_PROGRESS` calls, under their row lock), so a final call's rows are all
-//! it will ever have, even if it is re-driven.
+//! A final call's packet rows become one `call_audio` record ([`crate::audio::Record`]), in
+//! one transaction: the call is locked, its rows deleted (their `RETURNING` is the record's
+//! input), the record written and the call marked compacted. Readers go through
+//! [`crate::audio`], which reads either form. Packets are frozen once a call has left
+//! `IN_PROGRESS` (the writer inserts only for `IN_PROGRESS` calls, under their row lock), so a
+//! final call's rows are all it will ever have, even if it is re-driven.
+//!
+//! The record is built here, not in SQL, to compress it: Postgres's own TOAST compression
+//! (pglz, lz4) is dictionary-only and finds almost nothing in base64 text or audio, where zstd's
+//! entropy coding does (docs/benchmarks.md, "Data lifecycle").
 
 use std::time::Duration;
 
 use sqlx::PgPool;
+use time::OffsetDateTime;
 
-use crate::CallState;
+use crate::{
+    CallState,
+    audio::{self, Record, StoredPacket},
+};
 
 /// What one [`compact`] pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -18,74 +26,68 @@ pub struct Compacted {
     pub calls: u64,
     /// Packet rows deleted.
     pub packets: u64,
-    /// Bytes of audio data moved into records.
+    /// Bytes of packet data (as it arrived) moved into records.
     pub bytes: u64,
+    /// Bytes those records' compressed audio takes.
+    pub stored_bytes: u64,
     /// Calls whose audio was already past retention: their rows deleted, no record written.
     pub expired: u64,
 }
 
 /// Compacts up to `limit` final calls not compacted yet, oldest first, that no other
 /// transaction holds (`SKIP LOCKED`: replicas share the work, and a call being re-driven is
-/// simply taken next time). A call that began more than `audio_kept_for` ago gets no record:
-/// its audio is past retention, and its record's partition may be gone.
+/// simply taken next time), one call's rows in memory at a time. A call that began more than
+/// `audio_kept_for` ago gets no record: its audio is past retention, and its record's
+/// partition may be gone.
 pub async fn compact(
     pool: &PgPool,
     limit: i64,
     audio_kept_for: Option<Duration>,
 ) -> Result<Compacted, sqlx::Error> {
-    let rows: Vec<(bool, i64, i64)> = sqlx::query_as(
-        "WITH claimed AS ( \
-             SELECT call_id, created_at, \
-                    ($2::float8 IS NULL OR created_at >= now() - make_interval(secs => $2)) AS kept \
-             FROM calls \
-             WHERE audio_compacted_at IS NULL AND state IN ($3, $4) \
-             ORDER BY created_at LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED \
-         ), removed AS ( \
-             DELETE FROM packets p USING claimed c \
-             WHERE p.call_id = c.call_id AND p.call_created_at = c.created_at \
-             RETURNING p.call_id, p.sequence, p.data, p.sent_at, p.received_at \
-         ), recorded AS ( \
-             INSERT INTO call_audio (call_id, call_created_at, received, packets, data, lengths, \
-                                     sent_at, received_at) \
-             SELECT c.call_id, c.created_at, \
-                    COALESCE(range_agg(int8range(r.sequence, r.sequence + 1)), '{}'), \
-                    count(r.sequence), \
-                    COALESCE(string_agg(convert_to(r.data, 'UTF8'), ''::bytea ORDER BY r.sequence), ''::bytea), \
-                    COALESCE(array_agg(octet_length(r.data) ORDER BY r.sequence) \
-                             FILTER (WHERE r.sequence IS NOT NULL), '{}'), \
-                    COALESCE(array_agg(r.sent_at ORDER BY r.sequence) \
-                             FILTER (WHERE r.sequence IS NOT NULL), '{}'), \
-                    COALESCE(array_agg(r.received_at ORDER BY r.sequence) \
-                             FILTER (WHERE r.sequence IS NOT NULL), '{}') \
-             FROM claimed c LEFT JOIN removed r USING (call_id) \
-             WHERE c.kept \
-             GROUP BY c.call_id, c.created_at \
-             RETURNING call_id \
-         ), marked AS ( \
-             UPDATE calls SET audio_compacted_at = now() FROM claimed \
-             WHERE calls.call_id = claimed.call_id \
-         ) \
-         SELECT c.kept, \
-                (SELECT count(*) FROM removed WHERE removed.call_id = c.call_id), \
-                (SELECT COALESCE(sum(octet_length(data)), 0)::int8 FROM removed \
-                 WHERE removed.call_id = c.call_id) \
-         FROM claimed c",
+    let mut tx = pool.begin().await?;
+    let claimed: Vec<(String, OffsetDateTime, bool)> = sqlx::query_as(
+        "SELECT call_id, created_at, \
+                ($2::float8 IS NULL OR created_at >= now() - make_interval(secs => $2)) AS kept \
+         FROM calls \
+         WHERE audio_compacted_at IS NULL AND state IN ($3, $4) \
+         ORDER BY created_at LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(limit)
     .bind(audio_kept_for.map(|d| d.as_secs_f64()))
     .bind(CallState::Archived.as_str())
     .bind(CallState::Failed.as_str())
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let mut done = Compacted::default();
-    for (kept, packets, bytes) in rows {
+    for (call_id, created_at, kept) in &claimed {
+        let mut rows: Vec<StoredPacket> = sqlx::query_as(
+            "DELETE FROM packets WHERE call_id = $1 AND call_created_at = $2 \
+             RETURNING call_id, sequence, data, sent_at, received_at",
+        )
+        .bind(call_id)
+        .bind(created_at)
+        .fetch_all(&mut *tx)
+        .await?;
         done.calls += 1;
-        done.packets += packets as u64;
-        if kept {
-            done.bytes += bytes as u64;
-        } else {
+        done.packets += rows.len() as u64;
+        if !kept {
             done.expired += 1;
+            continue;
         }
+        rows.sort_unstable_by_key(|p| p.sequence);
+        let record = Record::build(call_id, &rows);
+        drop(rows);
+        audio::insert_record(&mut tx, *created_at, &record).await?;
+        done.bytes += record.data_bytes as u64;
+        done.stored_bytes += record.audio.len() as u64;
     }
+    if !claimed.is_empty() {
+        let ids: Vec<&str> = claimed.iter().map(|(id, ..)| id.as_str()).collect();
+        sqlx::query("UPDATE calls SET audio_compacted_at = now() WHERE call_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     Ok(done)
 }

@@ -47,10 +47,12 @@ pub async fn compact_once(
         metrics::counter!("switchboard_compacted_calls_total").increment(done.calls);
         metrics::counter!("switchboard_compacted_packets_total").increment(done.packets);
         metrics::counter!("switchboard_compacted_bytes_total").increment(done.bytes);
+        metrics::counter!("switchboard_compacted_stored_bytes_total").increment(done.stored_bytes);
         tracing::debug!(
             calls = done.calls,
             packets = done.packets,
             bytes = done.bytes,
+            stored_bytes = done.stored_bytes,
             expired = done.expired,
             "compacted final calls"
         );

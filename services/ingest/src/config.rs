@@ -239,3 +239,65 @@ impl IngestConfig {
 fn days_to_duration(days: f64) -> Duration {
     Duration::from_secs_f64(days * 86_400.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<IngestConfig, clap::Error> {
+        IngestConfig::try_parse_from(std::iter::once("ingest").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn retention_is_off_unless_set_and_empty_means_unset() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(
+            (config.audio_retention(), config.call_retention()),
+            (None, None)
+        );
+        let config = parse(&["--audio-retention-days", "", "--call-retention-days", " "]).unwrap();
+        assert_eq!(
+            (config.audio_retention(), config.call_retention()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn retention_takes_decimal_days_and_audio_never_outlives_its_call() {
+        let config = parse(&["--audio-retention-days", "0.5"]).unwrap();
+        assert_eq!(config.audio_retention(), Some(Duration::from_secs(43_200)));
+        let config =
+            parse(&["--audio-retention-days", "30", "--call-retention-days", "7"]).unwrap();
+        assert_eq!(
+            config.audio_retention(),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            config.call_retention(),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let config = parse(&["--call-retention-days", "2"]).unwrap();
+        assert_eq!(
+            config.audio_retention(),
+            Some(Duration::from_secs(2 * 86_400))
+        );
+    }
+
+    #[test]
+    fn bad_retentions_and_partition_widths_are_refused_naming_the_setting() {
+        for bad in ["0", "-1", "abc", "NaN", "40000"] {
+            let arg = format!("--audio-retention-days={bad}");
+            let error = parse(&[&arg]).unwrap_err().to_string();
+            assert!(error.contains("audio-retention-days"), "{bad}: {error}");
+        }
+        for bad in [7, 59, 7_000, 172_800] {
+            let config = parse(&["--partition-interval-secs", &bad.to_string()]).unwrap();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("PARTITION_INTERVAL_SECS"), "{bad}: {error}");
+        }
+        for good in [60, 3_600, 86_400] {
+            let config = parse(&["--partition-interval-secs", &good.to_string()]).unwrap();
+            assert!(config.validate().is_ok(), "{good}");
+        }
+    }
+}
