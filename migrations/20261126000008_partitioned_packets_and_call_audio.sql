@@ -14,10 +14,12 @@
 -- partition keeper, ahead of time; see common/src/partitions.rs.
 --
 -- Upgrade: this migration copies the packets stored so far into the new table (one pass, under
--- the migration's lock). While it runs, and until they are replaced, ingest replicas of the
--- previous release answer packets 503 (their INSERT names the old key), which PBXs retry:
--- nothing is stored wrongly and nothing acknowledged is lost. Stop the previous release first
--- if a large packets table makes the copy long.
+-- the migration's lock), and the previous release cannot write the new table (its INSERT's
+-- ON CONFLICT names the old key: Postgres refuses it, and those replicas answer packets 500
+-- until replaced; its transcriber would read a compacted call as empty). Nothing stored is
+-- lost or changed, but upgrade across this migration with the previous release stopped:
+-- scale ingest and the transcriber to zero, run `ingest migrate`, then start the new release
+-- (docs/deploy.md, "Upgrades").
 
 -- The shape of every partition: a table like its parent, attached with `ATTACH PARTITION`
 -- rather than `CREATE TABLE .. PARTITION OF`, because attaching takes only a SHARE UPDATE
@@ -83,9 +85,17 @@ CREATE TABLE call_audio (
 ALTER TABLE call_audio ALTER COLUMN audio SET STORAGE EXTERNAL;
 
 -- When the call's packets were compacted into call_audio (NULL: still packet rows). A compacted
--- call without a call_audio row had its audio expired (AUDIO_RETENTION_DAYS). Its index is in
--- the next migration (built concurrently).
+-- call without a call_audio row had its audio expired (AUDIO_RETENTION_DAYS).
 ALTER TABLE calls ADD COLUMN audio_compacted_at TIMESTAMPTZ;
+
+-- The calls whose packets are still rows: the compactor takes the final ones from here, oldest
+-- first, and the sweeper drops a packets partition once no call of its interval is left here.
+-- Partial, so a compacted call leaves it; on created_at and audio_compacted_at only, so a
+-- packet's counter update stays HOT (calls' fillfactor, migration 1). Not built CONCURRENTLY:
+-- that cannot run inside this migration's transaction, and in a migration of its own it would
+-- wait on (and deadlock with) replicas queued on sqlx's migration lock; the copy above holds
+-- its lock longer anyway.
+CREATE INDEX calls_audio_uncompacted ON calls (created_at) WHERE audio_compacted_at IS NULL;
 
 -- Partitions for the packets copied below: one per UTC day a call began on. None ahead: ingest
 -- adds those at start-up, before it takes a packet, at the configured width.

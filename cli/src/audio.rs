@@ -34,14 +34,35 @@ pub fn speech_like_frames(count: usize, bytes: usize) -> Vec<String> {
                 let sample = 9_000.0 * envelope * voiced + 600.0 * noise();
                 mulaw.push(linear_to_mulaw(sample.clamp(-32_768.0, 32_767.0) as i16));
             }
-            let mut text = STANDARD.encode(&mulaw);
-            while text.len() < bytes {
-                text = text.repeat(2);
-            }
-            text.truncate(bytes);
-            text
+            fit(STANDARD.encode(&mulaw), bytes)
         })
         .collect()
+}
+
+/// The frames of a raw 8 kHz µ-law file: 160 bytes each, base64, cut or repeated to `bytes`
+/// characters (a trailing part frame is dropped).
+pub fn frames_of_file(path: &std::path::Path, bytes: usize) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let audio = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let frames: Vec<String> = audio
+        .chunks_exact(FRAME_SAMPLES)
+        .map(|frame| fit(STANDARD.encode(frame), bytes))
+        .collect();
+    anyhow::ensure!(
+        !frames.is_empty(),
+        "{} holds less than one 20 ms frame (160 bytes of 8 kHz mu-law)",
+        path.display()
+    );
+    Ok(frames)
+}
+
+/// `text` cut or repeated to exactly `bytes` characters.
+fn fit(mut text: String, bytes: usize) -> String {
+    while text.len() < bytes {
+        text = text.repeat(2);
+    }
+    text.truncate(bytes);
+    text
 }
 
 /// G.711 µ-law encoding of one 16-bit sample (the standard's bias-and-segment method).

@@ -41,6 +41,11 @@ pub struct Options {
     /// Bytes of `data` per packet (216 is a 20 ms frame of 8 kHz mu-law, base64).
     #[arg(long, default_value_t = 216)]
     pub packet_bytes: usize,
+    /// Audio to send instead of the generated speech-like signal: raw 8 kHz G.711 mu-law
+    /// (`sox speech.wav -r 8000 -c 1 -e mu-law -t raw speech.ul`), 160 bytes (20 ms) a packet,
+    /// base64; each call starts at its own place in it and wraps around.
+    #[arg(long)]
+    pub audio_file: Option<std::path::PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -160,8 +165,11 @@ pub async fn run(ingest: &Ingest, options: Options) -> anyhow::Result<ExitCode> 
         "bench-{:x}",
         time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
     );
-    // Three seconds of distinct speech-like frames, each call starting at its own place.
-    let frames = crate::audio::speech_like_frames(150, options.packet_bytes);
+    let frames = match &options.audio_file {
+        Some(path) => crate::audio::frames_of_file(path, options.packet_bytes)?,
+        // A minute of distinct speech-like frames, each call starting at its own place.
+        None => crate::audio::speech_like_frames(3_000, options.packet_bytes),
+    };
     let duration = Duration::from_secs_f64(options.duration);
     let started = Instant::now();
     let tallies = join_all((0..options.calls).map(|i| {
@@ -218,9 +226,10 @@ fn sequence(pattern: Pattern, k: u64) -> i64 {
     }
 }
 
-/// The `k`-th packet's data of call `index`: the frames in order, each call from its own start.
+/// The `k`-th packet's data of call `index`: the frames in order, each call from its own start
+/// (about 2 s apart).
 fn frame(frames: &[String], index: usize, k: u64) -> &str {
-    &frames[(index * 37 + k as usize) % frames.len()]
+    &frames[(index * 97 + k as usize) % frames.len()]
 }
 
 /// Open loop: call `index` of `calls` sends its `k`-th packet when packet number

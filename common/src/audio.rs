@@ -6,6 +6,8 @@
 //! statement (one snapshot), so a compaction committing meanwhile is seen entirely or not at
 //! all.
 
+use std::io::Write;
+
 use base64::{Engine, engine::general_purpose::STANDARD};
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -48,25 +50,32 @@ pub struct Record {
 }
 
 impl Record {
-    /// The record of `packets` (one call's, sorted by sequence, each sequence once).
+    /// The record of `packets` (one call's, sorted by sequence, each sequence once). The
+    /// packets' bytes stream through the compressor: besides the rows, only the compressed
+    /// audio is held.
     pub fn build(call_id: &str, packets: &[StoredPacket]) -> Record {
-        let decoded: Option<Vec<Vec<u8>>> = packets
-            .iter()
-            .map(|p| {
-                let bytes = STANDARD.decode(&p.data).ok()?;
-                (STANDARD.encode(&bytes) == p.data).then_some(bytes)
-            })
-            .collect();
-        let (encoding, pieces): (&str, Vec<Vec<u8>>) = match decoded {
-            Some(bytes) => ("base64", bytes),
-            None => (
-                "text",
-                packets
-                    .iter()
-                    .map(|p| p.data.clone().into_bytes())
-                    .collect(),
-            ),
-        };
+        let mut buffer = Vec::new();
+        let base64 = packets.iter().all(|p| {
+            buffer.clear();
+            STANDARD.decode_vec(&p.data, &mut buffer).is_ok() && STANDARD.encode(&buffer) == p.data
+        });
+        let mut lengths = Vec::with_capacity(packets.len());
+        let mut encoder =
+            zstd::stream::Encoder::new(Vec::new(), ZSTD_LEVEL).expect("a zstd encoder in memory");
+        for p in packets {
+            let piece: &[u8] = if base64 {
+                buffer.clear();
+                STANDARD
+                    .decode_vec(&p.data, &mut buffer)
+                    .expect("checked above");
+                &buffer
+            } else {
+                p.data.as_bytes()
+            };
+            lengths.push(piece.len() as i32);
+            encoder.write_all(piece).expect("writing to memory");
+        }
+        let audio = encoder.finish().expect("finishing in memory");
         let (mut lowers, mut uppers) = (Vec::new(), Vec::<i64>::new());
         for p in packets {
             match uppers.last_mut() {
@@ -77,12 +86,9 @@ impl Record {
                 }
             }
         }
-        let lengths = pieces.iter().map(|b| b.len() as i32).collect();
-        let audio = zstd::bulk::compress(&pieces.concat(), ZSTD_LEVEL)
-            .expect("zstd compresses any input in memory");
         Record {
             call_id: call_id.to_owned(),
-            encoding: encoding.to_owned(),
+            encoding: if base64 { "base64" } else { "text" }.to_owned(),
             audio,
             lengths,
             sent_at: packets.iter().map(|p| p.sent_at).collect(),
@@ -187,17 +193,21 @@ pub(crate) async fn insert_record(
 }
 
 /// The stored packets among the keys (`call_ids[i]`, `sequences[i]`), in either form. Keys
-/// stored nowhere are absent. A key of a compacted call is cut out of its record (the whole
-/// record is read: this is the rare path of a PBX retrying a packet of a finished call).
+/// stored nowhere are absent. A key of a compacted call is found in its record (the whole
+/// record is read: this is the rare path of a PBX retrying a packet of a finished call). Two
+/// statements, yet consistent: a key missing from the rows because its call was compacted in
+/// between is in the record the second one reads.
 pub async fn stored_packets(
     conn: &mut PgConnection,
     call_ids: &[&str],
     sequences: &[i64],
 ) -> Result<Vec<StoredPacket>, sqlx::Error> {
     let mut found: Vec<StoredPacket> = sqlx::query_as(
-        "SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at FROM packets p \
-         JOIN UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
-           ON p.call_id = k.call_id AND p.sequence = k.sequence",
+        "SELECT p.call_id, p.sequence, p.data, p.sent_at, p.received_at \
+         FROM UNNEST($1::text[], $2::int8[]) AS k(call_id, sequence) \
+         JOIN calls c ON c.call_id = k.call_id \
+         JOIN packets p ON p.call_id = k.call_id AND p.sequence = k.sequence \
+           AND p.call_created_at = c.created_at",
     )
     .bind(call_ids)
     .bind(sequences)

@@ -62,9 +62,14 @@ pub fn floor(at: OffsetDateTime, interval: Duration) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(secs).expect("a floored timestamp is in range")
 }
 
-/// Adds the partitions of every table so that `call_created_at` up to `until` has one: from
-/// the end of the newest partition (or the start of `now`'s), `interval` wide. Returns the
-/// (table, partition) pairs added.
+/// How far back [`add_ahead`] makes sure partitions exist: a transaction that began that long
+/// ago may still be creating a call (a call's `created_at` is its transaction's start).
+pub const BEHIND: Duration = Duration::from_secs(600);
+
+/// Adds the partitions of every table so that `call_created_at` from [`BEHIND`] before `now`
+/// up to `until` has one: from the end of the newest partition (or the start of the partition
+/// of `now - BEHIND`, if that is later), `interval` wide. Returns the (table, partition) pairs
+/// added.
 pub async fn add_ahead(
     conn: &mut PgConnection,
     now: OffsetDateTime,
@@ -73,14 +78,15 @@ pub async fn add_ahead(
 ) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
     let mut added = Vec::new();
     set_lock_timeout(conn).await?;
+    let from = floor(now - BEHIND, interval);
     for table in TABLES {
         let existing = list(conn, table).await?;
         let mut lower = existing
             .iter()
             .map(|p| p.upper)
             .max()
-            .filter(|newest| *newest > floor(now, interval))
-            .unwrap_or_else(|| floor(now, interval));
+            .filter(|newest| *newest > from)
+            .unwrap_or(from);
         while lower <= until {
             let upper = floor(lower, interval) + interval;
             let name: Option<String> =
@@ -154,6 +160,59 @@ pub async fn drop_partition(
         rows: rows.max(0) as u64,
         bytes: bytes.max(0) as u64,
     })
+}
+
+/// Whether every table has a partition holding `at`.
+pub async fn covered(conn: &mut PgConnection, at: OffsetDateTime) -> Result<bool, sqlx::Error> {
+    for table in TABLES {
+        if !list(conn, table)
+            .await?
+            .iter()
+            .any(|p| p.lower <= at && at < p.upper && !p.detach_pending)
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Tables named like a partition that are no longer attached to their table: what a drop
+/// interrupted between its `DETACH` and its `DROP` left behind (a detached partition is
+/// always one being retired).
+pub async fn orphans(conn: &mut PgConnection) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
+    let mut found = Vec::new();
+    for table in TABLES {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema() \
+             WHERE c.relkind = 'r' AND NOT c.relispartition \
+               AND c.relname ~ ('^' || $1 || '_p[0-9]{8}_[0-9]{6}$')",
+        )
+        .bind(table)
+        .fetch_all(&mut *conn)
+        .await?;
+        found.extend(names.into_iter().map(|n| (table, n)));
+    }
+    Ok(found)
+}
+
+/// Drops a table [`orphans`] found, returning its size.
+pub async fn drop_orphan(conn: &mut PgConnection, name: &str) -> Result<u64, sqlx::Error> {
+    set_lock_timeout(conn).await?;
+    let bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size($1::regclass)")
+        .bind(quote(name))
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {}", quote(name))))
+        .execute(&mut *conn)
+        .await?;
+    Ok(bytes.max(0) as u64)
+}
+
+/// The database's clock: partitions are filed by it (a call's `created_at` is Postgres's
+/// `now()`), so their upkeep reads time from it too.
+pub async fn database_now(conn: &mut PgConnection) -> Result<OffsetDateTime, sqlx::Error> {
+    sqlx::query_scalar("SELECT now()").fetch_one(conn).await
 }
 
 /// Whether any call that began in `[lower, upper)` still has packet rows (is not compacted):

@@ -25,10 +25,12 @@ impl Deleted {
     }
 }
 
-/// Deletes up to `limit` final (`ARCHIVED` or `FAILED`) calls that began before `before`,
-/// oldest first, with their transitions, attempts and gaps, in one statement. Calls held by
-/// another transaction (a re-drive, say) are passed over and taken by a later batch; a call
-/// still being worked on is never deleted.
+/// Deletes up to `limit` final (`ARCHIVED` or `FAILED`) and compacted calls that began
+/// before `before`, oldest first, with their transitions, attempts and gaps, in one statement.
+/// Calls held by another transaction (a re-drive, say) are passed over and taken by a later
+/// batch; a call still being worked on is never deleted, and one not compacted yet waits for
+/// the compactor (which deletes the rows of a call past the audio retention), so no packet row
+/// outlives its call.
 pub async fn delete_calls(
     pool: &PgPool,
     before: OffsetDateTime,
@@ -46,6 +48,7 @@ pub async fn delete_calls(
     ): (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
         "WITH doomed AS ( \
              SELECT call_id FROM calls WHERE created_at < $1 AND state IN ($3, $4) \
+                    AND audio_compacted_at IS NOT NULL \
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED \
          ), t AS ( \
              DELETE FROM call_transitions x USING doomed d WHERE x.call_id = d.call_id \

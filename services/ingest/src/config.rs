@@ -97,6 +97,12 @@ pub struct IngestConfig {
           value_parser = parse_retention_days)]
     pub call_retention_days: RetentionDays,
 
+    /// Compact final calls: their packet rows become one compressed record each. `false` keeps
+    /// the rows (and their partitions) of every call, and retention then removes only calls
+    /// already compacted.
+    #[arg(long, env = "AUDIO_COMPACTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub audio_compaction: bool,
+
     /// Width of the time partitions of `packets` and `call_audio`, in seconds: at least 60 and
     /// a whole divisor of a day. Calls are filed by the time they began.
     #[arg(long, env = "PARTITION_INTERVAL_SECS", default_value_t = 86_400)]
@@ -205,6 +211,7 @@ impl IngestConfig {
             interval: self.partition_interval(),
             audio_retention: self.audio_retention(),
             call_retention: self.call_retention(),
+            grace: crate::sweeper::PACKETS_GRACE.max(2 * self.request_deadline()),
         }
     }
 

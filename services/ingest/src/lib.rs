@@ -87,13 +87,9 @@ impl App {
         .await?;
         check_packet_size(&config, &infra.nats)?;
         // Partitions for the calls about to begin exist before the first packet is taken.
-        sweeper::add_partitions(
-            &pool,
-            config.sweeper_policy(),
-            time::OffsetDateTime::now_utc(),
-        )
-        .await
-        .context("adding the partitions of packets and call_audio")?;
+        sweeper::add_partitions(&pool, config.sweeper_policy())
+            .await
+            .context("adding the partitions of packets and call_audio")?;
         let publisher = Publisher::new(infra.js, infra.subjects, pool.clone());
         let (writer, writer_task) = PacketWriter::spawn(
             pool.clone(),
@@ -182,14 +178,18 @@ impl App {
             }
             .run(background.clone()),
         );
-        tasks.spawn(
-            "compactor",
-            compactor::run(
-                state.pool.clone(),
-                config.audio_retention(),
-                background.clone(),
-            ),
-        );
+        if config.audio_compaction {
+            tasks.spawn(
+                "compactor",
+                compactor::run(
+                    state.pool.clone(),
+                    config.audio_retention(),
+                    background.clone(),
+                ),
+            );
+        } else {
+            tracing::warn!("AUDIO_COMPACTION=false: final calls keep their packet rows");
+        }
         tasks.spawn(
             "sweeper",
             sweeper::run(

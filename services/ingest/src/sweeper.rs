@@ -2,19 +2,22 @@
 //! retention. Every replica runs one; a Postgres advisory lock lets one pass at a time do the
 //! work, the others skip theirs. A pass:
 //!
-//! 1. adds partitions until [`AHEAD`] partition widths past now (ingest also does this once
+//! 1. adds partitions until [`AHEAD`] partition widths past now (ingest also does this
 //!    before it serves), so a packet never finds none;
-//! 2. deletes final calls older than `CALL_RETENTION_DAYS` with their history, in batches
-//!    ([`DELETE_BATCH`] per statement, at most [`DELETE_BATCHES_PER_PASS`] per pass);
+//! 2. deletes final, compacted calls older than `CALL_RETENTION_DAYS` with their history, in
+//!    batches ([`DELETE_BATCH`] per statement, at most [`DELETE_BATCHES_PER_PASS`] per pass);
 //! 3. drops the `call_audio` partitions wholly older than the audio retention
 //!    (`AUDIO_RETENTION_DAYS`, or `CALL_RETENTION_DAYS` if shorter);
-//! 4. drops the `packets` partitions that can hold nothing any more: wholly older than the
-//!    audio retention, or ended more than [`PACKETS_GRACE`] ago with every call of theirs
-//!    compacted (so, normally, a day after the day).
+//! 4. drops the `packets` partitions that hold nothing any more: ended more than
+//!    [`PACKETS_GRACE`] (or more, [`Policy::grace`]) ago with every call of theirs compacted (normally, the day after the
+//!    day). A call still streaming or waiting for the AI keeps its partition however old; the
+//!    rows of a final call past the audio retention are deleted by the compactor, unread;
+//! 5. drops what an interrupted pass left detached.
 //!
-//! Nothing here makes ingest wait: partitions are attached and detached with locks inserts do
-//! not wait for, each under a short `lock_timeout` (`common::partitions`), and deletes take
-//! only final calls, which no packet writer locks.
+//! Time is the database's (calls are filed by Postgres's `now()`). Nothing here makes ingest
+//! wait: partitions are attached and detached with locks inserts do not wait for, each under
+//! a short `lock_timeout` (`common::partitions`), and deletes take only final calls, whose
+//! rows a packet writer locks only to answer a late retry of a finished call.
 
 use std::time::Duration;
 
@@ -30,9 +33,11 @@ use tokio_util::sync::CancellationToken;
 pub const AHEAD: u32 = 3;
 
 /// A packets partition is dropped for being fully compacted only this long after its range
-/// ended: far longer than any transaction that could still be filing a call into it (a
-/// call's `created_at` is its transaction's start).
-pub const PACKETS_GRACE: Duration = Duration::from_secs(600);
+/// ended (at least; [`Policy::grace`]): a transaction still filing a call into it would have
+/// begun before the range ended (a call's `created_at` is its transaction's start), and one
+/// running this long has had its packets answered 503 long ago (`INGEST_REQUEST_DEADLINE_MS`),
+/// so no acknowledged packet can be in a partition this old that the check missed.
+pub const PACKETS_GRACE: Duration = Duration::from_secs(120);
 
 /// Calls one retention statement deletes at most.
 pub const DELETE_BATCH: i64 = 1_000;
@@ -52,6 +57,9 @@ pub struct Policy {
     pub audio_retention: Option<Duration>,
     /// How long final calls are kept.
     pub call_retention: Option<Duration>,
+    /// How long after its range a settled packets partition is dropped: [`PACKETS_GRACE`], or
+    /// twice the request deadline if longer.
+    pub grace: Duration,
 }
 
 impl Policy {
@@ -73,26 +81,45 @@ pub struct Swept {
 
 pub async fn run(pool: PgPool, policy: Policy, shutdown: CancellationToken) -> anyhow::Result<()> {
     common::tasks::every(policy.every(), shutdown, || async {
-        if let Err(e) = sweep(&pool, policy, OffsetDateTime::now_utc()).await {
+        let pass = async {
+            let now = partitions::database_now(&mut *pool.acquire().await?).await?;
+            sweep(&pool, policy, now).await
+        };
+        if let Err(e) = pass.await {
             tracing::warn!(error.message = %e, "sweeper pass failed; trying again next pass");
         }
     })
     .await
 }
 
-/// Adds the partitions due by `now` (one pass's first step alone): ingest runs it before it
-/// serves.
-pub async fn add_partitions(
-    pool: &PgPool,
-    policy: Policy,
-    now: OffsetDateTime,
-) -> anyhow::Result<()> {
-    let Some(mut conn) = lock(pool).await? else {
-        return Ok(());
-    };
-    let added = add_ahead(&mut conn, policy, now).await;
-    unlock(conn).await;
-    added.map(drop)
+/// How long ingest waits at start-up for the partitions it needs (another replica's pass may
+/// be adding them).
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Makes sure the partitions due now exist (one pass's first step alone): ingest runs it
+/// before it serves. If another replica's pass holds the lock, waits until that pass has
+/// added them.
+pub async fn add_partitions(pool: &PgPool, policy: Policy) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let now = partitions::database_now(&mut *pool.acquire().await?).await?;
+        if let Some(mut conn) = lock(pool).await? {
+            let added = add_ahead(&mut conn, policy, now).await;
+            unlock(conn).await;
+            return added.map(drop);
+        }
+        let mut conn = pool.acquire().await?;
+        if partitions::covered(&mut conn, now + policy.interval).await? {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < START_WAIT,
+            "no partition of packets or call_audio for the next {:?}, and another replica's \
+             sweeper has held its lock for {START_WAIT:?}",
+            policy.interval
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// One pass as of `now` (tests pass a later `now` to age the data); `None` if another
@@ -175,7 +202,7 @@ async fn delete_calls(pool: &PgPool, before: OffsetDateTime) -> anyhow::Result<u
     Ok(calls)
 }
 
-/// Drops the partitions that may go (module docs, steps 3 and 4). A partition whose lock is
+/// Drops the partitions that may go (module docs, steps 3 to 5). A partition whose lock is
 /// not free at once is left for the next pass.
 async fn drop_expired(
     conn: &mut PgConnection,
@@ -183,36 +210,57 @@ async fn drop_expired(
     now: OffsetDateTime,
 ) -> anyhow::Result<Vec<Dropped>> {
     let audio_cutoff = policy.audio_retention.map(|keep| now - keep);
-    let expired = |p: &Partition| audio_cutoff.is_some_and(|cutoff| p.upper <= cutoff);
-    let mut doomed: Vec<(&'static str, Partition)> = Vec::new();
+    // (table, partition, whether its contents expired: counted in the expiry metrics; a
+    // settled packets partition holds only what was compacted, already counted).
+    let mut doomed: Vec<(&'static str, Partition, bool)> = Vec::new();
     for partition in partitions::list(conn, "call_audio").await? {
-        if expired(&partition) || partition.detach_pending {
-            doomed.push(("call_audio", partition));
+        let expired = audio_cutoff.is_some_and(|cutoff| partition.upper <= cutoff);
+        if expired || partition.detach_pending {
+            doomed.push(("call_audio", partition, true));
         }
     }
     for partition in partitions::list(conn, "packets").await? {
-        let settled = partition.upper + PACKETS_GRACE <= now
+        let settled = partition.upper + policy.grace <= now
             && !partitions::has_uncompacted_calls(conn, partition.lower, partition.upper).await?;
-        if expired(&partition) || settled || partition.detach_pending {
-            doomed.push(("packets", partition));
+        if settled || partition.detach_pending {
+            doomed.push(("packets", partition, false));
         }
     }
     let mut dropped = Vec::new();
-    for (table, partition) in doomed {
+    for (table, partition, expired) in doomed {
         match partitions::drop_partition(conn, table, &partition).await {
             Ok(d) => {
                 metrics::counter!("switchboard_partitions_dropped_total", "table" => table)
                     .increment(1);
-                metrics::counter!("switchboard_expired_rows_total", "table" => table)
-                    .increment(d.rows);
-                metrics::counter!("switchboard_expired_bytes_total", "table" => table)
-                    .increment(d.bytes);
+                if expired {
+                    metrics::counter!("switchboard_expired_rows_total", "table" => table)
+                        .increment(d.rows);
+                    metrics::counter!("switchboard_expired_bytes_total", "table" => table)
+                        .increment(d.bytes);
+                }
                 tracing::info!(table, partition = %d.name, rows = d.rows, bytes = d.bytes, "partition dropped");
                 dropped.push(d);
             }
             Err(e) => {
                 tracing::info!(table, partition = %partition.name, error.message = %e,
                     "partition not dropped this pass");
+            }
+        }
+    }
+    for (table, name) in partitions::orphans(conn).await? {
+        match partitions::drop_orphan(conn, &name).await {
+            Ok(bytes) => {
+                tracing::info!(table, partition = %name, bytes, "detached partition dropped");
+                dropped.push(Dropped {
+                    table,
+                    name,
+                    rows: 0,
+                    bytes,
+                });
+            }
+            Err(e) => {
+                tracing::info!(table, partition = %name, error.message = %e,
+                    "detached partition not dropped this pass");
             }
         }
     }

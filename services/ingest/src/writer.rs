@@ -690,8 +690,8 @@ async fn commit_batch(
     let batch = calls::packets::store(&mut tx, &call_ids, &rows, deletes, locked).await?;
     let held = held_packets(packets, &batch);
     if !held.is_empty() && locked == Locked::Wait {
-        // Waited for, and not there: a call this writer knew is gone (nothing deletes calls
-        // today). Forget what it knew; the batch is run again packet by packet, creating
+        // Waited for, and not there: a call this writer knew is gone (deleted for
+        // CALL_RETENTION_DAYS: it was final, so its packets are refused anyway). Forget what it knew; the batch is run again packet by packet, creating
         // what is missing.
         memory.known.clear();
         return Err(BatchFailure::from(sqlx::Error::RowNotFound));
