@@ -11,6 +11,7 @@ JetStream streams.
     bench_report.py delete-streams NATS_URL PREFIX
     bench_report.py sizes DATABASE_URL
     bench_report.py wait-compacted DATABASE_URL TIMEOUT_SECS
+    bench_report.py lifecycle RESULTS_DIR
 
 Only the standard library: psql for Postgres, a few lines of the NATS text protocol for the
 JetStream API (no client library to install for a script).
@@ -112,6 +113,77 @@ def wait_compacted(url, timeout):
             break
         time.sleep(0.2)
     return {"uncompacted_final_calls": int(left), "seconds": time.monotonic() - started}
+
+
+def lifecycle(results):
+    """The figures of `scripts/bench lifecycle soak` as Markdown (pasted into
+    docs/benchmarks.md, "Data lifecycle")."""
+    d = pathlib.Path(results)
+    get = lambda name: json.loads((d / f"{name}.json").read_text()) if (d / f"{name}.json").exists() else None
+    out = []
+    streaming, compacted = get("lifecycle_disk_streaming"), get("lifecycle_disk_compacted")
+    if streaming and compacted:
+        minutes = streaming["call_minutes"]
+        packets = minutes * 3000
+        rows = streaming["tables"]["packets"]
+        record = compacted["tables"]["call_audio"]
+        raw = packets * 216
+        out += [
+            "| form | bytes on disk | per packet | per call-minute |",
+            "|---|---|---|---|",
+            f"| the data as it arrived (216 B a packet) | {raw:,.0f} | 216 | {raw / minutes / 1e6:.2f} MB |",
+            f"| packet rows while streaming (`packets`: heap, TOAST, index) | {rows:,} | {rows / packets:.0f} | {rows / minutes / 1e6:.2f} MB |",
+            f"| compacted (`call_audio`) | {record:,} | {record / packets:.0f} | {record / minutes / 1e6:.3f} MB |",
+            "",
+            f"{minutes:.0f} call-minutes; compacted is {rows / record:.1f}x smaller than the rows and "
+            f"{record / raw:.0%} of the data as it arrived.",
+            "",
+        ]
+    runs = {r: get(f"lifecycle_ab_{r}") for r in ("off1", "on1", "off2", "on2")}
+    if any(runs.values()):
+        out += [
+            "| run | compaction and sweeper | packets accepted | throughput | ingest p50 | p99 | calls final |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in runs.items():
+            if not r:
+                continue
+            lat = r["ingest_latency"]
+            rate = r["packets_accepted"] / r["duration_secs"] if r["duration_secs"] else 0
+            finals = sum(r["final_states"].values())
+            out.append(
+                f"| {name} | {'on' if name.startswith('on') else 'off'} | {r['packets_accepted']:,} | "
+                f"{rate:,.0f} /s | {lat.get('p50', 0):.1f} ms | {lat.get('p99', 0):.1f} ms | {finals:,} |"
+            )
+        out.append("")
+    alone, beside = get("lifecycle_alone"), get("lifecycle_beside")
+    if alone and beside:
+        out += [
+            "| ingest, 256 calls closed loop | throughput | p50 | p99 |",
+            "|---|---|---|---|",
+        ]
+        for label, r in (("alone", alone), ("beside the backlog's compaction", beside)):
+            lat = r["latency_ms"]
+            out.append(f"| {label} | {r['throughput_per_sec']:,.0f} /s | {lat['p50']:.1f} ms | {lat['p99']:.1f} ms |")
+        out.append("")
+    soak = d / "soak_sizes.jsonl"
+    if soak.exists():
+        samples = [json.loads(line) for line in soak.read_text().splitlines() if line.strip()]
+        if samples:
+            t0 = samples[0]["at"]
+            out += [
+                "| minute | database | packets (rows) | call_audio | calls | packet rows live | calls kept |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for s_ in samples[::2]:
+                t = s_["tables"]
+                out.append(
+                    f"| {(s_['at'] - t0) / 60:.1f} | {s_['database_bytes'] / 1e6:.0f} MB | "
+                    f"{t.get('packets', 0) / 1e6:.0f} MB | {t.get('call_audio', 0) / 1e6:.1f} MB | "
+                    f"{t.get('calls', 0) / 1e6:.1f} MB | {s_['packet_rows']:,} | {s_['calls']:,} |"
+                )
+            out.append("")
+    return "\n".join(out)
 
 
 def final_times(url):
@@ -301,6 +373,8 @@ def main(argv):
         print(json.dumps(sizes(argv[2]), indent=2))
     elif cmd == "wait-compacted":
         print(json.dumps(wait_compacted(argv[2], argv[3]), indent=2))
+    elif cmd == "lifecycle":
+        print(lifecycle(argv[2]))
     elif cmd == "delete-streams":
         print(" ".join(delete_streams(argv[2], argv[3])))
     else:
