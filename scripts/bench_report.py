@@ -12,6 +12,7 @@ JetStream streams.
     bench_report.py sizes DATABASE_URL
     bench_report.py wait-compacted DATABASE_URL TIMEOUT_SECS
     bench_report.py lifecycle RESULTS_DIR
+    bench_report.py seed-old DATABASE_URL CALLS PACKETS MINUTES_AGO
 
 Only the standard library: psql for Postgres, a few lines of the NATS text protocol for the
 JetStream API (no client library to install for a script).
@@ -99,6 +100,41 @@ def sizes(url):
     }
 
 
+def seed_old(url, calls, packets, minutes_ago):
+    """Yesterday's data, for the sweeper to expire beside a load: CALLS final, uncompacted
+    calls that began MINUTES_AGO (spread over ten minutes, in 60 s partitions made for them),
+    each with PACKETS packet rows of 216 bytes and five history rows."""
+    calls, packets, ago = int(calls), int(packets), int(minutes_ago)
+    psql(
+        url,
+        "SELECT switchboard_add_partition(t, m, m + interval '60 s') FROM "
+        f"generate_series(date_trunc('minute', now()) - interval '{ago} min', "
+        f"date_trunc('minute', now()) - interval '{ago - 10} min', interval '60 s') AS m, "
+        "unnest(ARRAY['packets', 'call_audio']) AS t",
+    )
+    psql(
+        url,
+        "INSERT INTO calls (call_id, state, version, created_at, packets_received, first_sequence, "
+        "last_sequence, total_packets, transcript) "
+        f"SELECT 'old-' || i, 'ARCHIVED', 5, date_trunc('minute', now()) - interval '{ago} min' "
+        f"+ (i % 600) * interval '1 s', {packets}, 0, {packets - 1}, {packets}, 'an old call' "
+        f"FROM generate_series(1, {calls}) AS i",
+    )
+    psql(
+        url,
+        "INSERT INTO call_transitions (call_id, version, from_state, to_state, reason, event, published_at) "
+        "SELECT c.call_id, v, NULL, 'ARCHIVED', 'ai_succeeded', '{}'::jsonb, now() "
+        "FROM calls c, generate_series(1, 5) AS v WHERE c.call_id LIKE 'old-%'",
+    )
+    psql(
+        url,
+        "INSERT INTO packets (call_id, sequence, data, sent_at, call_created_at) "
+        "SELECT c.call_id, s, substr(repeat(md5(c.call_id || s), 7), 1, 216), s * 0.02, c.created_at "
+        f"FROM calls c, generate_series(0, {packets - 1}) AS s WHERE c.call_id LIKE 'old-%'",
+    )
+    return {"calls": calls, "packets": calls * packets, "minutes_ago": ago}
+
+
 def wait_compacted(url, timeout):
     """Waits until every final call is compacted; reports how long that took from now."""
     started = time.monotonic()
@@ -119,7 +155,12 @@ def lifecycle(results):
     """The figures of `scripts/bench lifecycle soak` as Markdown (pasted into
     docs/benchmarks.md, "Data lifecycle")."""
     d = pathlib.Path(results)
-    get = lambda name: json.loads((d / f"{name}.json").read_text()) if (d / f"{name}.json").exists() else None
+    def get(name):
+        try:
+            return json.loads((d / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     out = []
     streaming, compacted = get("lifecycle_disk_streaming"), get("lifecycle_disk_compacted")
     if streaming and compacted:
@@ -373,6 +414,8 @@ def main(argv):
         print(json.dumps(sizes(argv[2]), indent=2))
     elif cmd == "wait-compacted":
         print(json.dumps(wait_compacted(argv[2], argv[3]), indent=2))
+    elif cmd == "seed-old":
+        print(json.dumps(seed_old(*argv[2:6]), indent=2))
     elif cmd == "lifecycle":
         print(lifecycle(argv[2]))
     elif cmd == "delete-streams":
