@@ -194,7 +194,7 @@ def lifecycle(results):
             finals = sum(r["final_states"].values())
             out.append(
                 f"| {name} | {'on' if name.startswith('on') else 'off'} | {r['packets_accepted']:,} | "
-                f"{rate:,.0f} /s | {lat.get('p50', 0):.1f} ms | {lat.get('p99', 0):.1f} ms | {finals:,} |"
+                f"{rate:,.0f} /s | {lat.get('p50_ms', 0):.1f} ms | {lat.get('p99_ms', 0):.1f} ms | {finals:,} |"
             )
         out.append("")
     alone, beside = get("lifecycle_alone"), get("lifecycle_beside")
