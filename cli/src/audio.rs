@@ -77,7 +77,7 @@ fn linear_to_mulaw(sample: i16) -> u8 {
     value = value.min(CLIP) + BIAS;
     let exponent = (7 - (value.leading_zeros() as i32 - 17)).clamp(0, 7);
     let mantissa = (value >> (exponent + 3)) & 0x0F;
-    !(sign | (exponent << 4) as i32 | mantissa) as u8
+    !(sign | (exponent << 4) | mantissa) as u8
 }
 
 #[cfg(test)]

@@ -420,7 +420,7 @@ mod tests {
         let record = Record::build("c", &text);
         assert_eq!(record.encoding, "text");
         assert_eq!(record.received(), "{[0,2),[5,7)}");
-        assert_eq!(record.data_bytes, 6 + 0 + 3 + 1);
+        assert_eq!(record.data_bytes, 10, "6 + 0 + 3 + 1 bytes");
         assert_eq!(record.packets().unwrap(), text);
 
         let b64 = vec![packet(3, "AAEC"), packet(4, "/+8="), packet(9, "")];

@@ -147,57 +147,7 @@ impl App {
             "packet writer",
             writer_task.map(|ended| ended.context("the packet writer panicked")),
         );
-        tasks.spawn(
-            "idle reaper",
-            reaper::run(
-                state.pool.clone(),
-                state.publisher.clone(),
-                config.call_idle_timeout(),
-                background.clone(),
-            ),
-        );
-        tasks.spawn(
-            "outbox relay",
-            Relay {
-                publisher: state.publisher.clone(),
-                pool: state.pool.clone(),
-                interval: config.outbox_relay_interval(),
-                grace: config.outbox_relay_interval(),
-            }
-            .run(background.clone()),
-        );
-        tasks.spawn(
-            "reconciler",
-            reconciler::Reconciler {
-                cursor: Default::default(),
-                publisher: state.publisher.clone(),
-                pool: state.pool.clone(),
-                streams: config.common.streams.clone(),
-                interval: config.reconcile_interval(),
-                grace: config.reconcile_interval().max(RECONCILE_GRACE),
-            }
-            .run(background.clone()),
-        );
-        if config.audio_compaction {
-            tasks.spawn(
-                "compactor",
-                compactor::run(
-                    state.pool.clone(),
-                    config.audio_retention(),
-                    background.clone(),
-                ),
-            );
-        } else {
-            tracing::warn!("AUDIO_COMPACTION=false: final calls keep their packet rows");
-        }
-        tasks.spawn(
-            "sweeper",
-            sweeper::run(
-                state.pool.clone(),
-                config.sweeper_policy(),
-                background.clone(),
-            ),
-        );
+        spawn_background(&mut tasks, &state, &background);
         // The router holds the last writer handles besides `state`.
         drop(state);
         let listener = connections::CappedListener::new(listener, config.max_connections);
@@ -216,6 +166,64 @@ impl App {
         served.context("serving HTTP")?;
         tasks_result
     }
+}
+
+/// The background tasks besides the writer: the idle reaper, the outbox relay, the
+/// reconciler, the compactor (unless `AUDIO_COMPACTION=false`) and the sweeper, each stopped
+/// by `background`.
+fn spawn_background(tasks: &mut CriticalTasks, state: &AppState, background: &CancellationToken) {
+    let config = &state.config;
+    tasks.spawn(
+        "idle reaper",
+        reaper::run(
+            state.pool.clone(),
+            state.publisher.clone(),
+            config.call_idle_timeout(),
+            background.clone(),
+        ),
+    );
+    tasks.spawn(
+        "outbox relay",
+        Relay {
+            publisher: state.publisher.clone(),
+            pool: state.pool.clone(),
+            interval: config.outbox_relay_interval(),
+            grace: config.outbox_relay_interval(),
+        }
+        .run(background.clone()),
+    );
+    tasks.spawn(
+        "reconciler",
+        reconciler::Reconciler {
+            cursor: Default::default(),
+            publisher: state.publisher.clone(),
+            pool: state.pool.clone(),
+            streams: config.common.streams.clone(),
+            interval: config.reconcile_interval(),
+            grace: config.reconcile_interval().max(RECONCILE_GRACE),
+        }
+        .run(background.clone()),
+    );
+    if config.audio_compaction {
+        tasks.spawn(
+            "compactor",
+            compactor::run(
+                state.pool.clone(),
+                config.audio_retention(),
+                background.clone(),
+            ),
+        );
+    } else {
+        tracing::warn!("AUDIO_COMPACTION=false: final calls keep their packet rows");
+    }
+    tasks.spawn(
+        "sweeper",
+        sweeper::run(
+            state.pool.clone(),
+            config.sweeper_policy(),
+            background.clone(),
+        ),
+    );
 }
 
 /// Calls changed more recently than this are never taken for lost by the reconciler.
