@@ -6,7 +6,7 @@
 //! statement (one snapshot), so a compaction committing meanwhile is seen entirely or not at
 //! all.
 
-use std::io::Write;
+use std::io::{Read, Write};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use sqlx::{PgConnection, PgPool};
@@ -112,32 +112,53 @@ impl Record {
 
     /// The packets, exactly as they were stored before compaction, in sequence order.
     pub fn packets(&self) -> Result<Vec<StoredPacket>, sqlx::Error> {
+        self.decode(|_| true)
+    }
+
+    /// The packets among `sequences`: the audio is decompressed as a stream, only as far as
+    /// the last one wanted, and only the wanted ones are kept (a PBX retrying one packet of a
+    /// long finished call costs a few packets' worth of memory, not the call's).
+    pub fn find(
+        &self,
+        sequences: &std::collections::HashSet<i64>,
+    ) -> Result<Vec<StoredPacket>, sqlx::Error> {
+        self.decode(|sequence| sequences.contains(&sequence))
+    }
+
+    fn decode(&self, wanted: impl Fn(i64) -> bool) -> Result<Vec<StoredPacket>, sqlx::Error> {
         let corrupt = |what: &str| {
             sqlx::Error::Decode(format!("call_audio of {}: {what}", self.call_id).into())
         };
-        let bytes =
-            zstd::bulk::decompress(&self.audio, self.lengths.iter().map(|l| *l as usize).sum())
-                .map_err(|e| corrupt(&format!("audio that does not decompress ({e})")))?;
-        let sequences = self
+        let n = self.lengths.len();
+        let sequences: Vec<i64> = self
             .lowers
             .iter()
             .zip(&self.uppers)
-            .flat_map(|(lower, upper)| *lower..*upper);
-        let n = self.lengths.len();
-        if self.sent_at.len() != n || self.received_at.len() != n {
+            .flat_map(|(lower, upper)| *lower..*upper)
+            .collect();
+        if sequences.len() != n || self.sent_at.len() != n || self.received_at.len() != n {
             return Err(corrupt("columns of different lengths"));
         }
-        let mut packets = Vec::with_capacity(n);
-        let mut offset = 0usize;
-        for (i, sequence) in (0..n).zip(sequences) {
+        let Some(last) = (0..n).rev().find(|&i| wanted(sequences[i])) else {
+            return Ok(Vec::new());
+        };
+        let mut decoder = zstd::stream::Decoder::new(&self.audio[..])
+            .map_err(|e| corrupt(&format!("audio that does not decompress ({e})")))?;
+        let mut piece = Vec::new();
+        let mut packets = Vec::new();
+        for (i, &sequence) in sequences.iter().enumerate().take(last + 1) {
             let length =
                 usize::try_from(self.lengths[i]).map_err(|_| corrupt("a negative length"))?;
-            let piece = bytes
-                .get(offset..offset + length)
-                .ok_or_else(|| corrupt("lengths past the audio"))?;
+            piece.resize(length, 0);
+            decoder
+                .read_exact(&mut piece)
+                .map_err(|e| corrupt(&format!("audio shorter than its lengths ({e})")))?;
+            if !wanted(sequence) {
+                continue;
+            }
             let data = match self.encoding.as_str() {
-                "base64" => STANDARD.encode(piece),
-                _ => std::str::from_utf8(piece)
+                "base64" => STANDARD.encode(&piece),
+                _ => std::str::from_utf8(&piece)
                     .map_err(|_| corrupt("text that is not UTF-8"))?
                     .to_owned(),
             };
@@ -148,10 +169,16 @@ impl Record {
                 sent_at: self.sent_at[i],
                 received_at: self.received_at[i],
             });
-            offset += length;
         }
-        if packets.len() != n || offset != bytes.len() {
-            return Err(corrupt("lengths and ranges that do not match its audio"));
+        if last == n - 1 {
+            let mut rest = [0u8; 1];
+            if decoder
+                .read(&mut rest)
+                .map_err(|e| corrupt(&e.to_string()))?
+                != 0
+            {
+                return Err(corrupt("audio longer than its lengths"));
+            }
         }
         Ok(packets)
     }
@@ -193,8 +220,8 @@ pub(crate) async fn insert_record(
 }
 
 /// The stored packets among the keys (`call_ids[i]`, `sequences[i]`), in either form. Keys
-/// stored nowhere are absent. A key of a compacted call is found in its record (the whole
-/// record is read: this is the rare path of a PBX retrying a packet of a finished call). Two
+/// stored nowhere are absent. A key of a compacted call is found in its record, decompressed
+/// only as far as the last key wanted ([`Record::find`]). Two
 /// statements, yet consistent: a key missing from the rows because its call was compacted in
 /// between is in the record the second one reads.
 pub async fn stored_packets(
@@ -217,7 +244,7 @@ pub async fn stored_packets(
         .iter()
         .map(|p| (p.call_id.as_str(), p.sequence))
         .collect();
-    let mut wanted: std::collections::HashSet<(String, i64)> = call_ids
+    let wanted: std::collections::HashSet<(String, i64)> = call_ids
         .iter()
         .zip(sequences)
         .filter(|(c, s)| !have.contains(&(**c, **s)))
@@ -242,11 +269,12 @@ pub async fn stored_packets(
     .fetch_all(&mut *conn)
     .await?;
     for record in records {
-        for packet in record.packets()? {
-            if wanted.remove(&(packet.call_id.clone(), packet.sequence)) {
-                found.push(packet);
-            }
-        }
+        let sequences: std::collections::HashSet<i64> = wanted
+            .iter()
+            .filter(|(call, _)| *call == record.call_id)
+            .map(|(_, sequence)| *sequence)
+            .collect();
+        found.extend(record.find(&sequences)?);
     }
     Ok(found)
 }
@@ -444,7 +472,32 @@ mod tests {
     }
 
     #[test]
+    fn a_record_gives_back_only_the_packets_asked_for() {
+        let text = vec![
+            packet(0, "héllo"),
+            packet(1, ""),
+            packet(5, "€"),
+            packet(6, "x"),
+        ];
+        let record = Record::build("c", &text);
+        let want = |s: &[i64]| {
+            s.iter()
+                .copied()
+                .collect::<std::collections::HashSet<i64>>()
+        };
+        assert_eq!(record.find(&want(&[5])).unwrap(), vec![text[2].clone()]);
+        assert_eq!(
+            record.find(&want(&[6, 0, 9])).unwrap(),
+            vec![text[0].clone(), text[3].clone()]
+        );
+        assert_eq!(record.find(&want(&[2, 9])).unwrap(), vec![]);
+    }
+
+    #[test]
     fn a_damaged_record_is_an_error_not_wrong_audio() {
+        let mut record = Record::build("c", &[packet(0, "abc"), packet(1, "de")]);
+        record.lengths = vec![-1, 3];
+        assert!(record.packets().is_err());
         let mut record = Record::build("c", &[packet(0, "abc"), packet(1, "de")]);
         record.lengths = vec![3, 3];
         assert!(record.packets().is_err());

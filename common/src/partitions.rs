@@ -115,9 +115,16 @@ pub struct Dropped {
     pub bytes: u64,
 }
 
-/// Detaches the partition `partition` of `table` concurrently and drops it. Must run outside
-/// a transaction (`DETACH .. CONCURRENTLY` cannot run in one).
-pub async fn drop_partition(
+/// How long `DETACH .. CONCURRENTLY` may wait for the transactions using the table to end. It
+/// holds only a SHARE UPDATE EXCLUSIVE lock on the table while it waits, which inserts and
+/// reads do not wait for, so it may wait long; with the short timeout of the other statements
+/// it would give up whenever a compaction batch is running.
+const DETACH_TIMEOUT_MS: u64 = 30_000;
+
+/// Detaches the partition `partition` of `table` concurrently (or finishes an interrupted
+/// detach), returning what it holds. Must run outside a transaction (`DETACH .. CONCURRENTLY`
+/// cannot run in one). The detached table is then [`drop_detached`], or [`reattach`]ed.
+pub async fn detach(
     conn: &mut PgConnection,
     table: &'static str,
     partition: &Partition,
@@ -144,6 +151,13 @@ pub async fn drop_partition(
     } else {
         "CONCURRENTLY"
     };
+    // Separate statements: several in one query string would run as one transaction block,
+    // where `DETACH .. CONCURRENTLY` cannot run.
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET lock_timeout = {DETACH_TIMEOUT_MS}"
+    )))
+    .execute(&mut *conn)
+    .await?;
     sqlx::raw_sql(AssertSqlSafe(format!(
         "ALTER TABLE {} DETACH PARTITION {} {detach}",
         quote(table),
@@ -151,15 +165,44 @@ pub async fn drop_partition(
     )))
     .execute(&mut *conn)
     .await?;
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {}", quote(name))))
-        .execute(&mut *conn)
-        .await?;
+    set_lock_timeout(conn).await?;
     Ok(Dropped {
         table,
         name: name.clone(),
         rows: rows.max(0) as u64,
         bytes: bytes.max(0) as u64,
     })
+}
+
+/// Drops a table [`detach`] detached.
+pub async fn drop_detached(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {}", quote(name))))
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Attaches a table [`detach`] detached back, with its bounds.
+pub async fn reattach(
+    conn: &mut PgConnection,
+    table: &str,
+    partition: &Partition,
+) -> Result<(), sqlx::Error> {
+    let (lower, upper) = (bound(partition.lower), bound(partition.upper));
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ('{lower}') TO ('{upper}')",
+        quote(table),
+        quote(&partition.name)
+    )))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// A partition bound as a timestamp literal (RFC 3339, which Postgres reads).
+fn bound(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .expect("a partition bound formats")
 }
 
 /// Whether every table has a partition holding `at`.

@@ -134,9 +134,9 @@ async fn compact_call(
     .await?;
     rows.sort_unstable_by_key(|p| p.sequence);
     let record = Record::build(call_id, &rows);
-    done.packets += rows.len() as u64;
     drop(rows);
     audio::insert_record(tx, created_at, &record).await?;
+    done.packets += record.lengths.len() as u64;
     done.bytes += record.data_bytes as u64;
     done.stored_bytes += record.audio.len() as u64;
     Ok(true)

@@ -202,6 +202,29 @@ async fn delete_calls(pool: &PgPool, before: OffsetDateTime) -> anyhow::Result<u
     Ok(calls)
 }
 
+/// Detaches a partition and drops it; `None` if it turned out to be needed after all. A
+/// packets partition is checked again once detached: `DETACH .. CONCURRENTLY` has waited for
+/// every transaction that was using the table, so a call one of them filed in its range after
+/// the first check (a transaction running for longer than the grace) is visible now, and the
+/// partition goes back instead of being dropped with its packets.
+async fn retire(
+    conn: &mut PgConnection,
+    table: &'static str,
+    partition: &Partition,
+) -> Result<Option<Dropped>, sqlx::Error> {
+    let detached = partitions::detach(conn, table, partition).await?;
+    if table == "packets"
+        && partitions::has_uncompacted_calls(conn, partition.lower, partition.upper).await?
+    {
+        tracing::warn!(partition = %partition.name,
+            "a call was filed into a partition being retired; attached back");
+        partitions::reattach(conn, table, partition).await?;
+        return Ok(None);
+    }
+    partitions::drop_detached(conn, &detached.name).await?;
+    Ok(Some(detached))
+}
+
 /// Drops the partitions that may go (module docs, steps 3 to 5). A partition whose lock is
 /// not free at once is left for the next pass.
 async fn drop_expired(
@@ -228,8 +251,8 @@ async fn drop_expired(
     }
     let mut dropped = Vec::new();
     for (table, partition, expired) in doomed {
-        match partitions::drop_partition(conn, table, &partition).await {
-            Ok(d) => {
+        match retire(conn, table, &partition).await {
+            Ok(Some(d)) => {
                 metrics::counter!("switchboard_partitions_dropped_total", "table" => table)
                     .increment(1);
                 if expired {
@@ -241,6 +264,7 @@ async fn drop_expired(
                 tracing::info!(table, partition = %d.name, rows = d.rows, bytes = d.bytes, "partition dropped");
                 dropped.push(d);
             }
+            Ok(None) => {}
             Err(e) => {
                 tracing::info!(table, partition = %partition.name, error.message = %e,
                     "partition not dropped this pass");

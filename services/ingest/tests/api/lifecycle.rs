@@ -203,7 +203,9 @@ async fn partition_names(pool: &PgPool, table: &str) -> Vec<String> {
 async fn partitions_are_added_ahead_and_kept_while_they_hold_anything() {
     let app = spawn_app().await;
     let pool = &app.env.pool;
-    let now = OffsetDateTime::now_utc();
+    let id = lossy_call(&app).await;
+    // "Today" is the day the call began on, by the database's clock.
+    let now = call_created_at(pool, &id).await;
     let day = Duration::from_secs(86_400);
     let today = partitions::floor(now, day);
     // At start-up, ingest made sure the next three days have partitions, for both tables.
@@ -217,7 +219,6 @@ async fn partitions_are_added_ahead_and_kept_while_they_hold_anything() {
                 .any(|p| p.lower == today && p.upper == today + day)
         );
     }
-    let id = lossy_call(&app).await;
 
     // Ten days on: partitions up to thirteen days ahead exist, today's packets partition is
     // kept while its call is not compacted, and dropped once it is; no audio is dropped (no
@@ -239,9 +240,11 @@ async fn partitions_are_added_ahead_and_kept_while_they_hold_anything() {
             yyyymmdd(partitions::floor(later + day * 3, day))
         )
     );
-    // From the day `later` falls in to three days past it, for both tables (the days between
-    // are in the past by then: no call can begin in them any more).
-    assert_eq!(swept.added.len(), 2 * 4, "{:?}", swept.added);
+    // From the day of ten minutes before `later` to three days past it, for both tables (the
+    // days between are in the past by then: no call can begin in them any more).
+    let first = partitions::floor(later - partitions::BEHIND, day);
+    let days = ((partitions::floor(later + day * 3, day) - first).whole_days() + 1) as usize;
+    assert_eq!(swept.added.len(), 2 * days, "{:?}", swept.added);
 
     finish(pool, &id, CallState::Archived).await;
     wait_compacted(&app, &id).await;
@@ -269,6 +272,15 @@ async fn partitions_are_added_ahead_and_kept_while_they_hold_anything() {
     assert!(!audio.expired);
 }
 
+/// When the call began, by the database's clock (what its partitions are filed by).
+async fn call_created_at(pool: &PgPool, id: &str) -> OffsetDateTime {
+    sqlx::query_scalar("SELECT created_at FROM calls WHERE call_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 fn yyyymmdd(at: OffsetDateTime) -> String {
     format!("{:04}{:02}{:02}", at.year(), u8::from(at.month()), at.day())
 }
@@ -277,10 +289,10 @@ fn yyyymmdd(at: OffsetDateTime) -> String {
 async fn retention_removes_exactly_the_audio_and_calls_past_it() {
     let app = spawn_app().await;
     let pool = &app.env.pool;
-    let now = OffsetDateTime::now_utc();
+    let archived = lossy_call(&app).await;
+    let now = call_created_at(pool, &archived).await;
     let day = Duration::from_secs(86_400);
     let tomorrow = partitions::floor(now, day) + day;
-    let archived = lossy_call(&app).await;
     finish(pool, &archived, CallState::Archived).await;
     let streaming = format!("life-{}", random_suffix());
     assert_eq!(
@@ -301,12 +313,10 @@ async fn retention_removes_exactly_the_audio_and_calls_past_it() {
 
     // A day of audio retention: the audio stays until its whole partition (today) is a day
     // old...
+    let audio_today = format!("call_audio_p{}_000000", yyyymmdd(tomorrow - day));
     let swept = sweep(pool, policy, tomorrow + day - Duration::from_secs(60)).await;
     assert!(
-        swept
-            .dropped
-            .iter()
-            .all(|d| !d.name.starts_with("call_audio")),
+        swept.dropped.iter().all(|d| d.name != audio_today),
         "{:?}",
         swept.dropped
     );
@@ -319,7 +329,6 @@ async fn retention_removes_exactly_the_audio_and_calls_past_it() {
     );
     // ...and goes once it is: the call is still there, its audio marked expired.
     let swept = sweep(pool, policy, tomorrow + day + Duration::from_secs(1)).await;
-    let audio_today = format!("call_audio_p{}_000000", yyyymmdd(tomorrow - day));
     let dropped: Vec<_> = swept
         .dropped
         .iter()
