@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 
@@ -84,9 +85,10 @@ pub async fn compact(
         };
         match outcome {
             Ok(true) => compacted.push(call_id),
-            Ok(false) => done.skipped.push(call_id.clone()),
-            Err(e) => {
-                tracing::warn!(call.id = %call_id, error.message = %e, "call not compacted; left as rows for now");
+            failed => {
+                if let Err(e) = failed {
+                    tracing::warn!(call.id = %call_id, error.message = %e, "call not compacted; left as rows for now");
+                }
                 sqlx::raw_sql("ROLLBACK TO SAVEPOINT compact_call")
                     .execute(&mut *tx)
                     .await?;
@@ -105,33 +107,34 @@ pub async fn compact(
     Ok(done)
 }
 
-/// Turns one call's rows into its record; `false` (nothing done) if it is too large.
+/// Turns one call's rows into its record; `false` if it is too large (its rows deleted so far
+/// are restored by the caller's rollback to the savepoint).
 async fn compact_call(
     tx: &mut PgConnection,
     call_id: &str,
     created_at: OffsetDateTime,
     done: &mut Compacted,
 ) -> Result<bool, sqlx::Error> {
-    let size: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(octet_length(data)), 0)::int8 FROM packets \
-         WHERE call_id = $1 AND call_created_at = $2",
-    )
-    .bind(call_id)
-    .bind(created_at)
-    .fetch_one(&mut *tx)
-    .await?;
-    if size > MAX_CALL_BYTES {
-        tracing::warn!(call.id = %call_id, audio.bytes = size, "call too large to compact; left as rows");
-        return Ok(false);
-    }
-    let mut rows: Vec<StoredPacket> = sqlx::query_as(
+    // One pass over the rows: they are deleted and read back as a stream, and a call found
+    // too large on the way is given up (the caller rolls its savepoint back: the rows stay).
+    let mut rows: Vec<StoredPacket> = Vec::new();
+    let mut size = 0i64;
+    let mut deleted = sqlx::query_as::<_, StoredPacket>(
         "DELETE FROM packets WHERE call_id = $1 AND call_created_at = $2 \
          RETURNING call_id, sequence, data, sent_at, received_at",
     )
     .bind(call_id)
     .bind(created_at)
-    .fetch_all(&mut *tx)
-    .await?;
+    .fetch(&mut *tx);
+    while let Some(row) = deleted.try_next().await? {
+        size += row.data.len() as i64;
+        if size > MAX_CALL_BYTES {
+            tracing::warn!(call.id = %call_id, audio.bytes = size, "call too large to compact; left as rows");
+            return Ok(false);
+        }
+        rows.push(row);
+    }
+    drop(deleted);
     rows.sort_unstable_by_key(|p| p.sequence);
     let record = Record::build(call_id, &rows);
     drop(rows);

@@ -340,8 +340,27 @@ async fn a_transcriber_follows_its_work_stream_being_deleted_and_made_again() {
     assert_eq!(call["transcript"], "two");
 }
 
-/// Waits until the ingest's compactor has turned the call's packet rows into its record.
-async fn wait_compacted(stack: &crate::helpers::Stack, call_id: &str) {
+/// A call `call_id` of `packets` (sequence, word) that an AI failing every request sent to
+/// FAILED and that ingest's compactor then turned into its record; returns the stack with a
+/// working transcriber in the failing one's place, and that transcriber's index.
+async fn failed_and_compacted(
+    call_id: &str,
+    packets: &[(i64, &str)],
+) -> (crate::helpers::Stack, usize) {
+    let mut stack = ingest_only().await;
+    let failing = stack
+        .add_transcriber(|c| {
+            c.ai.failure_rate = 1.0;
+            c.max_attempts = 1;
+        })
+        .await;
+    for (seq, word) in packets {
+        stack.packet(call_id, *seq, word).await;
+    }
+    stack.complete(call_id).await;
+    stack
+        .wait_for(call_id, CallState::Failed, Duration::from_secs(20))
+        .await;
     eventually("the call compacted", Duration::from_secs(20), || async {
         let rows = stack
             .scalar("SELECT count(*) FROM packets WHERE call_id = $1", call_id)
@@ -355,29 +374,16 @@ async fn wait_compacted(stack: &crate::helpers::Stack, call_id: &str) {
         (rows == 0 && records == 1).then_some(())
     })
     .await;
+    stack.transcribers[failing].terminate().await;
+    let working = stack.add_transcriber(|_| {}).await;
+    (stack, working)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_call_is_compacted_and_re_driven_from_its_compacted_record() {
-    let mut stack = ingest_only().await;
-    let failing = stack
-        .add_transcriber(|c| {
-            c.ai.failure_rate = 1.0;
-            c.max_attempts = 1;
-        })
-        .await;
     // Out of order, with a gap at 2 and characters of several bytes.
-    for (seq, word) in [(0, "héllo"), (3, "wörld"), (1, "thère")] {
-        stack.packet("compact-1", seq, word).await;
-    }
-    stack.complete("compact-1").await;
-    stack
-        .wait_for("compact-1", CallState::Failed, Duration::from_secs(20))
-        .await;
-    wait_compacted(&stack, "compact-1").await;
-
-    stack.transcribers[failing].terminate().await;
-    stack.add_transcriber(|_| {}).await;
+    let (stack, _) =
+        failed_and_compacted("compact-1", &[(0, "héllo"), (3, "wörld"), (1, "thère")]).await;
     let (status, body) = stack.post("/v1/call/compact-1/retry").await;
     assert_eq!(status, 200, "{body}");
     let call = stack
@@ -392,26 +398,12 @@ async fn a_failed_call_is_compacted_and_re_driven_from_its_compacted_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_audio_expired_fails_at_once_when_re_driven() {
-    let mut stack = ingest_only().await;
-    let failing = stack
-        .add_transcriber(|c| {
-            c.ai.failure_rate = 1.0;
-            c.max_attempts = 1;
-        })
-        .await;
-    stack.call("expired-1", &["gone", "soon"]).await;
-    stack
-        .wait_for("expired-1", CallState::Failed, Duration::from_secs(20))
-        .await;
-    wait_compacted(&stack, "expired-1").await;
+    let (stack, working) = failed_and_compacted("expired-1", &[(0, "gone"), (1, "soon")]).await;
     // What AUDIO_RETENTION_DAYS does to the record (its partition dropped).
     sqlx::query("DELETE FROM call_audio WHERE call_id = 'expired-1'")
         .execute(&stack.env.pool)
         .await
         .unwrap();
-
-    stack.transcribers[failing].terminate().await;
-    let working = stack.add_transcriber(|_| {}).await;
     let (status, body) = stack.post("/v1/call/expired-1/retry").await;
     assert_eq!(status, 200, "{body}");
     let call = stack
