@@ -15,7 +15,10 @@ use futures::StreamExt;
 use serde::Serialize;
 use wire::subjects::StreamKind;
 
-use crate::{load::LoadReport, stack::Stack};
+use crate::{
+    load::LoadReport,
+    stack::{Stack, key},
+};
 
 #[derive(Debug, Default, Serialize, Clone)]
 pub struct Books {
@@ -150,7 +153,7 @@ pub async fn check(stack: &Stack, loads: &[&LoadReport]) -> anyhow::Result<Books
             books.packets_lost += call
                 .acked
                 .iter()
-                .filter(|(seq, _)| !stored_set.contains(&(call.call_id.clone(), *seq)))
+                .filter(|(seq, _)| !stored_set.contains(&(key(&call.call_id), *seq)))
                 .count() as u64;
         }
     }
@@ -262,7 +265,7 @@ async fn check_ai(stack: &Stack, loads: &[&LoadReport], books: &mut Books) -> an
     for load in loads {
         for call in &load.calls {
             let asked = requests.get(&call.number).copied().unwrap_or(0);
-            let counted = attempts.get(&call.call_id).copied().unwrap_or(0);
+            let counted = attempts.get(&key(&call.call_id)).copied().unwrap_or(0);
             if i64::from(asked) > i64::from(counted) {
                 books.attempts_uncounted += 1;
             }

@@ -145,10 +145,19 @@ pub struct Load {
 }
 
 impl Load {
-    pub fn start(ingest_url: String, plan: LoadPlan) -> Self {
+    /// Runs `plan` against ingest at `ingest_url`, sending `api_key` with every request.
+    pub fn start(ingest_url: String, api_key: &str, plan: LoadPlan) -> Self {
         let acked = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {api_key}")
+                .parse()
+                .expect("a key is a valid header"),
+        );
         let client = reqwest::Client::builder()
+            .default_headers(headers)
             .timeout(REQUEST_TIMEOUT)
             .pool_max_idle_per_host(1024)
             .build()

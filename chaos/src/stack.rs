@@ -151,7 +151,18 @@ impl Default for StackOptions {
     }
 }
 
+/// The tenant every scenario's calls belong to; services run with authentication on, as in
+/// production, and the scenarios use an `admin` key of it.
+pub const TENANT: &str = "chaos";
+
+/// The stored key of the chaos tenant's call `call_id` (`chaos.<call_id>`).
+pub fn key(call_id: &str) -> String {
+    format!("{TENANT}.{call_id}")
+}
+
 pub struct Stack {
+    /// An `admin` key of [`TENANT`], made once ingest has migrated the database.
+    pub api_key: String,
     pub database: String,
     pub prefix: String,
     pub subjects: Subjects,
@@ -267,7 +278,10 @@ impl Stack {
             .connect(&database_url)
             .await?;
         let subjects = Subjects::new(prefix.parse::<Prefix>().map_err(anyhow::Error::msg)?);
+        let tenant = common::TenantId::parse(TENANT).map_err(anyhow::Error::msg)?;
+        let (_, api_key) = common::auth::create_key(&pool, &tenant, common::Role::Admin).await?;
         Ok(Self {
+            api_key,
             database,
             prefix,
             subjects,

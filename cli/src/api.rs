@@ -4,6 +4,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
+
+use crate::credentials::Credentials;
 use wire::api::{
     CallDetail, CallPage, CallSummary, CompleteBody, CompleteResponse, ErrorBody, PacketBody,
     PacketReceipt, PacketStatus,
@@ -13,10 +15,20 @@ use wire::api::{
 pub struct Ingest {
     client: reqwest::Client,
     base: String,
+    credentials: Credentials,
+}
+
+/// Which of the [`Credentials`] a request sends.
+#[derive(Clone, Copy)]
+enum Acting {
+    /// Streaming and completing: the PBX's key.
+    Pbx,
+    /// Reading and re-driving: the supervisor's key.
+    Supervisor,
 }
 
 impl Ingest {
-    pub fn new(base: &str) -> anyhow::Result<Self> {
+    pub fn new(base: &str, credentials: Credentials) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
@@ -24,7 +36,25 @@ impl Ingest {
         Ok(Self {
             client,
             base: base.trim_end_matches('/').to_owned(),
+            credentials,
         })
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        acting: Acting,
+    ) -> reqwest::RequestBuilder {
+        let key = match acting {
+            Acting::Pbx => &self.credentials.stream,
+            Acting::Supervisor => &self.credentials.read,
+        };
+        let request = self.client.request(method, url);
+        match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
     }
 
     fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
@@ -70,8 +100,11 @@ impl Ingest {
             timestamp,
         };
         let response = self
-            .client
-            .post(format!("{}/v1/call/stream/{call_id}", self.base))
+            .request(
+                reqwest::Method::POST,
+                &format!("{}/v1/call/stream/{call_id}", self.base),
+                Acting::Pbx,
+            )
             .json(&body)
             .send()
             .await
@@ -102,13 +135,13 @@ impl Ingest {
             attempt += 1;
             let started = Instant::now();
             let response = self
-                .client
-                .post(&url)
+                .request(reqwest::Method::POST, &url, Acting::Pbx)
                 .json(&body)
                 .send()
                 .await
                 .map_err(|e| self.unreachable(e))?;
-            if response.status() == 503 && attempt < 20 {
+            // Unavailable or over the key's rate: wait as told, as a PBX should.
+            if matches!(response.status().as_u16(), 429 | 503) && attempt < 20 {
                 let wait = response
                     .headers()
                     .get("retry-after")
@@ -134,8 +167,11 @@ impl Ingest {
             total_packets: Some(total_packets),
         };
         let response = self
-            .client
-            .post(format!("{}/v1/call/{call_id}/complete", self.base))
+            .request(
+                reqwest::Method::POST,
+                &format!("{}/v1/call/{call_id}/complete", self.base),
+                Acting::Pbx,
+            )
             .json(&body)
             .send()
             .await
@@ -147,8 +183,11 @@ impl Ingest {
 
     pub async fn call(&self, call_id: &str) -> anyhow::Result<CallDetail> {
         let response = self
-            .client
-            .get(format!("{}/v1/call/{call_id}", self.base))
+            .request(
+                reqwest::Method::GET,
+                &format!("{}/v1/call/{call_id}", self.base),
+                Acting::Supervisor,
+            )
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -166,8 +205,7 @@ impl Ingest {
             url.push_str(&format!("&state={}", state.to_ascii_uppercase()));
         }
         let response = self
-            .client
-            .get(url)
+            .request(reqwest::Method::GET, &url, Acting::Supervisor)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -176,8 +214,11 @@ impl Ingest {
 
     pub async fn retry(&self, call_id: &str) -> anyhow::Result<CallSummary> {
         let response = self
-            .client
-            .post(format!("{}/v1/call/{call_id}/retry", self.base))
+            .request(
+                reqwest::Method::POST,
+                &format!("{}/v1/call/{call_id}/retry", self.base),
+                Acting::Supervisor,
+            )
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;

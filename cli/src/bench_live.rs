@@ -74,7 +74,13 @@ pub async fn run(
 
     let connecting = Instant::now();
     let opened: Vec<anyhow::Result<Live>> = stream::iter(0..options.sockets)
-        .map(|_| open(&endpoints.notifier_url, &calls))
+        .map(|_| {
+            open(
+                &endpoints.notifier_url,
+                endpoints.credentials().read,
+                &calls,
+            )
+        })
         .buffer_unordered(options.connect_concurrency.max(1))
         .collect()
         .await;
@@ -175,8 +181,8 @@ fn render(report: &Report) -> String {
 }
 
 /// One socket following `calls`, once its snapshot is complete.
-async fn open(notifier_url: &str, calls: &[String]) -> anyhow::Result<Live> {
-    let mut live = Live::new(notifier_url);
+async fn open(notifier_url: &str, key: Option<String>, calls: &[String]) -> anyhow::Result<Live> {
+    let mut live = Live::new(notifier_url, key);
     live.connect(calls).await?;
     loop {
         match live.next().await {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{api::Ingest, bench, bench_live, simulate, watch};
+use crate::{api::Ingest, bench, bench_live, credentials::Credentials, simulate, watch};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +41,29 @@ pub struct Endpoints {
         default_value = "http://127.0.0.1:8082"
     )]
     pub notifier_url: String,
+    /// The key sent to stream and complete calls (a `pbx` or `admin` key). Unset, against
+    /// the local stack: read from `.run/keys.env` (written by ./scripts/up).
+    #[arg(long, global = true, env = "PBX_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The key sent to read calls and watch them live (a `supervisor` or `admin` key);
+    /// defaults to the API key.
+    #[arg(
+        long,
+        global = true,
+        env = "PBX_SUPERVISOR_KEY",
+        hide_env_values = true
+    )]
+    pub supervisor_key: Option<String>,
+}
+
+impl Endpoints {
+    pub fn credentials(&self) -> Credentials {
+        Credentials::resolve(
+            self.api_key.as_deref(),
+            self.supervisor_key.as_deref(),
+            &self.ingest_url,
+        )
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,7 +106,7 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ingest = Ingest::new(&cli.endpoints.ingest_url)?;
+    let ingest = Ingest::new(&cli.endpoints.ingest_url, cli.endpoints.credentials())?;
     match cli.command {
         Command::Simulate(options) => simulate::run(&ingest, &cli.endpoints, options).await,
         Command::Watch(options) => watch::run(&cli.endpoints, options).await,

@@ -8,7 +8,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
-    tungstenite::{Message, protocol::WebSocketConfig},
+    tungstenite::{Message, client::IntoClientRequest, protocol::WebSocketConfig},
 };
 use wire::{
     CallId,
@@ -21,6 +21,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 pub struct Live {
     base: String,
+    /// Sent as `Authorization: Bearer` (a supervisor's key).
+    key: Option<String>,
     socket: Option<WebSocketStream<MaybeTlsStream<TcpStream>>>,
     /// The last stream sequence seen: where a reconnect resumes.
     last_seq: Option<u64>,
@@ -36,13 +38,14 @@ pub struct Live {
 
 impl Live {
     /// `notifier_url` may be http(s):// or ws(s)://.
-    pub fn new(notifier_url: &str) -> Self {
+    pub fn new(notifier_url: &str, key: Option<String>) -> Self {
         let base = notifier_url
             .trim_end_matches('/')
             .replacen("https://", "wss://", 1)
             .replacen("http://", "ws://", 1);
         Self {
             base,
+            key,
             socket: None,
             last_seq: None,
             stream: None,
@@ -69,6 +72,7 @@ impl Live {
             call_ids: (!in_url.is_empty()).then_some(ids),
             since: self.last_seq,
             stream: self.stream.clone(),
+            token: None,
         }
         .to_query();
         let url = if query.is_empty() {
@@ -84,8 +88,20 @@ impl Live {
             .max_frame_size(Some(512 << 20))
             .read_buffer_size(16 * 1024)
             .write_buffer_size(0);
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .context("the notifier URL")?;
+        if let Some(key) = &self.key {
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {key}")
+                    .parse()
+                    .context("the supervisor key")?,
+            );
+        }
         let (mut socket, _) =
-            tokio_tungstenite::connect_async_with_config(&url, Some(config), false)
+            tokio_tungstenite::connect_async_with_config(request, Some(config), false)
                 .await
                 .with_context(|| {
                     format!(

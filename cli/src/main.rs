@@ -6,6 +6,7 @@ mod audio;
 mod bench;
 mod bench_live;
 mod cli;
+mod credentials;
 mod live;
 mod sentences;
 mod simulate;

@@ -194,7 +194,7 @@ pub async fn run(
 
     // Follow the notifier first, so no change is missed.
     let finals: Arc<Mutex<HashMap<String, Final>>> = Arc::default();
-    let mut live = Live::new(&endpoints.notifier_url);
+    let mut live = Live::new(&endpoints.notifier_url, endpoints.credentials().read);
     let ids: Vec<String> = plans.iter().map(|p| p.call_id.clone()).collect();
     live.connect(&ids).await?;
     let (packets_bar, calls_bar) = progress_bars(to_send, options.calls as u64, options.json);

@@ -24,7 +24,7 @@ pub struct Options {
 
 pub async fn run(endpoints: &Endpoints, options: Options) -> anyhow::Result<ExitCode> {
     let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let mut live = Live::new(&endpoints.notifier_url);
+    let mut live = Live::new(&endpoints.notifier_url, endpoints.credentials().read);
     live.connect(&options.calls).await?;
     loop {
         let Some(frame) = live.next().await else {

@@ -138,6 +138,37 @@ async fn test_env(test: &str) -> (TestEnv, PathBuf) {
     (env, log_dir)
 }
 
+/// A `pbx` and a `supervisor` key of the test tenant: what `pbx` is given, as an operator
+/// would give it (`PBX_API_KEY`, `PBX_SUPERVISOR_KEY`).
+struct Keys {
+    pbx: String,
+    supervisor: String,
+}
+
+async fn keys(env: &TestEnv) -> Keys {
+    Keys {
+        pbx: env.api_key(common::Role::Pbx).await,
+        supervisor: env.api_key(common::Role::Supervisor).await,
+    }
+}
+
+/// The `pbx` command with the test's keys in its environment.
+fn pbx(keys: &Keys) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary("pbx"));
+    command
+        .env("PBX_API_KEY", &keys.pbx)
+        .env("PBX_SUPERVISOR_KEY", &keys.supervisor);
+    command
+}
+
+/// An HTTP client sending `key`, as a PBX would.
+fn authorized(key: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .default_headers(common::testing::bearer_headers(key))
+        .build()
+        .unwrap()
+}
+
 async fn wait_ready(service: &Service, client: &reqwest::Client) {
     eventually(
         &format!("{} to be ready", service.name),
@@ -153,6 +184,7 @@ async fn wait_ready(service: &Service, client: &reqwest::Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lost() {
     let (env, log_dir) = test_env("e2e").await;
+    let keys = keys(&env).await;
     let mut ingest = Service::start("ingest", &env, &[], &log_dir);
     let mut transcriber = Service::start(
         "transcriber",
@@ -166,12 +198,12 @@ async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lo
         &log_dir,
     );
     let mut notifier = Service::start("notifier", &env, &[], &log_dir);
-    let client = reqwest::Client::new();
+    let client = authorized(&keys.pbx);
     for service in [&ingest, &transcriber, &notifier] {
         wait_ready(service, &client).await;
     }
 
-    let output = tokio::process::Command::new(binary("pbx"))
+    let output = pbx(&keys)
         .args([
             "--ingest-url",
             &ingest.url(),
@@ -269,6 +301,7 @@ async fn a_hundred_lossy_calls_go_through_three_real_processes_and_nothing_is_lo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_of_every_service_share_the_work_and_lose_nothing() {
     let (env, log_dir) = test_env("replicas").await;
+    let keys = keys(&env).await;
     let fast_ai = [
         ("AI_LATENCY_MS", "20-60".to_string()),
         ("AI_FAILURE_RATE", "0.1".into()),
@@ -289,13 +322,13 @@ async fn two_replicas_of_every_service_share_the_work_and_lose_nothing() {
         Service::start("notifier", &env, &[], &log_dir),
         Service::start("notifier", &env, &[], &log_dir),
     ];
-    let client = reqwest::Client::new();
+    let client = authorized(&keys.pbx);
     for service in ingests.iter().chain(&transcribers).chain(&notifiers) {
         wait_ready(service, &client).await;
     }
 
     let simulate = |ingest: &Service, notifier: &Service, prefix: &str| {
-        tokio::process::Command::new(binary("pbx"))
+        pbx(&keys)
             .args([
                 "--ingest-url",
                 &ingest.url(),
@@ -385,13 +418,14 @@ async fn two_replicas_of_every_service_share_the_work_and_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pbx_watch_follows_calls_across_a_notifier_restart() {
     let (env, log_dir) = test_env("watch").await;
+    let keys = keys(&env).await;
     let ingest = Service::start("ingest", &env, &[], &log_dir);
     let mut notifier = Service::start("notifier", &env, &[], &log_dir);
-    let client = reqwest::Client::new();
+    let client = authorized(&keys.pbx);
     wait_ready(&ingest, &client).await;
     wait_ready(&notifier, &client).await;
 
-    let mut watch = tokio::process::Command::new(binary("pbx"))
+    let mut watch = pbx(&keys)
         .args(["--notifier-url", &notifier.url(), "watch", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -460,12 +494,13 @@ async fn pbx_watch_follows_calls_across_a_notifier_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pbx_bench_loads_ingest_and_reports_what_it_measured() {
     let (env, log_dir) = test_env("bench").await;
+    let keys = keys(&env).await;
     let ingest = Service::start("ingest", &env, &[], &log_dir);
-    wait_ready(&ingest, &reqwest::Client::new()).await;
+    wait_ready(&ingest, &authorized(&keys.pbx)).await;
 
     let mut accepted_total = 0;
     for extra in [&["--pattern", "lossy"][..], &["--closed"][..]] {
-        let output = tokio::process::Command::new(binary("pbx"))
+        let output = pbx(&keys)
             .args(["--ingest-url", &ingest.url(), "bench", "--calls", "4"])
             .args(["--rate", "200", "--duration", "1.5", "--json"])
             .args(extra)
@@ -496,13 +531,14 @@ async fn pbx_bench_loads_ingest_and_reports_what_it_measured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pbx_bench_live_fans_events_out_to_every_socket() {
     let (env, log_dir) = test_env("bench-live").await;
-    let client = reqwest::Client::new();
+    let keys = keys(&env).await;
+    let client = authorized(&keys.pbx);
     let ingest = Service::start("ingest", &env, &[], &log_dir);
     let notifier = Service::start("notifier", &env, &[], &log_dir);
     wait_ready(&ingest, &client).await;
     wait_ready(&notifier, &client).await;
 
-    let output = tokio::process::Command::new(binary("pbx"))
+    let output = pbx(&keys)
         .args([
             "--ingest-url",
             &ingest.url(),

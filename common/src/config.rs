@@ -14,6 +14,7 @@ pub struct CommonConfig {
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/switchboard"
     )]
     pub database_url: String,
@@ -23,7 +24,12 @@ pub struct CommonConfig {
     pub database_max_connections: u32,
 
     /// NATS server URL (JetStream must be enabled).
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        hide_env_values = true,
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
 
     /// Root of every NATS subject and prefix of every stream name (`pbx` gives `pbx.packets.<call>`

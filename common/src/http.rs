@@ -132,8 +132,30 @@ pub fn request_id(headers: &HeaderMap) -> Option<&str> {
     headers.get("x-request-id").and_then(|v| v.to_str().ok())
 }
 
+/// Answers `408 request_timeout` (JSON, as every error) to a request not answered within
+/// `limit`, body upload included: a slow or stalled client cannot hold a connection and a
+/// request slot for ever. Route layer state: the limit.
+pub async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<std::time::Duration>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ErrorBody::new(
+            "request_timeout",
+            format!(
+                "the request was not completed within {} s; send it again",
+                limit.as_secs_f64()
+            ),
+        )
+        .into_response_with(StatusCode::REQUEST_TIMEOUT),
+    }
+}
+
 /// Routes every service serves: `/healthz` and `/metrics` (`/readyz` is the service's own,
-/// as only it knows what it depends on).
+/// as only it knows what it depends on). Ingest and the notifier, which face clients, serve
+/// `/metrics` to admin keys only (`auth::http::metrics`) or on `ADMIN_ADDR`.
 pub fn operational_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/healthz", get(healthz))

@@ -10,6 +10,7 @@
 //! # Layout
 //! - [`call_id`], [`call_state`], [`reason`], [`subjects`], [`events`], [`live`]: re-exported
 //!   from `wire`.
+//! - [`auth`]: API keys, tokens, tenants' principals, and the 401/403/429 answers.
 //! - [`config`]: settings shared by all services (environment variables first).
 //! - [`telemetry`]: tracing subscriber (text or JSON) and the Prometheus recorder.
 //! - [`service`]: the start-up every service shares (Postgres, NATS, streams, listener).
@@ -29,6 +30,7 @@
 //! - `testing` (feature `testing`): a throwaway database and NATS prefix per test.
 
 pub mod audio;
+pub mod auth;
 pub mod calls;
 pub mod config;
 pub mod db;
@@ -45,4 +47,7 @@ pub mod telemetry;
 pub mod testing;
 pub mod tls;
 
-pub use wire::{CallId, CallState, Reason, call_id, call_state, events, live, reason, subjects};
+pub use wire::{
+    CallId, CallKey, CallState, Permission, Reason, Role, TenantId, call_id, call_state, events,
+    live, reason, subjects, tenant,
+};

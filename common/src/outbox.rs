@@ -45,7 +45,7 @@ impl Publisher {
         request_id: Option<&str>,
     ) -> Result<(), jetstream::context::PublishError> {
         let payload = Bytes::from(serde_json::to_vec(letter).expect("a dead letter serializes"));
-        let subject = self.subjects.dlq_transcribe(&letter.call_id);
+        let subject = self.subjects.dlq_transcribe(&letter.key());
         nats::publish(&self.js, subject, &letter.msg_id(), payload, request_id).await
     }
 
@@ -54,7 +54,7 @@ impl Publisher {
         let payload = serde_json::to_vec(event)?;
         self.js
             .client()
-            .publish(self.subjects.call_progress(&event.call_id), payload.into())
+            .publish(self.subjects.call_progress(&event.key()), payload.into())
             .await?;
         Ok(())
     }
@@ -69,8 +69,8 @@ impl Publisher {
         let payload = Bytes::from(serde_json::to_vec(event).map_err(|e| e.to_string())?);
         nats::publish(
             &self.js,
-            self.subjects.packets(&event.call_id),
-            &PacketEvent::msg_id(&event.call_id, event.sequence),
+            self.subjects.packets(&event.key()),
+            &PacketEvent::msg_id(&event.key(), event.sequence),
             payload,
             request_id,
         )
@@ -93,7 +93,7 @@ impl Publisher {
             let payload = Bytes::from(serde_json::to_vec(event).expect("serializable"));
             let result = nats::publish(
                 &self.js,
-                self.subjects.call_status(&event.call_id),
+                self.subjects.call_status(&event.key()),
                 &event.msg_id(),
                 payload,
                 request_id,
@@ -107,7 +107,7 @@ impl Publisher {
             match result {
                 Ok(()) => published.push(id),
                 Err(e) => tracing::warn!(
-                    call.id = %event.call_id, call.version = event.version,
+                    call.id = %event.key(), call.version = event.version,
                     error.message = %e, "status event not published yet; the outbox relay will retry"
                 ),
             }
@@ -139,7 +139,7 @@ impl Publisher {
             .get_stream(self.subjects.stream_name(StreamKind::Work))
             .await?;
         match stream
-            .get_last_raw_message_by_subject(&self.subjects.call_completed(&item.call_id))
+            .get_last_raw_message_by_subject(&self.subjects.call_completed(&item.key()))
             .await
         {
             Ok(_) => Ok(true),
@@ -157,18 +157,18 @@ impl Publisher {
     /// JetStream acknowledged it.
     pub async fn work_item(&self, item: &WorkItem, request_id: Option<&str>) -> bool {
         let payload = Bytes::from(serde_json::to_vec(item).expect("serializable"));
-        let subject = self.subjects.call_completed(&item.call_id);
+        let subject = self.subjects.call_completed(&item.key());
         if let Err(e) = nats::publish(&self.js, subject, &item.msg_id(), payload, request_id).await
         {
             tracing::warn!(
-                call.id = %item.call_id, error.message = %e,
+                call.id = %item.key(), error.message = %e,
                 "work item not published yet; the outbox relay will retry"
             );
             return false;
         }
         metrics::counter!("switchboard_work_items_published_total").increment(1);
         if let Err(e) = calls::published::mark_work_item(&self.pool, item).await {
-            tracing::warn!(call.id = %item.call_id, error.message = %e, "cannot mark work item published");
+            tracing::warn!(call.id = %item.key(), error.message = %e, "cannot mark work item published");
         }
         true
     }

@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 pub use wire::{MissingRange, api::TransitionRowView};
 
 use crate::{
-    CallId, CallState, Reason,
+    CallKey, CallState, Reason, TenantId,
     events::{ERROR_PREVIEW_CHARS, Sentiment, StatusEvent, TRANSCRIPT_PREVIEW_CHARS, preview},
 };
 
@@ -31,8 +31,9 @@ pub(crate) use call_columns_sql;
 /// A call as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CallRow {
-    #[sqlx(try_from = "String")]
-    pub call_id: CallId,
+    /// The call's key (`<tenant>.<call_id>`, stored as `call_id`).
+    #[sqlx(try_from = "String", rename = "call_id")]
+    pub key: CallKey,
     #[sqlx(try_from = "String")]
     pub state: CallState,
     pub version: i64,
@@ -71,7 +72,8 @@ impl CallRow {
             .as_deref()
             .map(|t| preview(t, TRANSCRIPT_PREVIEW_CHARS));
         StatusEvent {
-            call_id: self.call_id.clone(),
+            tenant: self.key.tenant().clone(),
+            call_id: self.key.call_id().clone(),
             state: self.state,
             previous_state,
             version: self.version,
@@ -95,7 +97,7 @@ impl CallRow {
 
 pub async fn get_call(
     db: impl PgExecutor<'_>,
-    call_id: &CallId,
+    call_id: &CallKey,
 ) -> Result<Option<CallRow>, sqlx::Error> {
     sqlx::query_as(concat!(
         "SELECT ",
@@ -129,7 +131,7 @@ pub async fn calls_in_state(
 /// sequence received. An index range scan of at most `limit` rows.
 pub async fn missing_ranges(
     db: impl PgExecutor<'_>,
-    call_id: &CallId,
+    call_id: &CallKey,
     limit: i64,
 ) -> Result<Vec<MissingRange>, sqlx::Error> {
     let rows: Vec<(i64, i64)> = sqlx::query_as(
@@ -154,7 +156,7 @@ pub async fn missing_ranges(
 /// A call's history, oldest first, as the API shows it.
 pub async fn history(
     db: impl PgExecutor<'_>,
-    call_id: &CallId,
+    call_id: &CallKey,
 ) -> Result<Vec<TransitionRowView>, sqlx::Error> {
     let rows: Vec<(i64, Option<String>, String, String, OffsetDateTime)> = sqlx::query_as(
         "SELECT version, from_state, to_state, reason, at FROM call_transitions \
@@ -177,16 +179,38 @@ pub async fn history(
         .collect())
 }
 
-/// Where a page of [`list_calls`] starts: after this (created_at, call_id).
+/// Whether `call` exists, and how many calls its tenant is streaming (counted up to `cap`):
+/// what the cap on a tenant's streaming calls needs to know before a call's first packet.
+pub async fn streaming_admission(
+    db: impl PgExecutor<'_>,
+    call: &CallKey,
+    cap: i64,
+) -> Result<(bool, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM calls WHERE call_id = $1), \
+                (SELECT count(*) FROM (SELECT 1 FROM calls WHERE tenant = $2 AND state = $3 \
+                 LIMIT $4) AS streaming)",
+    )
+    .bind(call.as_str())
+    .bind(call.tenant().as_str())
+    .bind(CallState::InProgress.as_str())
+    .bind(cap)
+    .fetch_one(db)
+    .await
+}
+
+/// Where a page of [`list_calls`] starts: after this (created_at, call_id), the call id
+/// being the tenant's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListCursor {
     pub created_at: OffsetDateTime,
     pub call_id: String,
 }
 
-/// Calls newest first, optionally in one state, after `cursor`.
+/// One tenant's calls, newest first, optionally in one state, after `cursor`.
 pub async fn list_calls(
     db: impl PgExecutor<'_>,
+    tenant: &TenantId,
     state: Option<CallState>,
     limit: i64,
     cursor: Option<&ListCursor>,
@@ -194,14 +218,15 @@ pub async fn list_calls(
     sqlx::query_as(concat!(
         "SELECT ",
         call_columns_sql!(),
-        " FROM calls WHERE ($1::text IS NULL OR state = $1) ",
-        "AND ($2::timestamptz IS NULL OR (created_at, call_id) < ($2, $3)) ",
+        " FROM calls WHERE tenant = $5 AND ($1::text IS NULL OR state = $1) ",
+        "AND ($2::timestamptz IS NULL OR (created_at, call_id) < ($2, $5 || '.' || $3)) ",
         "ORDER BY created_at DESC, call_id DESC LIMIT $4"
     ))
     .bind(state.map(CallState::as_str))
     .bind(cursor.map(|c| c.created_at))
     .bind(cursor.map(|c| c.call_id.as_str()))
     .bind(limit)
+    .bind(tenant.as_str())
     .fetch_all(db)
     .await
 }
@@ -213,7 +238,7 @@ mod tests {
     fn row(transcript: Option<String>, last_error: Option<String>) -> CallRow {
         let now = OffsetDateTime::now_utc();
         CallRow {
-            call_id: CallId::parse("long-call").unwrap(),
+            key: CallKey::try_from("acme.long-call".to_owned()).unwrap(),
             state: CallState::Archived,
             version: 5,
             packets_received: 180_000,

@@ -16,13 +16,27 @@ use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    CallId, CallKey, Role, TenantId, auth,
     config::{CommonConfig, LogFormat, StreamSettings},
     db, nats,
     subjects::{StreamKind, Subjects},
 };
 
+/// The tenant a test acts as unless it says otherwise.
+pub const TEST_TENANT: &str = "acme";
+
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// `Authorization: Bearer <key>`, as default headers for an HTTP client.
+pub fn bearer_headers(key: &str) -> axum::http::HeaderMap {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(
+        axum::http::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().expect("a valid header"),
+    );
+    headers
+}
 
 /// One test's private database and NATS prefix.
 pub struct TestEnv {
@@ -73,6 +87,39 @@ impl TestEnv {
 
     pub fn database_name(&self) -> &str {
         &self.db_name
+    }
+
+    /// [`TEST_TENANT`].
+    pub fn tenant(&self) -> TenantId {
+        TenantId::parse(TEST_TENANT).expect("a valid tenant")
+    }
+
+    /// The key `call_id` of [`TEST_TENANT`] is stored under (`acme.<call_id>`).
+    pub fn key(&self, call_id: &str) -> CallKey {
+        CallKey::new(
+            self.tenant(),
+            CallId::parse(call_id).expect("a valid call id"),
+        )
+    }
+
+    /// A new API key of [`TEST_TENANT`] with `role`.
+    pub async fn api_key(&self, role: Role) -> String {
+        self.api_key_for(TEST_TENANT, role).await
+    }
+
+    /// A new API key of `tenant` (created if new) with `role`.
+    pub async fn api_key_for(&self, tenant: &str, role: Role) -> String {
+        let tenant = TenantId::parse(tenant).expect("a valid tenant");
+        auth::create_key(&self.pool, &tenant, role)
+            .await
+            .expect("key created")
+            .1
+    }
+
+    /// `Authorization: Bearer <a new key of TEST_TENANT with role>`, as default headers for a
+    /// test's HTTP client.
+    pub async fn auth_headers(&self, role: Role) -> axum::http::HeaderMap {
+        bearer_headers(&self.api_key(role).await)
     }
 
     /// A pool on the server's maintenance database, for what a test does to its own

@@ -6,7 +6,7 @@
 //! never both win.
 
 use common::{
-    CallId, CallState, Reason,
+    CallKey, CallState, Reason,
     calls::{self, Changes, TransitionError},
     testing::{TestEnv, random_suffix},
 };
@@ -57,8 +57,8 @@ fn model(state: CallState, version: i64, m: Move) -> (CallState, i64) {
     }
 }
 
-async fn create(pool: &PgPool) -> CallId {
-    let id = CallId::parse(format!("sm-{}", random_suffix())).unwrap();
+async fn create(pool: &PgPool) -> CallKey {
+    let id = CallKey::try_from(format!("t.sm-{}", random_suffix())).unwrap();
     let mut tx = pool.begin().await.unwrap();
     let created = calls::packets::create(&mut tx, &[id.as_str()], 0)
         .await
@@ -71,7 +71,7 @@ async fn create(pool: &PgPool) -> CallId {
 }
 
 /// Applies one move in its own transaction; whether it changed the call.
-async fn apply(pool: &PgPool, id: &CallId, m: Move) -> bool {
+async fn apply(pool: &PgPool, id: &CallKey, m: Move) -> bool {
     let mut tx = pool.begin().await.unwrap();
     let changed = match m {
         Move::To { believed, to } => {
@@ -103,7 +103,7 @@ async fn apply(pool: &PgPool, id: &CallId, m: Move) -> bool {
 
 /// The call is in `state` at `version`, and its history is versions 1..=version, each row
 /// starting where the one before ended, with only moves the machine allows.
-async fn check_history(pool: &PgPool, id: &CallId, state: CallState, version: i64) {
+async fn check_history(pool: &PgPool, id: &CallKey, state: CallState, version: i64) {
     let (db_state, db_version): (String, i64) =
         sqlx::query_as("SELECT state, version FROM calls WHERE call_id = $1")
             .bind(id.as_str())

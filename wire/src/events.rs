@@ -5,11 +5,14 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{CallId, CallState};
+use crate::{CallId, CallKey, CallState, TenantId};
 
-/// One accepted audio packet, on `<prefix>.packets.<call_id>`.
+/// One accepted audio packet, on `<prefix>.packets.<tenant>.<call_id>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PacketEvent {
+    /// The tenant the call belongs to (`default` in events from before tenants).
+    #[serde(default)]
+    pub tenant: TenantId,
     pub call_id: CallId,
     pub sequence: i64,
     pub data: String,
@@ -20,15 +23,23 @@ pub struct PacketEvent {
 }
 
 impl PacketEvent {
-    /// `<call_id>:<sequence>`: a client retry of the same packet is stored and published once.
-    pub fn msg_id(call_id: &CallId, sequence: i64) -> String {
-        format!("{call_id}:{sequence}")
+    /// `<tenant>.<call_id>:<sequence>`: a client retry of the same packet is stored and
+    /// published once.
+    pub fn msg_id(call: &CallKey, sequence: i64) -> String {
+        format!("{call}:{sequence}")
+    }
+
+    pub fn key(&self) -> CallKey {
+        CallKey::new(self.tenant.clone(), self.call_id.clone())
     }
 }
 
-/// A finished call waiting to be transcribed, on `<prefix>.calls.completed.<call_id>`.
+/// A finished call waiting to be transcribed, on `<prefix>.calls.completed.<tenant>.<call_id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkItem {
+    /// The tenant the call belongs to (`default` in events from before tenants).
+    #[serde(default)]
+    pub tenant: TenantId,
     pub call_id: CallId,
     /// The call's version when it became `COMPLETED`; an operator retry completes it again at
     /// a higher version, which is a new work item.
@@ -38,8 +49,13 @@ pub struct WorkItem {
 }
 
 impl WorkItem {
+    /// `<tenant>.<call_id>:<version>`.
     pub fn msg_id(&self) -> String {
-        format!("{}:{}", self.call_id, self.version)
+        format!("{}.{}:{}", self.tenant, self.call_id, self.version)
+    }
+
+    pub fn key(&self) -> CallKey {
+        CallKey::new(self.tenant.clone(), self.call_id.clone())
     }
 }
 
@@ -53,12 +69,16 @@ pub struct Sentiment {
     pub score: f64,
 }
 
-/// A change of a call's state, on `<prefix>.calls.status.<call_id>`. Published at least once;
+/// A change of a call's state, on `<prefix>.calls.status.<tenant>.<call_id>`. Published at least once;
 /// `version` grows by one with every transition, so a consumer drops an event whose version
 /// it has already seen instead of moving a call backwards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusEvent {
+    /// The tenant the call belongs to (`default` in events from before tenants).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub tenant: TenantId,
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub call_id: CallId,
     pub state: CallState,
@@ -103,8 +123,13 @@ pub const TRANSCRIPT_PREVIEW_CHARS: usize = 200;
 pub const ERROR_PREVIEW_CHARS: usize = 300;
 
 impl StatusEvent {
+    /// `<tenant>.<call_id>:<version>`.
     pub fn msg_id(&self) -> String {
-        format!("{}:{}", self.call_id, self.version)
+        format!("{}.{}:{}", self.tenant, self.call_id, self.version)
+    }
+
+    pub fn key(&self) -> CallKey {
+        CallKey::new(self.tenant.clone(), self.call_id.clone())
     }
 }
 
@@ -116,10 +141,13 @@ pub fn preview(text: &str, max: usize) -> (String, bool) {
     }
 }
 
-/// A call the AI pipeline gave up on, on `<prefix>.dlq.transcribe.<call_id>`, kept in its own
+/// A call the AI pipeline gave up on, on `<prefix>.dlq.transcribe.<tenant>.<call_id>`, kept in its own
 /// stream for operators (re-drive with `POST /v1/call/{call_id}/retry`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// The tenant the call belongs to (`default` in events from before tenants).
+    #[serde(default)]
+    pub tenant: TenantId,
     pub call_id: CallId,
     /// The work item's version (the call's version when it became `COMPLETED`).
     pub work_version: i64,
@@ -132,20 +160,34 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// `<tenant>.<call_id>:<work_version>`.
     pub fn msg_id(&self) -> String {
-        format!("{}:{}", self.call_id, self.work_version)
+        format!("{}.{}:{}", self.tenant, self.call_id, self.work_version)
+    }
+
+    pub fn key(&self) -> CallKey {
+        CallKey::new(self.tenant.clone(), self.call_id.clone())
     }
 }
 
-/// How far a streaming call has got, on `<prefix>.calls.progress.<call_id>` (core NATS, at
+/// How far a streaming call has got, on `<prefix>.calls.progress.<tenant>.<call_id>` (core NATS, at
 /// most about once a second per call). Not an event of the call's history: no version, not
 /// kept; the dashboard uses it to show packet counts live.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgressEvent {
+    /// The tenant the call belongs to (`default` in events from before tenants).
+    #[serde(default)]
+    pub tenant: TenantId,
     pub call_id: CallId,
     pub packets_received: i64,
     pub missing_packets: i64,
     pub last_sequence: Option<i64>,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+}
+
+impl ProgressEvent {
+    pub fn key(&self) -> CallKey {
+        CallKey::new(self.tenant.clone(), self.call_id.clone())
+    }
 }

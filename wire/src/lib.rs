@@ -9,7 +9,9 @@
 //! which re-exports these modules for the services.
 //!
 //! # Layout
-//! - [`call_id`]: the validated call identifier (it becomes a NATS subject token).
+//! - [`call_id`]: the validated call identifier (a NATS subject token) and the call key
+//!   (tenant and call id together) that names a call inside Switchboard.
+//! - [`tenant`]: tenants (who owns a call) and roles (what a key may do).
 //! - [`call_state`]: the call states and the transitions allowed between them.
 //! - [`reason`]: why a call moved (the reason of every transition), next to the states.
 //! - [`subjects`]: every NATS subject and stream name, derived from `SWITCHBOARD_PREFIX`.
@@ -26,8 +28,10 @@ pub mod events;
 pub mod live;
 pub mod reason;
 pub mod subjects;
+pub mod tenant;
 
 pub use api::MissingRange;
-pub use call_id::CallId;
+pub use call_id::{CallId, CallKey};
 pub use call_state::CallState;
 pub use reason::Reason;
+pub use tenant::{Permission, Role, TenantId};

@@ -30,7 +30,7 @@ pub const MAX_CLIENT_MESSAGE_BYTES: usize = 512 * 1024;
 /// show the newest calls before the rest have arrived.
 pub const SNAPSHOT_PAGE_CALLS: usize = 1000;
 
-/// `?call_id=a&call_id=b&since=N&stream=S`.
+/// `?call_id=a&call_id=b&since=N&stream=S&token=T`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LiveQuery {
     /// The calls to follow; `None` follows every call.
@@ -40,6 +40,10 @@ pub struct LiveQuery {
     /// The `stream` of the snapshot `since` belongs to. Another stream (recreated, restored)
     /// means the sequences are not comparable: the client gets a snapshot marked `reset`.
     pub stream: Option<String>,
+    /// A credential for clients that cannot send an `Authorization` header (a browser's
+    /// WebSocket): a short-lived token from `POST /v1/auth/token`. Others send
+    /// `Authorization: Bearer <key>` and leave this out.
+    pub token: Option<String>,
 }
 
 impl LiveQuery {
@@ -73,9 +77,16 @@ impl LiveQuery {
                     }
                     query.stream = Some(value.to_owned());
                 }
+                "token" => {
+                    let url_safe = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+                    if value.is_empty() || value.len() > 128 || !value.chars().all(url_safe) {
+                        return Err("token must be a token from POST /v1/auth/token".into());
+                    }
+                    query.token = Some(value.to_owned());
+                }
                 other => {
                     return Err(format!(
-                        "unknown parameter `{other}`; expected call_id, since or stream"
+                        "unknown parameter `{other}`; expected call_id, since, stream or token"
                     ));
                 }
             }
@@ -98,6 +109,9 @@ impl LiveQuery {
             if let Some(stream) = &self.stream {
                 parts.push(format!("stream={}", encode(stream)));
             }
+        }
+        if let Some(token) = &self.token {
+            parts.push(format!("token={}", encode(token)));
         }
         parts.join("&")
     }
@@ -211,6 +225,7 @@ mod tests {
             call_ids: Some(["a", "b"].map(|id| CallId::parse(id).unwrap()).into()),
             since: Some(42),
             stream: Some("1764086400123456789".into()),
+            token: None,
         };
         let text = query.to_query();
         assert_eq!(
@@ -240,9 +255,9 @@ mod tests {
 
     /// Frames written exactly as the notifier's builders write them (`hub::Update::new`,
     /// `Hub::progress`, `ws::Socket::{snapshot, ping, error}` and the lagged notice).
-    const STATUS: &str = r#"{"type":"status","ai_attempts":0,"at":"2025-11-25T16:00:00.123456Z","call_id":"c1","last_error":null,"missing_packets":2,"next_attempt_at":null,"packets_received":8,"previous_state":null,"reason":"first_packet","sentiment":null,"seq":7,"state":"IN_PROGRESS","transcript":null,"transcript_chars":null,"transcript_truncated":false,"version":1}"#;
-    const ENTRY: &str = r#"{"ai_attempts":1,"at":"2025-11-25T16:00:03Z","call_id":"c2","last_error":null,"missing_packets":0,"next_attempt_at":null,"packets_received":250,"previous_state":"PROCESSING_AI","reason":"ai_succeeded","sentiment":{"label":"positive","score":0.61},"seq":9,"state":"ARCHIVED","transcript":"thank you for calling","transcript_chars":21,"transcript_truncated":false,"version":4}"#;
-    const PROGRESS: &str = r#"{"at":"2025-11-25T16:00:02.5Z","call_id":"c1","last_sequence":9,"missing_packets":2,"packets_received":8,"type":"progress"}"#;
+    const STATUS: &str = r#"{"type":"status","ai_attempts":0,"at":"2025-11-25T16:00:00.123456Z","call_id":"c1","last_error":null,"missing_packets":2,"next_attempt_at":null,"packets_received":8,"previous_state":null,"reason":"first_packet","sentiment":null,"seq":7,"state":"IN_PROGRESS","tenant":"acme","transcript":null,"transcript_chars":null,"transcript_truncated":false,"version":1}"#;
+    const ENTRY: &str = r#"{"ai_attempts":1,"at":"2025-11-25T16:00:03Z","call_id":"c2","last_error":null,"missing_packets":0,"next_attempt_at":null,"packets_received":250,"previous_state":"PROCESSING_AI","reason":"ai_succeeded","sentiment":{"label":"positive","score":0.61},"seq":9,"state":"ARCHIVED","tenant":"acme","transcript":"thank you for calling","transcript_chars":21,"transcript_truncated":false,"version":4}"#;
+    const PROGRESS: &str = r#"{"at":"2025-11-25T16:00:02.5Z","call_id":"c1","last_sequence":9,"missing_packets":2,"packets_received":8,"tenant":"acme","type":"progress"}"#;
 
     fn snapshot(more: bool) -> String {
         format!(

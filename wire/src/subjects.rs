@@ -1,17 +1,20 @@
 //! Every NATS subject and stream name Switchboard uses, derived from `SWITCHBOARD_PREFIX`.
 //! Nothing else in the code base spells a subject out.
 //!
-//! | subject                                | stream                | what                        |
-//! |----------------------------------------|-----------------------|-----------------------------|
-//! | `<prefix>.packets.<call_id>`           | `<PREFIX>_PACKETS`    | every accepted packet       |
-//! | `<prefix>.calls.completed.<call_id>`   | `<PREFIX>_WORK`       | transcription work items    |
-//! | `<prefix>.calls.status.<call_id>`      | `<PREFIX>_STATUS`     | every call state change     |
-//! | `<prefix>.dlq.transcribe.<call_id>`    | `<PREFIX>_DLQ`        | calls the AI gave up on     |
-//! | `<prefix>.calls.progress.<call_id>`    | (none: core NATS)     | packet counts while streaming |
+//! | subject                                         | stream             | what                          |
+//! |-------------------------------------------------|--------------------|-------------------------------|
+//! | `<prefix>.packets.<tenant>.<call_id>`           | `<PREFIX>_PACKETS` | every accepted packet         |
+//! | `<prefix>.calls.completed.<tenant>.<call_id>`   | `<PREFIX>_WORK`    | transcription work items      |
+//! | `<prefix>.calls.status.<tenant>.<call_id>`      | `<PREFIX>_STATUS`  | every call state change       |
+//! | `<prefix>.dlq.transcribe.<tenant>.<call_id>`    | `<PREFIX>_DLQ`     | calls the AI gave up on       |
+//! | `<prefix>.calls.progress.<tenant>.<call_id>`    | (none: core NATS)  | packet counts while streaming |
+//!
+//! The tenant is a token of its own, so one tenant's traffic is one wildcard away:
+//! `nats sub 'pbx.calls.status.acme.*'`.
 
 use std::{fmt, str::FromStr};
 
-use crate::CallId;
+use crate::{CallKey, TenantId};
 
 /// A validated subject prefix: one subject token, so it can also prefix stream names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,41 +101,46 @@ impl Subjects {
     /// The subjects a stream captures.
     pub fn stream_subjects(&self, kind: StreamKind) -> String {
         match kind {
-            StreamKind::Packets => format!("{}.packets.*", self.prefix),
-            StreamKind::Work => format!("{}.calls.completed.*", self.prefix),
+            StreamKind::Packets => format!("{}.packets.*.*", self.prefix),
+            StreamKind::Work => format!("{}.calls.completed.*.*", self.prefix),
             StreamKind::Status => self.all_status(),
             StreamKind::DeadLetters => format!("{}.dlq.>", self.prefix),
         }
     }
 
-    pub fn packets(&self, call_id: &CallId) -> String {
-        format!("{}.packets.{call_id}", self.prefix)
+    pub fn packets(&self, call: &CallKey) -> String {
+        format!("{}.packets.{call}", self.prefix)
     }
 
-    pub fn call_completed(&self, call_id: &CallId) -> String {
-        format!("{}.calls.completed.{call_id}", self.prefix)
+    pub fn call_completed(&self, call: &CallKey) -> String {
+        format!("{}.calls.completed.{call}", self.prefix)
     }
 
-    pub fn call_status(&self, call_id: &CallId) -> String {
-        format!("{}.calls.status.{call_id}", self.prefix)
+    pub fn call_status(&self, call: &CallKey) -> String {
+        format!("{}.calls.status.{call}", self.prefix)
     }
 
     pub fn all_status(&self) -> String {
-        format!("{}.calls.status.*", self.prefix)
+        format!("{}.calls.status.*.*", self.prefix)
+    }
+
+    /// One tenant's status events (what an operator passes to `nats sub`).
+    pub fn tenant_status(&self, tenant: &TenantId) -> String {
+        format!("{}.calls.status.{tenant}.*", self.prefix)
     }
 
     /// Packet counts of a call while it streams: plain NATS, not kept in any stream (each
     /// one supersedes the last, and the next status event carries the counts durably).
-    pub fn call_progress(&self, call_id: &CallId) -> String {
-        format!("{}.calls.progress.{call_id}", self.prefix)
+    pub fn call_progress(&self, call: &CallKey) -> String {
+        format!("{}.calls.progress.{call}", self.prefix)
     }
 
     pub fn all_progress(&self) -> String {
-        format!("{}.calls.progress.*", self.prefix)
+        format!("{}.calls.progress.*.*", self.prefix)
     }
 
-    pub fn dlq_transcribe(&self, call_id: &CallId) -> String {
-        format!("{}.dlq.transcribe.{call_id}", self.prefix)
+    pub fn dlq_transcribe(&self, call: &CallKey) -> String {
+        format!("{}.dlq.transcribe.{call}", self.prefix)
     }
 }
 
@@ -143,11 +151,14 @@ mod tests {
     #[test]
     fn names_derive_from_the_prefix() {
         let s = Subjects::new("pbx".parse().unwrap());
-        let id = CallId::parse("c1").unwrap();
-        assert_eq!(s.packets(&id), "pbx.packets.c1");
-        assert_eq!(s.call_completed(&id), "pbx.calls.completed.c1");
-        assert_eq!(s.call_status(&id), "pbx.calls.status.c1");
-        assert_eq!(s.dlq_transcribe(&id), "pbx.dlq.transcribe.c1");
+        let id: CallKey = "acme.c1".parse().unwrap();
+        assert_eq!(s.packets(&id), "pbx.packets.acme.c1");
+        assert_eq!(s.call_completed(&id), "pbx.calls.completed.acme.c1");
+        assert_eq!(s.call_status(&id), "pbx.calls.status.acme.c1");
+        assert_eq!(s.call_progress(&id), "pbx.calls.progress.acme.c1");
+        assert_eq!(s.dlq_transcribe(&id), "pbx.dlq.transcribe.acme.c1");
+        assert_eq!(s.tenant_status(id.tenant()), "pbx.calls.status.acme.*");
+        assert_eq!(s.all_status(), "pbx.calls.status.*.*");
         assert_eq!(s.stream_name(StreamKind::Packets), "PBX_PACKETS");
         let t = Subjects::new("t-ab12".parse().unwrap());
         assert_eq!(t.stream_name(StreamKind::Work), "T-AB12_WORK");

@@ -285,7 +285,7 @@ async fn settle_load(
 /// moment the streaming scenarios inject their fault.
 async fn load_a_third(stack: &Stack, plan: LoadPlan) -> Load {
     let total = u64::from(plan.calls * plan.packets);
-    let load = Load::start(stack.ingest.url(), plan);
+    let load = Load::start(stack.ingest.url(), &stack.api_key, plan);
     load.until_acked(total / 3).await;
     load
 }

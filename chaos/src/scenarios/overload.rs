@@ -39,6 +39,7 @@ async fn sustainable(run: &Run, stack: &Stack) -> anyhow::Result<f64> {
             "--json",
         ])
         .env("PBX_INGEST_URL", stack.ingest.url())
+        .env("PBX_API_KEY", &stack.api_key)
         .output()
         .await?;
     let report: BenchReport = serde_json::from_slice(&output.stdout).with_context(|| {
@@ -71,11 +72,14 @@ pub async fn overload(run: &mut Run) -> anyhow::Result<Outcome> {
         first_number: 1,
     };
     let offered = plan.calls * plan.packets;
-    let overload = Load::start(stack.ingest.url(), plan).finish().await;
+    let overload = Load::start(stack.ingest.url(), &stack.api_key, plan)
+        .finish()
+        .await;
     // The kernel's high-water mark of ingest's resident memory (VmHWM): the peak, not a sample.
     let peak = stack.ingest.memory().map_or(0, |(_, peak)| peak);
     let recovery = Load::start(
         stack.ingest.url(),
+        &stack.api_key,
         LoadPlan {
             id_prefix: "chaos-s10-after".into(),
             calls: 50,

@@ -52,7 +52,7 @@ pub async fn kill_transcriber(run: &mut Run) -> anyhow::Result<Outcome> {
     };
     let mut stack = Stack::start(&run.ctx(), "s2", options).await?;
     stack.ai.set_latency(Duration::from_secs(2));
-    let report = Load::start(stack.ingest.url(), run.short_calls("s2"))
+    let report = Load::start(stack.ingest.url(), &stack.api_key, run.short_calls("s2"))
         .finish()
         .await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -102,6 +102,7 @@ pub async fn kill_notifier(run: &mut Run) -> anyhow::Result<Outcome> {
     let mut watch = tokio::process::Command::new(run.bin_dir.join("pbx"))
         .args(["watch", "--json"])
         .env("PBX_NOTIFIER_URL", &notifier_url)
+        .env("PBX_API_KEY", &stack.api_key)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -164,7 +165,7 @@ async fn read_frames(
         match frame {
             LiveFrame::Status(status) => w
                 .versions
-                .entry(status.event.call_id.to_string())
+                .entry(status.event.key().to_string())
                 .or_default()
                 .push(status.event.version),
             LiveFrame::Snapshot(s) if s.reset => w.resets += 1,

@@ -81,12 +81,13 @@ pub async fn lock_calls(run: &mut Run) -> anyhow::Result<Outcome> {
     let plan = run.plan("s6");
     let first = plan.first_number;
     let held: Vec<String> = (first..first + 2).map(|n| plan.call_id(n)).collect();
-    let load = Load::start(stack.ingest.url(), plan.clone());
+    let load = Load::start(stack.ingest.url(), &stack.api_key, plan.clone());
     // Every call exists once each has sent a second of audio.
     load.until_acked(u64::from(plan.calls) * 50).await;
     let mut tx = stack.pool.begin().await?;
+    let held_keys: Vec<String> = held.iter().map(|id| crate::stack::key(id)).collect();
     let locked = sqlx::query("SELECT call_id FROM calls WHERE call_id = ANY($1) FOR UPDATE")
-        .bind(&held)
+        .bind(&held_keys)
         .fetch_all(&mut *tx)
         .await?;
     anyhow::ensure!(

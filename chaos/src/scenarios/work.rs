@@ -23,7 +23,7 @@ pub async fn ai_down(run: &mut Run) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::new(7);
     let stack = Stack::start(&run.ctx(), "s7", StackOptions::default()).await?;
     stack.ai.set_down(true);
-    let report = Load::start(stack.ingest.url(), run.short_calls("s7"))
+    let report = Load::start(stack.ingest.url(), &stack.api_key, run.short_calls("s7"))
         .finish()
         .await;
     let down_until = Instant::now() + run.scale.ai_down;
@@ -75,7 +75,7 @@ pub async fn delete_work_stream(run: &mut Run) -> anyhow::Result<Outcome> {
     let mut stack = Stack::start(&run.ctx(), "s8", StackOptions::default()).await?;
     // Nobody consumes the work items while they are deleted.
     stack.transcribers[0].terminate().await?;
-    let report = Load::start(stack.ingest.url(), run.short_calls("s8"))
+    let report = Load::start(stack.ingest.url(), &stack.api_key, run.short_calls("s8"))
         .finish()
         .await;
     let calls = u64::from(report.plan.calls);
@@ -158,7 +158,7 @@ pub async fn deliver_twice(run: &mut Run) -> anyhow::Result<Outcome> {
             }
         }
     });
-    let report = Load::start(stack.ingest.url(), run.short_calls("s9"))
+    let report = Load::start(stack.ingest.url(), &stack.api_key, run.short_calls("s9"))
         .finish()
         .await;
     settle_load(run, stack, &mut outcome, &report, Duration::from_secs(120)).await?;

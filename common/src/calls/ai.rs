@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::{CallId, CallState, calls::parse_state};
+use crate::{CallKey, CallState, calls::parse_state};
 
 /// Why a call is given up on: the value of `calls.ai_give_up`, recorded from the decision
 /// until the call is `FAILED`, so that a redelivery finishes the give-up the same way without
@@ -66,7 +66,7 @@ pub struct ClaimView {
 /// Locks a call to claim it.
 pub async fn lock_for_claim(
     tx: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
 ) -> Result<Option<ClaimView>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -112,7 +112,7 @@ pub async fn lock_for_claim(
 /// Holds the (locked) call for `lease` from now.
 pub async fn hold(
     tx: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
     lease: Duration,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -127,7 +127,7 @@ pub async fn hold(
 
 /// Counts the next attempt of a (locked) `PROCESSING_AI` call and clears its due time;
 /// returns the attempt's number.
-pub async fn count_attempt(tx: &mut PgConnection, call_id: &CallId) -> Result<i32, sqlx::Error> {
+pub async fn count_attempt(tx: &mut PgConnection, call_id: &CallKey) -> Result<i32, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE calls SET ai_attempts = ai_attempts + 1, next_attempt_at = NULL \
          WHERE call_id = $1 RETURNING ai_attempts",
@@ -140,7 +140,7 @@ pub async fn count_attempt(tx: &mut PgConnection, call_id: &CallId) -> Result<i3
 /// Extends the lease of `attempt` (only while that attempt owns the call).
 pub async fn renew(
     pool: &PgPool,
-    call_id: &CallId,
+    call_id: &CallKey,
     attempt: i32,
     lease: Duration,
 ) -> Result<(), sqlx::Error> {
@@ -161,7 +161,7 @@ pub async fn renew(
 /// Returns whether it did.
 pub async fn mark_give_up(
     pool: &PgPool,
-    call_id: &CallId,
+    call_id: &CallKey,
     attempt: i32,
     why: GiveUp,
     error: &str,
@@ -182,7 +182,7 @@ pub async fn mark_give_up(
 
 /// Clears the lease of `attempt` (it stays counted), if it still owns the call. Returns
 /// whether it did.
-pub async fn release(pool: &PgPool, call_id: &CallId, attempt: i32) -> Result<bool, sqlx::Error> {
+pub async fn release(pool: &PgPool, call_id: &CallKey, attempt: i32) -> Result<bool, sqlx::Error> {
     let released = sqlx::query(
         "UPDATE calls SET ai_lease_until = NULL \
          WHERE call_id = $1 AND state = $2 AND ai_attempts = $3",
@@ -199,7 +199,7 @@ pub async fn release(pool: &PgPool, call_id: &CallId, attempt: i32) -> Result<bo
 /// Returns whether it did.
 pub async fn hand_back(
     tx: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
     attempt: i32,
 ) -> Result<bool, sqlx::Error> {
     let handed_back = sqlx::query(
@@ -218,7 +218,7 @@ pub async fn hand_back(
 /// number): the fence before an attempt ends it.
 pub async fn lock_if_owned(
     tx: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
     attempt: i32,
 ) -> Result<bool, sqlx::Error> {
     let owner: Option<(String, i32)> =
@@ -233,7 +233,7 @@ pub async fn lock_if_owned(
 
 /// After an attempt ended (in the same transaction): the lease is cleared, and a give-up
 /// mark too once the call has left `PROCESSING_AI`.
-pub async fn end_hold(tx: &mut PgConnection, call_id: &CallId) -> Result<(), sqlx::Error> {
+pub async fn end_hold(tx: &mut PgConnection, call_id: &CallKey) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE calls SET ai_lease_until = NULL, \
                 ai_give_up = CASE WHEN state = $2 THEN ai_give_up END \

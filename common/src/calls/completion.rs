@@ -5,7 +5,7 @@
 use sqlx::PgConnection;
 
 use crate::{
-    CallId, CallState, Reason,
+    CallKey, CallState, Reason,
     calls::{Recorded, parse_state, record_transitions},
     store::{CallRow, call_columns_sql},
 };
@@ -22,7 +22,7 @@ pub struct Completing {
 /// every packet accepted before the completion is in the call, every one after it is refused.
 pub async fn lock(
     tx: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
 ) -> Result<Option<Completing>, sqlx::Error> {
     let row: Option<(String, Option<i64>, i64)> = sqlx::query_as(
         "SELECT state, last_sequence, sequence_start FROM calls WHERE call_id = $1 \
@@ -48,7 +48,7 @@ pub async fn lock_idle(
     tx: &mut PgConnection,
     idle: std::time::Duration,
     limit: i64,
-) -> Result<Vec<CallId>, sqlx::Error> {
+) -> Result<Vec<CallKey>, sqlx::Error> {
     let ids: Vec<String> = sqlx::query_scalar(
         "SELECT call_id FROM calls WHERE state = $3 \
          AND last_packet_at < now() - make_interval(secs => $1) \
@@ -60,7 +60,7 @@ pub async fn lock_idle(
     .fetch_all(tx)
     .await?;
     ids.into_iter()
-        .map(|id| CallId::parse(id).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .map(|id| CallKey::try_from(id).map_err(|e| sqlx::Error::Decode(Box::new(e))))
         .collect()
 }
 

@@ -7,7 +7,7 @@ use sqlx::{PgPool, types::Json};
 use time::OffsetDateTime;
 
 use crate::{
-    CallId, CallState,
+    CallKey, CallState,
     events::{StatusEvent, WorkItem},
 };
 
@@ -45,7 +45,7 @@ pub async fn mark_work_item(pool: &PgPool, item: &WorkItem) -> Result<(), sqlx::
         "UPDATE calls SET work_item_published_at = now() \
          WHERE call_id = $1 AND version = $2 AND state = $3",
     )
-    .bind(item.call_id.as_str())
+    .bind(item.key().as_str())
     .bind(item.version)
     .bind(CallState::Completed.as_str())
     .execute(pool)
@@ -119,8 +119,10 @@ pub async fn work_item_candidates(
 fn work_items(rows: Vec<(String, i64, OffsetDateTime)>) -> Result<Vec<WorkItem>, sqlx::Error> {
     rows.into_iter()
         .map(|(call_id, version, completed_at)| {
+            let key = CallKey::try_from(call_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
             Ok(WorkItem {
-                call_id: CallId::parse(call_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                tenant: key.tenant().clone(),
+                call_id: key.call_id().clone(),
                 version,
                 completed_at,
             })

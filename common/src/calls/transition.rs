@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use crate::{
-    CallId, CallState, Reason,
+    CallKey, CallState, Reason,
     call_state::IllegalTransition,
     events::{Sentiment, StatusEvent},
     store::{CallRow, call_columns_sql},
@@ -62,7 +62,7 @@ pub enum TransitionError {
 /// Run it inside a transaction and publish the returned event after the commit.
 pub async fn transition(
     conn: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
     from: CallState,
     to: CallState,
     reason: Reason,
@@ -79,7 +79,7 @@ pub async fn transition(
 /// `state`.
 pub async fn note(
     conn: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
     state: CallState,
     reason: Reason,
     changes: Changes,
@@ -89,7 +89,7 @@ pub async fn note(
 
 async fn apply(
     conn: &mut PgConnection,
-    call_id: &CallId,
+    call_id: &CallKey,
     from: CallState,
     to: CallState,
     reason: Reason,
@@ -165,7 +165,7 @@ pub async fn record_transitions(
     let mut recorded = Vec::with_capacity(changed.len());
     for (from, call, reason) in changed {
         let event = call.status_event(from, reason);
-        ids.push(call.call_id.to_string());
+        ids.push(call.key.to_string());
         versions.push(call.version);
         froms.push(from.map(|s| s.as_str()));
         tos.push(call.state.as_str());
@@ -195,7 +195,7 @@ pub async fn record_transitions(
     for (id, call_id, version) in rows {
         if let Some(r) = recorded
             .iter_mut()
-            .find(|r| r.call.version == version && r.call.call_id.as_str() == call_id)
+            .find(|r| r.call.version == version && r.call.key.as_str() == call_id)
         {
             r.transition_id = id;
         }

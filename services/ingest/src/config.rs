@@ -3,14 +3,40 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use common::config::CommonConfig;
+use common::{Role, TenantId, auth::settings::AuthSettings, config::CommonConfig};
 
 /// Ingest's own subcommands, beside `serve` and `healthcheck`
 /// ([`common::config::ServiceCli`]).
-#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum IngestCommand {
     /// Apply the database migrations and exit (ingest also runs them at start-up).
     Migrate,
+    /// Manage API keys (uses DATABASE_URL; applies the migrations first).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// `ingest keys ...`.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum KeysCommand {
+    /// Make a key; the tenant is created if new. The key is printed once, alone on the last
+    /// line of stdout, and stored only as a hash: keep it.
+    Create {
+        /// The tenant the key acts for (1-32 of a-z, 0-9, '_', '-').
+        #[arg(long)]
+        tenant: TenantId,
+        /// `pbx` (stream and complete calls), `supervisor` (read calls, the live view,
+        /// re-drive) or `admin` (all of it, and /metrics).
+        #[arg(long)]
+        role: Role,
+    },
+    /// List the keys (id, tenant, role, first characters, created, revoked).
+    List,
+    /// Revoke a key by id: it stops working within seconds on every replica, and so do the
+    /// tokens minted from it.
+    Revoke { id: i64 },
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -27,9 +53,36 @@ pub struct IngestConfig {
     #[command(flatten)]
     pub common: CommonConfig,
 
+    #[command(flatten)]
+    pub auth: AuthSettings,
+
     /// Address the HTTP API listens on.
     #[arg(long, env = "INGEST_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: SocketAddr,
+
+    /// A second address serving `/metrics` (and health) without a key, for a Prometheus on a
+    /// private network; `/metrics` then leaves the API's address. Empty: `/metrics` is on the
+    /// API's address and needs an `admin` key.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "", hide_default_value = true,
+          value_parser = parse_optional_addr)]
+    pub admin_addr: OptionalAddr,
+
+    /// Serve the OpenAPI document and Swagger UI at `/docs` and `/openapi.json` (without a
+    /// key: they describe the API, nothing in it).
+    #[arg(long, env = "API_DOCS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub api_docs: bool,
+
+    /// Longest any request may take, body upload included, in seconds; past it the client is
+    /// answered 408 `request_timeout`. Packets have their own, shorter,
+    /// `INGEST_REQUEST_DEADLINE_MS`.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// Calls one tenant may stream at once; the first packet of one more is answered 429
+    /// `too_many_streaming_calls`. Packets of calls already streaming are never refused.
+    /// 0: no cap.
+    #[arg(long, env = "MAX_STREAMING_CALLS_PER_TENANT", default_value_t = 5_000)]
+    pub max_streaming_calls_per_tenant: u32,
 
     /// A call that receives no packet for this many seconds is completed automatically.
     #[arg(long, env = "CALL_IDLE_TIMEOUT_SECS", default_value_t = 30)]
@@ -109,6 +162,21 @@ pub struct IngestConfig {
     pub partition_interval_secs: u64,
 }
 
+/// An address that may be left empty (Compose and Kubernetes pass an unset value as empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
+    if value.trim().is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    value
+        .trim()
+        .parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|_| format!("`{value}` is not an address like 0.0.0.0:9090"))
+}
+
 /// A retention setting: a number of days, or none (keep forever).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RetentionDays(pub Option<f64>);
@@ -172,6 +240,14 @@ impl IngestConfig {
             self.request_deadline_ms
         );
         anyhow::ensure!(
+            (1..=3_600).contains(&self.request_timeout_secs)
+                && self.request_timeout_secs * 1_000 > self.request_deadline_ms,
+            "REQUEST_TIMEOUT_SECS must be between 1 and 3600 and longer than \
+             INGEST_REQUEST_DEADLINE_MS ({} ms), got {}",
+            self.request_deadline_ms,
+            self.request_timeout_secs
+        );
+        anyhow::ensure!(
             (1..=64).contains(&self.writers),
             "INGEST_WRITERS must be between 1 and 64, got {}",
             self.writers
@@ -226,6 +302,10 @@ impl IngestConfig {
 
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_secs(self.reconcile_interval_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
     }
 
     pub fn request_deadline(&self) -> Duration {

@@ -56,6 +56,13 @@ pub enum ApiError {
     /// 409 `call_not_failed`: only a `FAILED` call can be retried.
     #[error("call {call_id} is {state}, not FAILED: only failed calls can be retried")]
     CallNotFailed { call_id: CallId, state: CallState },
+    /// 429 `too_many_streaming_calls`, with `Retry-After`: the first packet of a new call
+    /// while the tenant already streams `MAX_STREAMING_CALLS_PER_TENANT` calls.
+    #[error(
+        "this tenant already streams {cap} calls (MAX_STREAMING_CALLS_PER_TENANT); complete \
+         some, or retry after Retry-After"
+    )]
+    TooManyStreamingCalls { cap: u32 },
     /// 503 `service_unavailable`, with `Retry-After`: a dependency is down; retrying is safe.
     #[error("{dependency} is unavailable; retry shortly (retries are safe)")]
     Unavailable {
@@ -121,6 +128,9 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable")
             }
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::TooManyStreamingCalls { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_streaming_calls")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -163,7 +173,7 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert("x-call-state", v);
             }
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -187,9 +197,12 @@ impl From<crate::lifecycle::LifecycleError> for ApiError {
     fn from(e: crate::lifecycle::LifecycleError) -> Self {
         use crate::lifecycle::LifecycleError as E;
         match e {
-            E::NotFound(call_id) => ApiError::CallNotFound(call_id),
+            E::NotFound(key) => ApiError::CallNotFound(key.call_id().clone()),
             e @ E::TotalTooSmall { .. } => ApiError::invalid_field("total_packets", e.to_string()),
-            E::NotFailed { call_id, state } => ApiError::CallNotFailed { call_id, state },
+            E::NotFailed { call_id, state } => ApiError::CallNotFailed {
+                call_id: call_id.call_id().clone(),
+                state,
+            },
             E::Connect(e) => ApiError::database_connect(e),
             E::Store(e) => e.into(),
         }

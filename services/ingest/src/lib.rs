@@ -13,6 +13,8 @@
 //! - [`routes`]: the HTTP API; [`extract`] and [`error`] give every failure the same shape.
 //! - [`writer`]: the batching writer every packet goes through (store, then publish).
 //! - [`gaps`]: a call's missing sequences, kept incrementally.
+//! - [`keys`]: `ingest keys create|list|revoke` (API keys; `common::auth` checks them).
+//! - [`streaming_cap`]: the cap on the calls a tenant streams at once.
 //! - [`lifecycle`]: completing a call (endpoint and idle reaper alike).
 //! - [`reaper`]: completes calls that went quiet.
 //! - [`relay`]: the outbox relay: republishes what JetStream has not acknowledged.
@@ -31,12 +33,14 @@ pub mod connections;
 pub mod error;
 pub mod extract;
 pub mod gaps;
+pub mod keys;
 pub mod lifecycle;
 pub mod openapi;
 pub mod reaper;
 pub mod reconciler;
 pub mod relay;
 pub mod routes;
+pub mod streaming_cap;
 pub mod sweeper;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -49,6 +53,7 @@ use anyhow::Context;
 use axum::Router;
 use common::tasks::{CriticalTasks, TaskHealth};
 use common::{
+    auth::{Keys, http::Authenticator},
     outbox::Publisher,
     service::{Infrastructure, Service},
 };
@@ -60,12 +65,15 @@ use crate::{
     config::IngestConfig,
     relay::Relay,
     routes::AppState,
+    streaming_cap::StreamingCap,
     writer::{PacketWriter, WriterSettings},
 };
 
 /// A built ingest service: connected, migrated, bound, not yet serving.
 pub struct App {
     listener: TcpListener,
+    /// `ADMIN_ADDR`'s, when set: `/metrics` without a key.
+    admin_listener: Option<TcpListener>,
     router: Router,
     state: AppState,
     /// The packet writer task; it ends after the server stops and its queue drains.
@@ -101,7 +109,18 @@ impl App {
                 deadline: config.request_deadline(),
             },
         );
+        config.auth.warn_if_off("ingest");
+        let admin_listener = match config.admin_addr.0 {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (ADMIN_ADDR)"))?,
+            ),
+            None => None,
+        };
         let state = AppState {
+            auth: Authenticator::new(&config.auth, Keys::new(pool.clone())),
+            streaming: StreamingCap::new(pool.clone(), config.max_streaming_calls_per_tenant),
             pool,
             nats: infra.nats,
             publisher,
@@ -112,6 +131,7 @@ impl App {
         Ok(App {
             router: routes::router(state.clone()),
             listener: infra.listener,
+            admin_listener,
             state,
             writer_task,
         })
@@ -130,6 +150,7 @@ impl App {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let App {
             listener,
+            admin_listener,
             router,
             state,
             writer_task,
@@ -148,6 +169,15 @@ impl App {
             writer_task.map(|ended| ended.context("the packet writer panicked")),
         );
         spawn_background(&mut tasks, &state, &background);
+        if let Some(admin) = admin_listener {
+            tracing::info!(addr = %admin.local_addr()?, "metrics on ADMIN_ADDR");
+            let stop = shutdown.clone();
+            tasks.spawn("admin listener", async move {
+                common::http::serve(admin, routes::admin_router(), stop)
+                    .await
+                    .context("serving ADMIN_ADDR")
+            });
+        }
         // The router holds the last writer handles besides `state`.
         drop(state);
         let listener = connections::CappedListener::new(listener, config.max_connections);

@@ -4,7 +4,7 @@
 //! them into HTTP answers (`crate::error`).
 
 use common::{
-    CallId, CallState, Reason,
+    CallKey, CallState, Reason,
     calls::{self, Changes, Recorded, TransitionError},
     events::WorkItem,
     outbox::Publisher,
@@ -16,7 +16,7 @@ use sqlx::PgPool;
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     #[error("no call with id {0:?}")]
-    NotFound(CallId),
+    NotFound(CallKey),
     /// The declared `total_packets` is below what was received.
     #[error(
         "total_packets is {total}, but sequence {last} was received (this call counts from \
@@ -25,7 +25,7 @@ pub enum LifecycleError {
     TotalTooSmall { total: i64, last: i64, start: i64 },
     /// A retry of a call that is not `FAILED`.
     #[error("call {call_id:?} is {state}, not FAILED")]
-    NotFailed { call_id: CallId, state: CallState },
+    NotFailed { call_id: CallKey, state: CallState },
     /// No connection could be had (the database is unavailable, whatever the error says).
     #[error("cannot reach the database")]
     Connect(#[source] sqlx::Error),
@@ -53,7 +53,7 @@ pub enum Completion {
 pub async fn complete_call(
     pool: &PgPool,
     publisher: &Publisher,
-    call_id: &CallId,
+    call_id: &CallKey,
     total_packets: Option<i64>,
     request_id: Option<&str>,
 ) -> Result<Completion, LifecycleError> {
@@ -98,7 +98,7 @@ pub async fn complete_call(
 pub async fn retry_call(
     pool: &PgPool,
     publisher: &Publisher,
-    call_id: &CallId,
+    call_id: &CallKey,
     request_id: Option<&str>,
 ) -> Result<CallRow, LifecycleError> {
     let mut tx = pool.begin().await.map_err(LifecycleError::Connect)?;
@@ -140,11 +140,12 @@ pub(crate) async fn announce_completed(
     request_id: Option<&str>,
 ) {
     let call = &recorded.call;
-    tracing::info!(call.id = %call.call_id, call.version = call.version, %reason, "call completed");
+    tracing::info!(call.id = %call.key, call.version = call.version, %reason, "call completed");
     metrics::counter!("switchboard_ingest_calls_completed_total", "reason" => reason.as_str())
         .increment(1);
     let item = WorkItem {
-        call_id: call.call_id.clone(),
+        tenant: call.key.tenant().clone(),
+        call_id: call.key.call_id().clone(),
         version: call.version,
         completed_at: call.completed_at.unwrap_or(call.updated_at),
     };
@@ -154,7 +155,7 @@ pub(crate) async fn announce_completed(
     );
 }
 
-async fn already_done(pool: &PgPool, call_id: &CallId) -> Result<CallRow, LifecycleError> {
+async fn already_done(pool: &PgPool, call_id: &CallKey) -> Result<CallRow, LifecycleError> {
     store::get_call(pool, call_id)
         .await?
         .ok_or_else(|| LifecycleError::NotFound(call_id.clone()))

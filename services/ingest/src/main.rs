@@ -14,6 +14,11 @@ async fn main() -> anyhow::Result<ExitCode> {
             common::http::probe_health(cli.config.addr).await,
         ));
     }
+    if let Some(ServiceCommand::Own(IngestCommand::Keys { command })) = &cli.command {
+        // No log output: stdout is the answer (the new key alone on its last line).
+        ingest::keys::run(&cli.config, command, &mut std::io::stdout()).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     common::telemetry::init(cli.config.common.log_format);
     if cli.command == Some(ServiceCommand::Own(IngestCommand::Migrate)) {
         cli.config.validate()?;

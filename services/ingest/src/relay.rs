@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use common::{CallId, calls, events::PacketEvent, outbox::Publisher};
+use common::{CallKey, calls, events::PacketEvent, outbox::Publisher};
 use futures::future::join_all;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -84,8 +84,10 @@ impl Relay {
             let ids: Vec<&str> = call_ids.iter().map(String::as_str).collect();
             let stored = common::audio::stored_packets(&mut tx, &ids, &sequences).await?;
             let results = join_all(stored.into_iter().map(|packet| async move {
+                let key = CallKey::try_from(packet.call_id).map_err(|e| e.to_string())?;
                 let event = PacketEvent {
-                    call_id: CallId::parse(packet.call_id).map_err(|e| e.to_string())?,
+                    tenant: key.tenant().clone(),
+                    call_id: key.call_id().clone(),
                     sequence: packet.sequence,
                     data: packet.data,
                     timestamp: packet.sent_at,

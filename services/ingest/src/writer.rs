@@ -39,7 +39,7 @@ use std::{
 };
 
 use common::{
-    CallId, CallState, Reason,
+    CallKey, CallState, Reason,
     calls::{
         self, Recorded,
         packets::{CallCounts, Locked, NewRow, StoredBatch},
@@ -80,7 +80,7 @@ const QUEUE_CAPACITY: usize = 16_384;
 /// A validated packet, ready to store.
 #[derive(Debug, Clone)]
 pub struct NewPacket {
-    pub call_id: CallId,
+    pub call_id: CallKey,
     pub sequence: i64,
     pub data: String,
     pub timestamp: f64,
@@ -396,7 +396,8 @@ async fn publish_progress(
 ) -> anyhow::Result<()> {
     for row in store::calls_in_state(pool, calls, CallState::InProgress).await? {
         let event = ProgressEvent {
-            call_id: row.call_id.clone(),
+            tenant: row.key.tenant().clone(),
+            call_id: row.key.call_id().clone(),
             packets_received: row.packets_received,
             missing_packets: row.missing_packets,
             last_sequence: row.last_sequence,
@@ -540,7 +541,8 @@ async fn publish_packet(
     stored: &Stored,
 ) -> Result<(), String> {
     let event = PacketEvent {
-        call_id: packet.call_id.clone(),
+        tenant: packet.call_id.tenant().clone(),
+        call_id: packet.call_id.call_id().clone(),
         sequence: packet.sequence,
         data: packet.data.clone(),
         timestamp: stored.sent_at,
@@ -560,15 +562,15 @@ fn announce(publisher: &Publisher, packets: &[NewPacket], created: Vec<Recorded>
         .map(|r| {
             let id = packets
                 .iter()
-                .find(|p| p.call_id == r.call.call_id)
+                .find(|p| p.call_id == r.call.key)
                 .and_then(|p| p.request_id.clone());
-            (r.call.call_id.to_string(), id)
+            (r.call.key.to_string(), id)
         })
         .collect();
     let publisher = publisher.clone();
     tokio::spawn(async move {
         join_all(created.iter().map(|recorded| {
-            let request_id = request_ids[recorded.call.call_id.as_str()].as_deref();
+            let request_id = request_ids[recorded.call.key.as_str()].as_deref();
             publisher.recorded(std::slice::from_ref(recorded), request_id)
         }))
         .await;
@@ -1117,7 +1119,7 @@ fn verdicts(
 
 /// Logs a structured warning when a packet is not the one after the highest seen so far.
 /// Such packets are still accepted: a PBX must never be blocked by its own network.
-fn warn_if_out_of_order(call_id: &CallId, sequence: i64, last: &mut Option<i64>, start: i64) {
+fn warn_if_out_of_order(call_id: &CallKey, sequence: i64, last: &mut Option<i64>, start: i64) {
     let expected = last.map_or(start, |l| l + 1);
     if sequence != expected {
         tracing::warn!(
@@ -1137,7 +1139,7 @@ mod tests {
 
     fn packet(call: &str, sequence: i64, data: &str, timestamp: f64) -> NewPacket {
         NewPacket {
-            call_id: CallId::parse(call).unwrap(),
+            call_id: CallKey::try_from(format!("acme.{call}")).unwrap(),
             sequence,
             data: data.into(),
             timestamp,

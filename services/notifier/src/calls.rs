@@ -2,21 +2,29 @@
 //! history), for the dashboard's detail view. Status events carry only a transcript preview,
 //! so the page asks for the rest when a supervisor opens a row. The notifier has no database:
 //! it forwards to ingest's read API (`NOTIFIER_INGEST_URL`), so the page needs one origin only
-//! (no CORS) and ingest stays the one home of the read API.
+//! (no CORS) and ingest stays the one home of the read API. The caller's own credential is
+//! checked here and forwarded: ingest answers for the caller's tenant, so a supervisor can
+//! open only its own tenant's calls (another tenant's call is a 404 there).
 
 use axum::{
     extract::{Path, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use common::{
     CallId,
+    auth::http::{Caller, need},
     http::{ErrorBody, ErrorResponse as _},
 };
 
 use crate::AppState;
 
-pub async fn get_call(State(app): State<AppState>, Path(raw): Path<String>) -> Response {
+pub async fn get_call(
+    _caller: Caller<need::Read>,
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Response {
     let call_id = match CallId::parse(raw) {
         Ok(id) => id,
         Err(e) => {
@@ -26,7 +34,11 @@ pub async fn get_call(State(app): State<AppState>, Path(raw): Path<String>) -> R
         }
     };
     let url = format!("{}/v1/call/{call_id}", app.ingest_url);
-    let answer = match app.http.get(&url).send().await {
+    let mut request = app.http.get(&url);
+    if let Some(credential) = headers.get(header::AUTHORIZATION) {
+        request = request.header(header::AUTHORIZATION, credential);
+    }
+    let answer = match request.send().await {
         Ok(response) => response,
         Err(e) => {
             tracing::warn!(error.message = %e, "ingest's read API is not reachable");

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use common::config::CommonConfig;
+use common::{auth::settings::AuthSettings, config::CommonConfig};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -13,11 +13,14 @@ use common::config::CommonConfig;
     long_about = "Switchboard notifier: follows every call's status events and serves them over \
         WebSockets (`/ws`) and a supervisor dashboard (`/`). Every option can be set by the \
         environment variable shown; RUST_LOG filters logs (default `info`). DATABASE_URL is \
-        accepted for uniformity but not used: the notifier needs NATS only."
+        where API keys are checked."
 )]
 pub struct NotifierConfig {
     #[command(flatten)]
     pub common: CommonConfig,
+
+    #[command(flatten)]
+    pub auth: AuthSettings,
 
     /// Address of the WebSocket, dashboard, health and metrics endpoints.
     #[arg(long, env = "NOTIFIER_ADDR", default_value = "0.0.0.0:8082")]
@@ -50,6 +53,23 @@ pub struct NotifierConfig {
     )]
     pub ingest_url: String,
 
+    /// Browser origins besides the dashboard's own that may open the live view
+    /// (comma-separated, e.g. `https://ops.example.com`); a page of any other origin gets 403.
+    /// Empty: same-origin only.
+    #[arg(long, env = "ALLOWED_ORIGINS", default_value = "", hide_default_value = true,
+          value_parser = crate::origins::AllowedOrigins::parse)]
+    pub allowed_origins: crate::origins::AllowedOrigins,
+
+    /// How long a dashboard token (`POST /v1/auth/token`) is valid, in seconds; the page
+    /// exchanges it for a fresh one before then.
+    #[arg(long, env = "AUTH_TOKEN_TTL_SECS", default_value_t = 900)]
+    pub token_ttl_secs: u64,
+
+    /// Longest any HTTP request may take, in seconds (408 past it); the live view's socket,
+    /// once upgraded, is not bound by it.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
     /// On SIGTERM, how long sockets get to receive their close frame.
     #[arg(long, env = "NOTIFIER_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
     pub shutdown_grace_secs: u64,
@@ -76,6 +96,16 @@ impl NotifierConfig {
             self.ingest_url
         );
         anyhow::ensure!(
+            (60..=86_400).contains(&self.token_ttl_secs),
+            "AUTH_TOKEN_TTL_SECS must be between 60 and 86400, got {}",
+            self.token_ttl_secs
+        );
+        anyhow::ensure!(
+            (1..=3_600).contains(&self.request_timeout_secs),
+            "REQUEST_TIMEOUT_SECS must be between 1 and 3600, got {}",
+            self.request_timeout_secs
+        );
+        anyhow::ensure!(
             self.replay_events >= 1,
             "NOTIFIER_REPLAY_EVENTS must be at least 1"
         );
@@ -87,6 +117,12 @@ impl NotifierConfig {
     }
     pub fn send_timeout(&self) -> Duration {
         Duration::from_secs(self.send_timeout_secs)
+    }
+    pub fn token_ttl(&self) -> Duration {
+        Duration::from_secs(self.token_ttl_secs)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)

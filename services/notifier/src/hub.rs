@@ -21,7 +21,7 @@ use async_nats::jetstream::{
     consumer::{DeliverPolicy, pull::OrderedConfig},
 };
 use common::{
-    CallId,
+    CallId, CallKey, TenantId,
     events::{ProgressEvent, StatusEvent},
     subjects::{StreamKind, Subjects},
 };
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Update {
     /// Its sequence in the status stream: what clients resume from.
     pub seq: u64,
-    pub call_id: CallId,
+    pub call: CallKey,
     pub version: i64,
     pub at: OffsetDateTime,
     /// `{"type":"status", ...}` with its `seq`: the frame sent live. Serialised once; a
@@ -55,7 +55,7 @@ impl Update {
         let frame = format!("{STATUS_FRAME_START}{}", &json[1..]);
         Self {
             seq,
-            call_id: event.call_id,
+            call: event.key(),
             version: event.version,
             at: event.at,
             frame,
@@ -72,24 +72,34 @@ impl Update {
 /// A progress report as the sockets send it: `{"type":"progress", ...}`.
 #[derive(Debug)]
 pub struct Progress {
-    pub call_id: CallId,
+    pub call: CallKey,
     pub frame: String,
 }
 
-/// Which calls a socket follows: all of them, or a set.
+/// Which calls a socket sees: those of its tenant (every tenant's when authentication is
+/// off), all of them or a set.
 #[derive(Debug, Clone, Default)]
-pub enum Filter {
+pub struct Filter {
+    /// `None`: every tenant (`SWITCHBOARD_AUTH=off` only).
+    pub tenant: Option<TenantId>,
+    pub calls: Calls,
+}
+
+/// Which of its tenant's calls a socket follows.
+#[derive(Debug, Clone, Default)]
+pub enum Calls {
     #[default]
     All,
     Only(HashSet<CallId>),
 }
 
 impl Filter {
-    pub fn matches(&self, call_id: &CallId) -> bool {
-        match self {
-            Filter::All => true,
-            Filter::Only(ids) => ids.contains(call_id),
-        }
+    pub fn matches(&self, call: &CallKey) -> bool {
+        self.tenant.as_ref().is_none_or(|t| t == call.tenant())
+            && match &self.calls {
+                Calls::All => true,
+                Calls::Only(ids) => ids.contains(call.call_id()),
+            }
     }
 }
 
@@ -118,7 +128,7 @@ const STREAM_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct State {
-    latest: HashMap<CallId, Arc<Update>>,
+    latest: HashMap<CallKey, Arc<Update>>,
     /// The same events as `latest`, by stream sequence: a snapshot is a walk in order, with
     /// no sorting under the lock.
     by_seq: BTreeMap<u64, Arc<Update>>,
@@ -198,14 +208,14 @@ impl Hub {
         state.last_seq = state.last_seq.max(seq);
         if state
             .latest
-            .get(&event.call_id)
+            .get(&event.key())
             .is_some_and(|known| known.version >= event.version)
         {
             metrics::counter!("switchboard_notifier_stale_events_total").increment(1);
             return;
         }
         let update = Arc::new(Update::new(seq, event));
-        if let Some(replaced) = state.latest.insert(update.call_id.clone(), update.clone()) {
+        if let Some(replaced) = state.latest.insert(update.call.clone(), update.clone()) {
             state.by_seq.remove(&replaced.seq);
         }
         state.by_seq.insert(seq, update.clone());
@@ -226,7 +236,7 @@ impl Hub {
         let mut value = serde_json::to_value(&event).expect("a progress event serialises");
         value["type"] = "progress".into();
         let _ = self.progress_tx.send(Arc::new(Progress {
-            call_id: event.call_id,
+            call: event.key(),
             frame: value.to_string(),
         }));
     }
@@ -276,7 +286,7 @@ impl Hub {
                 state
                     .recent
                     .iter()
-                    .filter(|u| u.seq > n && filter.matches(&u.call_id))
+                    .filter(|u| u.seq > n && filter.matches(&u.call))
                     .cloned()
                     .collect(),
             ),
@@ -448,16 +458,25 @@ impl Hub {
 /// they are current at: all three read under one lock, so they always belong together. Only
 /// pointers are cloned; the text of a snapshot is built by the socket, outside the lock.
 fn snapshot_of(state: &State, filter: &Filter) -> Snapshot {
-    let calls = match filter {
-        Filter::All => state.by_seq.values().cloned().collect(),
-        Filter::Only(ids) => {
+    let calls = match (&filter.tenant, &filter.calls) {
+        (Some(tenant), Calls::Only(ids)) => {
             let mut calls: Vec<Arc<Update>> = ids
                 .iter()
-                .filter_map(|id| state.latest.get(id).cloned())
+                .filter_map(|id| {
+                    let key = CallKey::new(tenant.clone(), id.clone());
+                    state.latest.get(&key).cloned()
+                })
                 .collect();
             calls.sort_by_key(|u| u.seq);
             calls
         }
+        // One walk in stream order, keeping the socket's tenant's calls.
+        _ => state
+            .by_seq
+            .values()
+            .filter(|u| filter.matches(&u.call))
+            .cloned()
+            .collect(),
     };
     Snapshot {
         seq: state.last_seq,
@@ -473,6 +492,7 @@ mod tests {
 
     fn event(call: &str, version: i64, state: CallState) -> StatusEvent {
         StatusEvent {
+            tenant: TenantId::parse("acme").unwrap(),
             call_id: CallId::parse(call).unwrap(),
             state,
             previous_state: None,
@@ -498,7 +518,7 @@ mod tests {
         hub.apply(2, event("a", 2, CallState::Completed));
         hub.apply(3, event("a", 1, CallState::InProgress));
         hub.apply(4, event("a", 2, CallState::Completed));
-        let Snapshot { seq, calls, .. } = hub.snapshot(&Filter::All);
+        let Snapshot { seq, calls, .. } = hub.snapshot(&Filter::default());
         assert_eq!(seq, 4);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].version, 2);
@@ -517,7 +537,7 @@ mod tests {
     fn status_entries_and_progress_frames_read_as_the_typed_live_frames() {
         use common::live::LiveFrame;
         let hub = Hub::new(16, 100);
-        let (_, mut subscription) = hub.join(&Filter::All, None, None);
+        let (_, mut subscription) = hub.join(&Filter::default(), None, None);
         let update = Update::new(7, event("a", 3, CallState::Completed));
         let LiveFrame::Status(status) = serde_json::from_str(&update.frame).unwrap() else {
             panic!("a status frame: {}", update.frame);
@@ -533,6 +553,7 @@ mod tests {
         assert_eq!(page.calls, [status]);
 
         hub.progress(ProgressEvent {
+            tenant: TenantId::parse("acme").unwrap(),
             call_id: CallId::parse("a").unwrap(),
             packets_received: 5,
             missing_packets: 1,
@@ -563,25 +584,26 @@ mod tests {
             hub.apply(seq, event(call, 1, CallState::InProgress));
         }
         // Only events 3..=5 are kept: resuming after 2 is exact, after 1 is not.
-        match hub.join(&Filter::All, Some(2), None).0 {
+        match hub.join(&Filter::default(), Some(2), None).0 {
             Start::Replay(updates) => {
                 assert_eq!(updates.iter().map(|u| u.seq).collect::<Vec<_>>(), [3, 4, 5])
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            hub.join(&Filter::All, Some(1), None).0,
+            hub.join(&Filter::default(), Some(1), None).0,
             Start::Snapshot { reset: true, .. }
         ));
         assert!(matches!(
-            hub.join(&Filter::All, Some(99), None).0,
+            hub.join(&Filter::default(), Some(99), None).0,
             Start::Snapshot { reset: true, .. }
         ));
         assert!(matches!(
-            hub.join(&Filter::All, Some(4), Some("another-stream")).0,
+            hub.join(&Filter::default(), Some(4), Some("another-stream"))
+                .0,
             Start::Snapshot { reset: true, .. }
         ));
-        match hub.join(&Filter::All, Some(5), None).0 {
+        match hub.join(&Filter::default(), Some(5), None).0 {
             Start::Replay(updates) => assert!(updates.is_empty()),
             other => panic!("{other:?}"),
         }

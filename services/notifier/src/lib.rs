@@ -14,12 +14,20 @@
 //! - [`ws`]: one task per socket: snapshot / resume, filters, pings, slow clients.
 //! - [`dashboard`]: the self-contained supervisor page served at `/`.
 //! - [`calls`]: one call in full for the dashboard's detail view, from ingest's read API.
+//! - [`session`]: `POST /v1/auth/token`, a supervisor's key exchanged for a short-lived token.
+//! - [`origins`]: which browser pages may open the live view (`ALLOWED_ORIGINS`).
+//!
+//! Every route but the page itself and health needs a `supervisor` or `admin` key (or a
+//! token minted from one), checked against Postgres (`common::auth`); a socket sees only its
+//! tenant's calls.
 //! - `testing` (feature `testing`): the one test configuration and the one way tests start it.
 
 pub mod calls;
 pub mod config;
 pub mod dashboard;
 pub mod hub;
+pub mod origins;
+pub mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod ws;
@@ -27,8 +35,15 @@ pub mod ws;
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use axum::{Router, extract::State, response::Response, routing::get};
+use axum::{
+    Router,
+    extract::{FromRef, State},
+    middleware,
+    response::Response,
+    routing::{get, post},
+};
 use common::{
+    auth::{Keys, http::Authenticator},
     http,
     service::{Infrastructure, Service},
     subjects::Subjects,
@@ -58,6 +73,17 @@ pub struct AppState {
     /// `NOTIFIER_INGEST_URL`, without a trailing slash, and the client that asks it.
     pub ingest_url: Arc<str>,
     pub http: reqwest::Client,
+    /// Keys and tokens, roles and per-key rates.
+    pub auth: Authenticator,
+    pub origins: origins::AllowedOrigins,
+    /// `AUTH_TOKEN_TTL_SECS`.
+    pub token_ttl: Duration,
+}
+
+impl FromRef<AppState> for Authenticator {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
 }
 
 /// A built notifier: connected, bound, not yet following or serving.
@@ -68,16 +94,17 @@ pub struct App {
     client: async_nats::Client,
     subjects: Subjects,
     hub: Arc<Hub>,
+    pool: sqlx::PgPool,
 }
 
 impl App {
-    /// Connects to NATS ([`Infrastructure`]; the notifier needs no database) and binds the
-    /// listener. Fails fast with a message saying what to fix.
+    /// Connects to Postgres (where keys are checked) and NATS ([`Infrastructure`]) and binds
+    /// the listener. Fails fast with a message saying what to fix.
     pub async fn build(config: NotifierConfig) -> anyhow::Result<App> {
         config.validate()?;
         // The detail view's client may speak HTTPS to ingest.
         common::tls::install_crypto_provider();
-        let infra = Infrastructure::connect(Service {
+        let (infra, pool) = Infrastructure::connect_with_postgres(Service {
             name: "notifier",
             common: &config.common,
             addr: config.addr,
@@ -85,7 +112,9 @@ impl App {
         })
         .await?;
         let hub = Hub::new(config.client_queue, config.replay_events);
+        config.auth.warn_if_off("notifier");
         Ok(App {
+            pool,
             listener: infra.listener,
             config,
             js: infra.js,
@@ -115,6 +144,7 @@ impl App {
             client,
             subjects,
             hub,
+            pool,
         } = self;
         // Without its followers the notifier would serve a frozen view: they are critical.
         let health = TaskHealth::default();
@@ -147,14 +177,26 @@ impl App {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .context("building the HTTP client")?,
+            auth: Authenticator::new(&config.auth, Keys::new(pool)),
+            origins: config.allowed_origins.clone(),
+            token_ttl: config.token_ttl(),
         };
         let sockets = state.sockets.clone();
         let router = Router::new()
             .route("/", get(dashboard::page))
+            .route("/dashboard.js", get(dashboard::script))
+            .route("/dashboard.css", get(dashboard::stylesheet))
             .route(common::live::WS_PATH, get(ws::upgrade))
+            .route("/v1/auth/token", post(session::token))
             .route("/v1/call/{call_id}", get(calls::get_call))
             .route("/readyz", get(readyz))
-            .merge(http::operational_routes())
+            .route("/healthz", get(http::healthz))
+            .route("/metrics", get(common::auth::http::metrics))
+            .layer(middleware::from_fn_with_state(
+                config.request_timeout(),
+                http::time_limit,
+            ))
+            .layer(middleware::from_fn(dashboard::security_headers))
             .with_state(state);
         let router = http::with_request_ids(router);
         tracing::info!(addr = %listener.local_addr()?, "notifier listening");

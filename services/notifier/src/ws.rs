@@ -19,11 +19,16 @@ use axum::{
             rejection::WebSocketUpgradeRejection,
         },
     },
-    http::StatusCode,
-    response::Response,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
 };
 use common::{
-    CallId,
+    CallId, Permission,
+    auth::{
+        self, AuthError, Principal,
+        http::{self as auth_http, RateClass},
+        settings::AuthMode,
+    },
     http::{ErrorBody, ErrorResponse as _},
     live::{
         ClientMessage, LiveQuery, MAX_CLIENT_MESSAGE_BYTES, MAX_SUBSCRIBED_CALLS,
@@ -41,7 +46,7 @@ use tokio::{
 
 use crate::{
     AppState,
-    hub::{Filter, Snapshot, Start, Subscription, Update},
+    hub::{Calls, Filter, Snapshot, Start, Subscription, Update},
 };
 
 /// `?call_id=a&call_id=b&since=N&stream=S`: the contract lives in `wire::live`. Parsed from
@@ -52,22 +57,45 @@ fn parse_params(raw: &[(String, String)]) -> Result<LiveQuery, String> {
 
 pub async fn upgrade(
     State(app): State<AppState>,
+    headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let params = query
+    // The Origin first: a page of another site learns nothing, not even whether a token works.
+    if let Err(refused) = app.origins.check(&headers) {
+        return refused;
+    }
+    let params = match query
         .map_err(|e| e.body_text())
-        .and_then(|Query(raw)| parse_params(&raw));
-    match (params, ws) {
-        (Err(message), _) => {
-            ErrorBody::new("invalid_parameter", message).into_response_with(StatusCode::BAD_REQUEST)
+        .and_then(|Query(raw)| parse_params(&raw))
+    {
+        Ok(params) => params,
+        Err(message) => {
+            return ErrorBody::new("invalid_parameter", message)
+                .into_response_with(StatusCode::BAD_REQUEST);
         }
-        (Ok(_), Err(rejection)) => ErrorBody::new(
+    };
+    // A key in the header (pbx, scripts) or a token in the URL (browsers cannot set headers
+    // on a WebSocket).
+    let credential = match auth_http::bearer(&headers) {
+        Ok(header) => header.map(str::to_owned).or_else(|| params.token.clone()),
+        Err(refused) => return refused.into_response(),
+    };
+    let principal = match app
+        .auth
+        .authorize(credential.as_deref(), Permission::Read, RateClass::Requests)
+        .await
+    {
+        Ok(principal) => principal,
+        Err(refused) => return refused.into_response(),
+    };
+    match ws {
+        Err(rejection) => ErrorBody::new(
             "websocket_required",
             format!("/ws speaks WebSocket only: {}", rejection.body_text()),
         )
         .into_response_with(StatusCode::UPGRADE_REQUIRED),
-        (Ok(params), Ok(ws)) => {
+        Ok(ws) => {
             ws.max_message_size(MAX_CLIENT_MESSAGE_BYTES)
                 // tungstenite's defaults (128 KiB each way per socket) held 1.4 GB at 10,000
                 // sockets, and faulting them in on the first event took 1.3 s. Frames are
@@ -76,11 +104,26 @@ pub async fn upgrade(
                 .write_buffer_size(0)
                 .on_upgrade(move |socket| {
                     let tracker = app.sockets.clone();
-                    tracker.track_future(run(socket, app, params))
+                    let caller = SocketCaller {
+                        principal,
+                        credential,
+                    };
+                    tracker.track_future(run(socket, app, params, caller))
                 })
         }
     }
 }
+
+/// Who a socket serves, and the credential it came with: checked again every
+/// [`auth::RECHECK_AFTER`], so a revoked key (or an expired token) ends its sockets too.
+struct SocketCaller {
+    principal: Principal,
+    credential: Option<String>,
+}
+
+/// The close code of a socket whose credential stopped being valid (4000-4999 is for
+/// applications): the dashboard asks for a fresh token, or for the key again.
+const CLOSE_CREDENTIAL_REVOKED: u16 = 4401;
 
 /// Bytes read from a socket at a time (its messages may still be up to
 /// `MAX_CLIENT_MESSAGE_BYTES`: the buffer grows for one that needs it).
@@ -211,7 +254,7 @@ impl Socket {
     }
 }
 
-async fn run(socket: WebSocket, app: AppState, params: LiveQuery) {
+async fn run(socket: WebSocket, app: AppState, params: LiveQuery, caller: SocketCaller) {
     let clients = metrics::gauge!("switchboard_notifier_clients");
     clients.increment(1.0);
     let (sink, stream) = socket.split();
@@ -231,9 +274,12 @@ async fn run(socket: WebSocket, app: AppState, params: LiveQuery) {
             return;
         }
     }
-    let mut filter = params
-        .call_ids
-        .map_or(Filter::All, |ids| Filter::Only(ids.into_iter().collect()));
+    let mut filter = Filter {
+        tenant: (app.auth.mode() == AuthMode::Required).then(|| caller.principal.tenant.clone()),
+        calls: params
+            .call_ids
+            .map_or(Calls::All, |ids| Calls::Only(ids.into_iter().collect())),
+    };
     // Watched from before the join, so a recreation right after it is not missed.
     let generation = app.hub.watch_generation();
     let joined_generation = *generation.borrow();
@@ -256,6 +302,7 @@ async fn run(socket: WebSocket, app: AppState, params: LiveQuery) {
                 subscription,
                 generation,
                 joined_generation,
+                credential: caller.credential,
             };
             live.run(&mut socket, &mut filter).await
         }
@@ -286,6 +333,8 @@ struct Live<'a> {
     /// the status stream was recreated and our sequences mean nothing any more.
     generation: watch::Receiver<u64>,
     joined_generation: u64,
+    /// Checked again every [`auth::RECHECK_AFTER`] (`None` with authentication off).
+    credential: Option<String>,
 }
 
 impl Live<'_> {
@@ -293,8 +342,16 @@ impl Live<'_> {
         let mut ping = tokio::time::interval(self.app.ping_interval);
         ping.reset();
         let mut awaiting_pong = false;
+        let mut recheck = tokio::time::interval(auth::RECHECK_AFTER);
+        recheck.reset();
         loop {
             tokio::select! {
+                _ = recheck.tick(), if self.credential.is_some() => {
+                    let secret = self.credential.as_deref().unwrap_or_default();
+                    if let Err(AuthError::Invalid) = self.app.auth.keys().authenticate(secret).await {
+                        return Err(Gone::Closing(CLOSE_CREDENTIAL_REVOKED, "credential revoked or expired"));
+                    }
+                }
                 _ = self.app.shutdown.cancelled() => {
                     return Err(Gone::Closing(close_code::AWAY, "server shutting down"));
                 }
@@ -307,7 +364,7 @@ impl Live<'_> {
                 }
                 received = self.subscription.status.recv() => match received {
                     Ok(update) => {
-                        if filter.matches(&update.call_id) {
+                        if filter.matches(&update.call) {
                             socket.update(&update).await?;
                         }
                     }
@@ -322,7 +379,7 @@ impl Live<'_> {
                 },
                 received = self.subscription.progress.recv() => match received {
                     Ok(progress) => {
-                        if filter.matches(&progress.call_id) {
+                        if filter.matches(&progress.call) {
                             socket.send(progress.frame.clone()).await?;
                         }
                     }
@@ -403,9 +460,9 @@ fn handle_client_message(text: &str, filter: &mut Filter) -> Result<(), String> 
     match message {
         ClientMessage::Subscribe { call_ids } => {
             let ids = parse(call_ids)?;
-            let following = match filter {
-                Filter::All => 0,
-                Filter::Only(set) => set.len(),
+            let following = match &filter.calls {
+                Calls::All => 0,
+                Calls::Only(set) => set.len(),
             };
             if following + ids.len() > MAX_SUBSCRIBED_CALLS {
                 return Err(format!(
@@ -414,15 +471,15 @@ fn handle_client_message(text: &str, filter: &mut Filter) -> Result<(), String> 
                     ids.len()
                 ));
             }
-            match filter {
+            match &mut filter.calls {
                 // Following everything already; subscribing narrows the view to these calls.
-                Filter::All => *filter = Filter::Only(ids.into_iter().collect()),
-                Filter::Only(set) => set.extend(ids),
+                Calls::All => filter.calls = Calls::Only(ids.into_iter().collect()),
+                Calls::Only(set) => set.extend(ids),
             }
         }
         ClientMessage::Unsubscribe { call_ids } => {
             let ids = parse(call_ids)?;
-            if let Filter::Only(set) = filter {
+            if let Calls::Only(set) = &mut filter.calls {
                 for id in &ids {
                     set.remove(id);
                 }
@@ -459,14 +516,15 @@ mod tests {
 
     #[test]
     fn subscriptions_narrow_and_widen_the_filter() {
-        let mut filter = Filter::All;
+        let mut filter = Filter::default();
+        let key = |id: &str| common::CallKey::try_from(format!("acme.{id}")).unwrap();
         handle_client_message(r#"{"type":"subscribe","call_ids":["a"]}"#, &mut filter).unwrap();
-        assert!(filter.matches(&CallId::parse("a").unwrap()));
-        assert!(!filter.matches(&CallId::parse("b").unwrap()));
+        assert!(filter.matches(&key("a")));
+        assert!(!filter.matches(&key("b")));
         handle_client_message(r#"{"type":"subscribe","call_ids":["b"]}"#, &mut filter).unwrap();
-        assert!(filter.matches(&CallId::parse("b").unwrap()));
+        assert!(filter.matches(&key("b")));
         handle_client_message(r#"{"type":"unsubscribe","call_ids":["a"]}"#, &mut filter).unwrap();
-        assert!(!filter.matches(&CallId::parse("a").unwrap()));
+        assert!(!filter.matches(&key("a")));
         assert!(handle_client_message(r#"{"type":"dance"}"#, &mut filter).is_err());
         assert!(handle_client_message("not json", &mut filter).is_err());
     }

@@ -95,7 +95,7 @@ impl Claims {
 
     pub async fn claim(&self, item: &WorkItem) -> Result<Claim, TransitionError> {
         let mut tx = self.pool.begin().await?;
-        let Some(row) = calls::ai::lock_for_claim(&mut tx, &item.call_id).await? else {
+        let Some(row) = calls::ai::lock_for_claim(&mut tx, &item.key()).await? else {
             return Ok(Claim::Unknown);
         };
         let state = row.state;
@@ -128,7 +128,7 @@ impl Claims {
                 started_at = now(), finished_at = NULL, outcome = NULL, error = NULL, \
                 next_attempt_at = NULL",
         )
-        .bind(item.call_id.as_str())
+        .bind(item.key().as_str())
         .bind(item.version)
         .bind(attempt)
         .bind(&self.worker)
@@ -166,27 +166,27 @@ impl Claims {
         if let Some(due_in) = row.due_in {
             return Ok(ControlFlow::Break(Claim::NotYetDue { due_in }));
         }
-        let attempt = calls::ai::count_attempt(tx, &item.call_id).await?;
+        let attempt = calls::ai::count_attempt(tx, &item.key()).await?;
         Ok(ControlFlow::Continue(attempt))
     }
 
     /// Sets the lease: this delivery holds the call for `lease` from now.
     async fn hold(&self, tx: &mut PgConnection, item: &WorkItem) -> Result<(), sqlx::Error> {
-        calls::ai::hold(tx, &item.call_id, self.lease).await
+        calls::ai::hold(tx, &item.key(), self.lease).await
     }
 
     /// The size of the call's stored packet data, in bytes, measured without reading it
     /// (`common::audio::size_bytes`: packet rows or compacted record alike). A call being
     /// transcribed takes no more packets, so the size does not change before it is loaded.
     pub async fn audio_bytes(&self, item: &WorkItem) -> Result<i64, sqlx::Error> {
-        common::audio::size_bytes(&self.pool, item.call_id.as_str()).await
+        common::audio::size_bytes(&self.pool, item.key().as_str()).await
     }
 
     /// The call's packets in order, how many it should have and where its numbering starts,
     /// from its packet rows or its compacted record (one statement, so one snapshot); `None`
     /// if its audio was compacted and has since expired (`AUDIO_RETENTION_DAYS`).
     pub async fn load_audio(&self, item: &WorkItem) -> Result<Option<CallAudio>, sqlx::Error> {
-        let recording = common::audio::load(&self.pool, item.call_id.as_str())
+        let recording = common::audio::load(&self.pool, item.key().as_str())
             .await?
             .unwrap_or_default();
         if recording.expired {
@@ -202,7 +202,7 @@ impl Claims {
     /// Extends the lease while the AI works on attempt `attempt` (and only while that
     /// attempt still owns the call).
     pub async fn renew(&self, item: &WorkItem, attempt: i32) -> Result<(), sqlx::Error> {
-        calls::ai::renew(&self.pool, &item.call_id, attempt, self.lease).await
+        calls::ai::renew(&self.pool, &item.key(), attempt, self.lease).await
     }
 
     /// Records, before the dead letter goes out, that this call is being given up on, so a
@@ -215,7 +215,7 @@ impl Claims {
         why: GiveUp,
     ) -> Result<(), FinishError> {
         let marked =
-            calls::ai::mark_give_up(&self.pool, &item.call_id, attempt, why, &storable(error))
+            calls::ai::mark_give_up(&self.pool, &item.key(), attempt, why, &storable(error))
                 .await?;
         if !marked {
             return Err(FinishError::LeaseLost);
@@ -300,7 +300,7 @@ impl Claims {
     /// so the redelivery can start at once.
     pub async fn abandon(&self, item: &WorkItem, attempt: i32) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let handed_back = calls::ai::hand_back(&mut tx, &item.call_id, attempt).await?;
+        let handed_back = calls::ai::hand_back(&mut tx, &item.key(), attempt).await?;
         if !handed_back {
             // Another worker owns the call now: leave it alone.
             return Ok(());
@@ -318,7 +318,7 @@ impl Claims {
     /// (a give-up whose dead letter or `FAILED` could not be written): the attempt stays
     /// counted and the give-up mark stays, so the next delivery finishes the give-up.
     pub async fn release(&self, item: &WorkItem, attempt: i32) -> Result<(), FinishError> {
-        let released = calls::ai::release(&self.pool, &item.call_id, attempt).await?;
+        let released = calls::ai::release(&self.pool, &item.key(), attempt).await?;
         if !released {
             return Err(FinishError::LeaseLost);
         }
@@ -340,15 +340,15 @@ impl Claims {
         let (from, to) = (CallState::ProcessingAi, reason.leads_to());
         // Fencing: only the attempt that owns the call may end it. A worker whose lease ran
         // out while another took the call over must not touch it.
-        if !calls::ai::lock_if_owned(&mut tx, &item.call_id, attempt).await? {
+        if !calls::ai::lock_if_owned(&mut tx, &item.key(), attempt).await? {
             return Err(FinishError::LeaseLost);
         }
         let recorded = if to == from {
-            calls::note(&mut tx, &item.call_id, from, reason, changes).await?
+            calls::note(&mut tx, &item.key(), from, reason, changes).await?
         } else {
-            calls::transition(&mut tx, &item.call_id, from, to, reason, changes).await?
+            calls::transition(&mut tx, &item.key(), from, to, reason, changes).await?
         };
-        calls::ai::end_hold(&mut tx, &item.call_id).await?;
+        calls::ai::end_hold(&mut tx, &item.key()).await?;
         end_attempt(&mut tx, item, attempt, &end).await?;
         tx.commit().await?;
         Ok(recorded)
@@ -364,7 +364,7 @@ async fn start_round(tx: &mut PgConnection, item: &WorkItem) -> Result<Recorded,
     };
     let recorded = calls::transition(
         tx,
-        &item.call_id,
+        &item.key(),
         CallState::Completed,
         CallState::ProcessingAi,
         Reason::AiClaimed,
@@ -393,7 +393,7 @@ async fn end_attempt(
              next_attempt_at = $6 \
          WHERE call_id = $1 AND work_version = $2 AND attempt = $3",
     )
-    .bind(item.call_id.as_str())
+    .bind(item.key().as_str())
     .bind(item.version)
     .bind(attempt)
     .bind(end.outcome)

@@ -360,10 +360,11 @@ impl Worker {
             .info()
             .map(|i| (i.delivered, i.stream_sequence))
             .unwrap_or_default();
+        // `<prefix>.calls.completed.<tenant>.<call_id>`: the call's key is the last two tokens.
         let call_id = message
             .subject
-            .rsplit('.')
-            .next()
+            .splitn(4, '.')
+            .nth(3)
             .unwrap_or_default()
             .to_owned();
         let request_id = message
@@ -684,6 +685,7 @@ impl Worker {
         why: GiveUp,
     ) -> Outcome {
         let letter = DeadLetter {
+            tenant: item.tenant.clone(),
             call_id: item.call_id.clone(),
             work_version: item.version,
             attempts,

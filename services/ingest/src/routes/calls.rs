@@ -4,6 +4,7 @@ use axum::{Json, extract::State, http::HeaderMap};
 use common::http::request_id;
 use common::{
     CallState,
+    auth::http::{Caller, need},
     store::{self, CallRow, ListCursor},
 };
 use time::OffsetDateTime;
@@ -25,7 +26,7 @@ const MAX_PAGE: i64 = 500;
 fn summary(row: CallRow) -> CallSummary {
     CallSummary {
         sentiment: row.sentiment(),
-        call_id: row.call_id.to_string(),
+        call_id: row.key.call_id().to_string(),
         state: row.state,
         version: row.version,
         packets_received: row.packets_received,
@@ -53,16 +54,18 @@ fn summary(row: CallRow) -> CallSummary {
         (status = 404, description = "`call_not_found`", body = common::http::ErrorBody),
     ))]
 pub async fn get_call(
+    caller: Caller<need::Read>,
     State(app): State<AppState>,
     CallIdPath(call_id): CallIdPath,
 ) -> Result<Json<CallDetail>, ApiError> {
-    let row = store::get_call(&app.pool, &call_id)
+    let key = caller.principal().call(call_id.clone());
+    let row = store::get_call(&app.pool, &key)
         .await
         .map_err(ApiError::database)?
         .ok_or_else(|| ApiError::CallNotFound(call_id.clone()))?;
     let (missing, history) = tokio::try_join!(
-        store::missing_ranges(&app.pool, &call_id, MAX_MISSING_RANGES),
-        store::history(&app.pool, &call_id),
+        store::missing_ranges(&app.pool, &key, MAX_MISSING_RANGES),
+        store::history(&app.pool, &key),
     )
     .map_err(ApiError::database)?;
     Ok(Json(CallDetail {
@@ -87,6 +90,7 @@ pub async fn get_call(
         (status = 503, body = common::http::ErrorBody),
     ))]
 pub async fn complete_call(
+    caller: Caller<need::Stream>,
     State(app): State<AppState>,
     CallIdPath(call_id): CallIdPath,
     headers: HeaderMap,
@@ -107,7 +111,7 @@ pub async fn complete_call(
     let completion = lifecycle::complete_call(
         &app.pool,
         &app.publisher,
-        &call_id,
+        &caller.principal().call(call_id),
         total_packets,
         request_id(&headers),
     )
@@ -133,12 +137,13 @@ pub async fn complete_call(
         (status = 503, body = common::http::ErrorBody),
     ))]
 pub async fn retry_call(
+    caller: Caller<need::Retry>,
     State(app): State<AppState>,
     CallIdPath(call_id): CallIdPath,
     headers: HeaderMap,
 ) -> Result<Json<CallSummary>, ApiError> {
-    let row =
-        lifecycle::retry_call(&app.pool, &app.publisher, &call_id, request_id(&headers)).await?;
+    let key = caller.principal().call(call_id);
+    let row = lifecycle::retry_call(&app.pool, &app.publisher, &key, request_id(&headers)).await?;
     Ok(Json(summary(row)))
 }
 
@@ -151,6 +156,7 @@ pub async fn retry_call(
     ),
     responses((status = 200, body = CallPage), (status = 400, body = common::http::ErrorBody)))]
 pub async fn list_calls(
+    caller: Caller<need::Read>,
     State(app): State<AppState>,
     QueryParams(params): QueryParams,
 ) -> Result<Json<CallPage>, ApiError> {
@@ -196,7 +202,8 @@ pub async fn list_calls(
         })
         .transpose()?;
     // One extra row tells whether there is a next page.
-    let mut rows = store::list_calls(&app.pool, state, limit + 1, cursor.as_ref())
+    let tenant = &caller.principal().tenant;
+    let mut rows = store::list_calls(&app.pool, tenant, state, limit + 1, cursor.as_ref())
         .await
         .map_err(ApiError::database)?;
     let next_cursor = if rows.len() as i64 > limit {
@@ -213,7 +220,11 @@ pub async fn list_calls(
 
 /// `<created_at as Unix nanoseconds>.<call_id>`: `.` never occurs in a call id.
 fn encode_cursor(row: &CallRow) -> String {
-    format!("{}.{}", row.created_at.unix_timestamp_nanos(), row.call_id)
+    format!(
+        "{}.{}",
+        row.created_at.unix_timestamp_nanos(),
+        row.key.call_id()
+    )
 }
 
 fn decode_cursor(raw: &str) -> Option<ListCursor> {

@@ -6,6 +6,7 @@ pub mod packets;
 
 use std::{sync::Arc, time::Duration};
 
+use axum::extract::FromRef;
 use axum::{
     Router,
     extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State},
@@ -14,13 +15,17 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use common::outbox::Publisher;
+use common::{
+    auth::http::{self as auth_http, Authenticator},
+    outbox::Publisher,
+};
 use sqlx::PgPool;
 use tokio::{sync::Semaphore, time::Instant};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
-    config::IngestConfig, connections::Admission, error::ApiError, openapi, writer::PacketWriter,
+    config::IngestConfig, connections::Admission, error::ApiError, openapi,
+    streaming_cap::StreamingCap, writer::PacketWriter,
 };
 
 /// What every handler can reach. Cheap to clone.
@@ -34,6 +39,16 @@ pub struct AppState {
     pub config: Arc<IngestConfig>,
     /// Whether the writer, relay and reaper are all running (`/readyz`).
     pub tasks: common::tasks::TaskHealth,
+    /// Keys, roles and per-key rates: every `/v1` route names what it needs
+    /// (`Caller<need::..>`).
+    pub auth: Authenticator,
+    pub streaming: StreamingCap,
+}
+
+impl FromRef<AppState> for Authenticator {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -50,15 +65,33 @@ pub fn router(state: AppState) -> Router {
         ))
         .route("/readyz", get(ops::readyz))
         .route_layer(middleware::from_fn(record_metrics));
-    let router = Router::new()
+    let mut router = Router::new()
         .merge(api)
-        .merge(common::http::operational_routes())
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document(&state.config)))
+        .route("/healthz", get(common::http::healthz));
+    // With ADMIN_ADDR set, /metrics is served there ([`admin_router`]) and not here.
+    if state.config.admin_addr.0.is_none() {
+        router = router.route("/metrics", get(auth_http::metrics));
+    }
+    if state.config.api_docs {
+        router = router
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document(&state.config)));
+    }
+    let router = router
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.body_limit()))
+        .layer(middleware::from_fn_with_state(
+            state.config.request_timeout(),
+            common::http::time_limit,
+        ))
         .with_state(state);
     common::http::with_request_ids(router)
+}
+
+/// What `ADMIN_ADDR` serves, without a key: `/healthz` and `/metrics`, for a Prometheus on a
+/// private network.
+pub fn admin_router() -> Router {
+    common::http::operational_routes()
 }
 
 /// The API requests being served, against `INGEST_MAX_IN_FLIGHT`.

@@ -1,7 +1,11 @@
 //! `POST /v1/call/stream/{call_id}`: one audio packet.
 
 use axum::{Json, extract::State, http::HeaderMap, http::StatusCode};
-use common::{CallId, call_id::InvalidCallId};
+use common::{
+    CallId, CallKey,
+    auth::http::{Caller, need},
+    call_id::InvalidCallId,
+};
 use wire::api::{PacketBody, PacketReceipt, PacketStatus};
 
 use super::AppState;
@@ -32,15 +36,17 @@ use crate::{
         (status = 503, description = "Postgres or NATS unavailable, or ingest overloaded (`overloaded`: not answered within `INGEST_REQUEST_DEADLINE_MS`, or over `INGEST_MAX_IN_FLIGHT` requests or `INGEST_MAX_CONNECTIONS` connections); retry after `Retry-After`", body = common::http::ErrorBody),
     ))]
 pub async fn stream_packet(
+    caller: Caller<need::Packets>,
     State(app): State<AppState>,
     CallIdPath(call_id): CallIdPath,
     headers: HeaderMap,
     AppJson(body): AppJson<PacketBody>,
 ) -> Result<(StatusCode, Json<PacketReceipt>), ApiError> {
-    let mut packet = validate(call_id, body, &app.config)?;
+    let key = caller.principal().call(call_id.clone());
+    let mut packet = validate(key, body, &app.config)?;
     packet.request_id = common::http::request_id(&headers).map(str::to_owned);
-    let call_id = packet.call_id.clone();
     let sequence = packet.sequence;
+    app.streaming.admit(&packet.call_id).await?;
 
     let started = tokio::time::Instant::now();
     let stored = app.writer.write(packet).await.map_err(|e| {
@@ -116,12 +122,12 @@ fn write_error(e: WriteError, call_id: &CallId, sequence: i64) -> ApiError {
 }
 
 /// `POST /v1/call/stream/` with no call id.
-pub async fn empty_call_id() -> ApiError {
+pub async fn empty_call_id(_caller: Caller<need::Packets>) -> ApiError {
     ApiError::InvalidCallId(InvalidCallId::Empty)
 }
 
 fn validate(
-    call_id: CallId,
+    call_id: CallKey,
     body: PacketBody,
     config: &IngestConfig,
 ) -> Result<NewPacket, ApiError> {

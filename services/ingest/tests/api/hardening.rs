@@ -162,11 +162,7 @@ async fn a_duplicate_is_published_with_what_was_stored_first() {
     // what a duplicate's publish carries.
     let nats = app.env.nats().await;
     let mut published = nats
-        .subscribe(
-            app.env
-                .subjects()
-                .packets(&common::CallId::parse(id.as_str()).unwrap()),
-        )
+        .subscribe(app.env.subjects().packets(&app.env.key(&id)))
         .await
         .unwrap();
     nats.flush().await.unwrap();
@@ -460,7 +456,7 @@ async fn a_call_locked_elsewhere_does_not_hold_up_the_other_calls() {
     assert_eq!(app.post_packet(&held, 0, "a").await.status(), 202);
     let mut jam = app.env.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM calls WHERE call_id = $1 FOR UPDATE")
-        .bind(&held)
+        .bind(app.env.key(&held).as_str())
         .execute(&mut *jam)
         .await
         .unwrap();

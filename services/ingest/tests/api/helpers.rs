@@ -27,13 +27,17 @@ pub async fn spawn_app_with(env: TestEnv, customize: impl FnOnce(&mut IngestConf
     let mut config = test_config(&env);
     customize(&mut config);
     let service = ingest::testing::spawn(config).await;
+    common::tls::install_crypto_provider();
+    // An admin key of the test's tenant: every route is open to it. Tests of keys and roles
+    // build clients of their own.
+    let client = reqwest::Client::builder()
+        .default_headers(env.auth_headers(common::Role::Admin).await)
+        .build()
+        .unwrap();
     TestApp {
         env,
         address: service.url(),
-        client: {
-            common::tls::install_crypto_provider();
-            reqwest::Client::new()
-        },
+        client,
         service,
     }
 }
@@ -92,7 +96,7 @@ impl TestApp {
 
     pub async fn stored_packets(&self, call_id: &str) -> Vec<(i64, String)> {
         sqlx::query_as("SELECT sequence, data FROM packets WHERE call_id = $1 ORDER BY sequence")
-            .bind(call_id)
+            .bind(self.env.key(call_id).as_str())
             .fetch_all(&self.env.pool)
             .await
             .unwrap()

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use common::{
-    CallId, CallState, Reason,
+    CallKey, CallState, Reason,
     calls::{self, Changes},
     partitions,
     testing::{TestEnv, eventually, random_suffix},
@@ -35,9 +35,14 @@ async fn lossy_call(app: &TestApp) -> String {
     id
 }
 
+/// The stored key of the test tenant's call `id`.
+fn key(id: &str) -> String {
+    format!("{}.{id}", common::testing::TEST_TENANT)
+}
+
 /// Moves a `COMPLETED` call to `to` (`ARCHIVED` or `FAILED`) as the transcriber would.
 async fn finish(pool: &PgPool, id: &str, to: CallState) {
-    let id = CallId::parse(id.to_owned()).unwrap();
+    let id = CallKey::try_from(key(id)).unwrap();
     let mut tx = pool.begin().await.unwrap();
     let claim = Changes {
         attempts: calls::Attempts::Increment,
@@ -76,7 +81,7 @@ async fn wait_compacted(app: &TestApp, id: &str) {
         let compacted: bool = sqlx::query_scalar(
             "SELECT audio_compacted_at IS NOT NULL FROM calls WHERE call_id = $1",
         )
-        .bind(id)
+        .bind(key(id))
         .fetch_one(&app.env.pool)
         .await
         .unwrap();
@@ -90,8 +95,10 @@ async fn a_final_call_is_compacted_and_reads_the_same_afterwards() {
     let app = spawn_app().await;
     let id = lossy_call(&app).await;
     let before = app.call(&id).await;
-    let audio_before = common::audio::load(&app.env.pool, &id).await.unwrap();
-    let bytes_before = common::audio::size_bytes(&app.env.pool, &id).await.unwrap();
+    let audio_before = common::audio::load(&app.env.pool, &key(&id)).await.unwrap();
+    let bytes_before = common::audio::size_bytes(&app.env.pool, &key(&id))
+        .await
+        .unwrap();
     // A completed call is not final: it keeps its rows.
     assert_eq!(app.stored_packets(&id).await.len(), 5);
 
@@ -101,7 +108,7 @@ async fn a_final_call_is_compacted_and_reads_the_same_afterwards() {
     assert_eq!(app.stored_packets(&id).await, vec![], "the rows are gone");
     let (packets, received): (i32, String) =
         sqlx::query_as("SELECT packets, received::text FROM call_audio WHERE call_id = $1")
-            .bind(&id)
+            .bind(key(&id))
             .fetch_one(&app.env.pool)
             .await
             .unwrap();
@@ -120,11 +127,13 @@ async fn a_final_call_is_compacted_and_reads_the_same_afterwards() {
         after["missing"],
         json!([{"from": 2, "to": 2}, {"from": 5, "to": 5}, {"from": 7, "to": 7}])
     );
-    let audio_after = common::audio::load(&app.env.pool, &id).await.unwrap();
+    let audio_after = common::audio::load(&app.env.pool, &key(&id)).await.unwrap();
     assert_eq!(audio_after, audio_before);
     assert!(!audio_after.unwrap().expired);
     assert_eq!(
-        common::audio::size_bytes(&app.env.pool, &id).await.unwrap(),
+        common::audio::size_bytes(&app.env.pool, &key(&id))
+            .await
+            .unwrap(),
         bytes_before
     );
 
@@ -267,7 +276,7 @@ async fn partitions_are_added_ahead_and_kept_while_they_hold_anything() {
             .contains(&packets_today)
     );
     // The call reads as before: its audio is in its record.
-    let audio = common::audio::load(pool, &id).await.unwrap().unwrap();
+    let audio = common::audio::load(pool, &key(&id)).await.unwrap().unwrap();
     assert_eq!(audio.packets.len(), 5);
     assert!(!audio.expired);
 }
@@ -275,7 +284,7 @@ async fn partitions_are_added_ahead_and_kept_while_they_hold_anything() {
 /// When the call began, by the database's clock (what its partitions are filed by).
 async fn call_created_at(pool: &PgPool, id: &str) -> OffsetDateTime {
     sqlx::query_scalar("SELECT created_at FROM calls WHERE call_id = $1")
-        .bind(id)
+        .bind(key(id))
         .fetch_one(pool)
         .await
         .unwrap()
@@ -302,10 +311,11 @@ async fn retention_removes_exactly_the_audio_and_calls_past_it() {
     wait_compacted(&app, &archived).await;
     let policy = policy(Some(1.0), Some(2.0));
     let calls_left = || async {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT call_id FROM calls ORDER BY call_id")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT split_part(call_id, '.', 2) FROM calls ORDER BY call_id")
+                .fetch_all(pool)
+                .await
+                .unwrap();
         ids
     };
     let mut both = vec![archived.clone(), streaming.clone()];
@@ -321,7 +331,7 @@ async fn retention_removes_exactly_the_audio_and_calls_past_it() {
         swept.dropped
     );
     assert!(
-        !common::audio::load(pool, &archived)
+        !common::audio::load(pool, &key(&archived))
             .await
             .unwrap()
             .unwrap()
@@ -335,7 +345,10 @@ async fn retention_removes_exactly_the_audio_and_calls_past_it() {
         .map(|d| (d.name.as_str(), d.rows))
         .collect();
     assert!(dropped.contains(&(audio_today.as_str(), 1)), "{dropped:?}");
-    let audio = common::audio::load(pool, &archived).await.unwrap().unwrap();
+    let audio = common::audio::load(pool, &key(&archived))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(audio.expired && audio.packets.is_empty());
     assert_eq!(app.call(&archived).await["packets_received"], 5);
     // The streaming call's packets are in today's packets partition, as old: a call not
@@ -353,7 +366,7 @@ async fn retention_removes_exactly_the_audio_and_calls_past_it() {
     assert_eq!(calls_left().await, vec![streaming.clone()]);
     let history: i64 =
         sqlx::query_scalar("SELECT count(*) FROM call_transitions WHERE call_id = $1")
-            .bind(&archived)
+            .bind(key(&archived))
             .fetch_one(pool)
             .await
             .unwrap();
@@ -380,7 +393,7 @@ async fn a_final_call_past_the_audio_retention_loses_its_rows_without_a_record()
     assert_eq!(done.packets, 0);
     for id in [&old, &young] {
         assert_eq!(app.stored_packets(id).await, vec![]);
-        let audio = common::audio::load(pool, id).await.unwrap().unwrap();
+        let audio = common::audio::load(pool, &key(id)).await.unwrap().unwrap();
         assert!(audio.expired, "{id}");
         assert_eq!(app.call(id).await["packets_received"], 5);
     }

@@ -2,6 +2,7 @@
 //! JetStream, each test with its own database and subject prefix. One test binary, so the
 //! suite links once.
 
+mod auth;
 mod bad_input;
 mod completion;
 mod concurrency;

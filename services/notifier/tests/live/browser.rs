@@ -2,11 +2,15 @@
 //! moves to its final state on the page; the notifier restarts under the open page, which
 //! reconnects by itself (with the resume URL it builds) and shows the next call; a long
 //! transcript shows as a preview in its row and whole in the detail view; no console errors;
-//! a screenshot is saved.
+//! a screenshot is saved. The page signs in with a supervisor key, as a person would, and
+//! never shows another tenant's call.
 
 use std::time::Duration;
 
-use common::testing::{TestEnv, eventually};
+use common::{
+    Role,
+    testing::{TestEnv, eventually},
+};
 use serde_json::json;
 
 use crate::{cdp::Browser, helpers::start};
@@ -23,8 +27,13 @@ async fn the_dashboard_shows_a_call_move_to_its_final_state() {
     let detail_from = ingest_url.clone();
     let mut notifier = start(env, |c| c.ingest_url = detail_from).await;
 
+    // A call of another tenant, streamed before ours: the page must never show it.
+    let globex = authorized(&notifier.env.api_key_for("globex", Role::Pbx).await);
+    stream_words(&globex, &ingest_url, "browser-other", &["secret".into()]).await;
+
     let browser = Browser::launch().await;
     let page = browser.open(&format!("http://{}/", notifier.url)).await;
+    log_in(&page, &notifier.key).await;
     eventually("the page to connect", Duration::from_secs(15), || async {
         (page
             .eval("document.getElementById('conn-text').textContent")
@@ -34,7 +43,7 @@ async fn the_dashboard_shows_a_call_move_to_its_final_state() {
     })
     .await;
 
-    let client = reqwest::Client::new();
+    let client = authorized(&notifier.env.api_key(Role::Pbx).await);
     let words = ["thank", "you,", "that", "was", "great"].map(String::from);
     stream_words(&client, &ingest_url, "browser-1", &words).await;
     let state_on_page = "document.querySelector('tr[data-call-id=\"browser-1\"] .state .badge')?.textContent ?? null";
@@ -63,6 +72,17 @@ async fn the_dashboard_shows_a_call_move_to_its_final_state() {
         .eval("document.querySelector('.count[data-state=\"ARCHIVED\"] .n').textContent")
         .await;
     assert_eq!(counts, json!("1"));
+    assert_eq!(
+        page.eval("document.querySelectorAll('tr[data-call-id=\"browser-other\"]').length")
+            .await,
+        json!(0),
+        "another tenant's call on the page"
+    );
+    assert_eq!(
+        page.eval("document.getElementById('tenant').textContent")
+            .await,
+        json!(common::testing::TEST_TENANT)
+    );
 
     // The notifier restarts under the open page: it reconnects by itself, resuming with the
     // URL it builds, and the next call shows up.
@@ -138,7 +158,7 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
     let events: Vec<_> = (0..CALLS)
         .map(|i| {
             let row = common::store::CallRow {
-                call_id: common::CallId::parse(format!("call-{i:05}")).unwrap(),
+                key: common::CallKey::try_from(format!("acme.call-{i:05}")).unwrap(),
                 state: common::CallState::Archived,
                 version: 4,
                 packets_received: 3000,
@@ -224,6 +244,7 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
     let browser = Browser::launch().await;
     let started = std::time::Instant::now();
     let page = browser.open(&format!("http://{}/", notifier.url)).await;
+    log_in(&page, &notifier.key).await;
     eventually(
         "the first page of rows",
         Duration::from_secs(30),
@@ -266,6 +287,32 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
     );
     let errors = page.console_errors();
     assert!(errors.is_empty(), "console errors on the page: {errors:?}");
+}
+
+/// An HTTP client that sends `key` with every request.
+fn authorized(key: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .default_headers(common::testing::bearer_headers(key))
+        .build()
+        .unwrap()
+}
+
+/// Signs the page in with `key`, as a supervisor types it into the form.
+async fn log_in(page: &crate::cdp::Page, key: &str) {
+    eventually("the login form", Duration::from_secs(15), || async {
+        (page
+            .eval("!!document.getElementById('login') && !document.getElementById('login').hidden")
+            .await
+            == json!(true))
+        .then_some(())
+    })
+    .await;
+    page.eval(&format!(
+        "document.getElementById('api-key').value = {}; \
+         document.getElementById('login').requestSubmit(); true",
+        json!(key)
+    ))
+    .await;
 }
 
 /// Streams one packet per word to ingest, as a PBX would, each answered 202.

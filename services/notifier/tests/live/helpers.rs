@@ -2,10 +2,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    CallId, CallState,
+    CallId, CallState, Role, TenantId,
     events::StatusEvent,
     nats,
-    testing::{Running, TestEnv},
+    testing::{Running, TEST_TENANT, TestEnv},
 };
 use futures::{SinkExt, StreamExt};
 use notifier::config::NotifierConfig;
@@ -27,6 +27,8 @@ pub struct Notifier {
     pub url: String,
     config: NotifierConfig,
     js: async_nats::jetstream::Context,
+    /// A `supervisor` key of the test tenant: what [`Notifier::connect`] signs in with.
+    pub key: String,
 }
 
 pub async fn notifier(customize: impl FnOnce(&mut NotifierConfig)) -> Notifier {
@@ -41,7 +43,9 @@ pub async fn start(env: TestEnv, customize: impl FnOnce(&mut NotifierConfig)) ->
     // A restart binds the same address again.
     config.addr = format!("127.0.0.1:{}", service.port).parse().unwrap();
     let js = env.jetstream().await;
+    let key = env.api_key(Role::Supervisor).await;
     Notifier {
+        key,
         url: config.addr.to_string(),
         service,
         applied,
@@ -53,6 +57,7 @@ pub async fn start(env: TestEnv, customize: impl FnOnce(&mut NotifierConfig)) ->
 
 pub fn event(call: &str, version: i64, state: CallState) -> StatusEvent {
     StatusEvent {
+        tenant: TenantId::parse(TEST_TENANT).unwrap(),
         call_id: CallId::parse(call).unwrap(),
         state,
         previous_state: None,
@@ -83,7 +88,7 @@ impl Notifier {
     pub async fn publish(&self, event: &StatusEvent) {
         nats::publish(
             &self.js,
-            self.env.subjects().call_status(&event.call_id),
+            self.env.subjects().call_status(&event.key()),
             &event.msg_id(),
             Bytes::from(serde_json::to_vec(event).unwrap()),
             None,
@@ -105,15 +110,49 @@ impl Notifier {
         .expect("the notifier is running");
     }
 
+    /// A socket signed in with [`Notifier::key`], as `pbx watch` connects.
     pub async fn connect(&self, query: &str) -> Ws {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws{query}", self.url))
+        let key = self.key.clone();
+        self.try_connect(query, Some(&key), None)
             .await
-            .expect("websocket connects");
-        ws
+            .expect("websocket connects")
+    }
+
+    /// A socket with `key` as its Bearer header (none: `None`) and `origin` as a browser's
+    /// `Origin`; the HTTP status of a refused upgrade as the error.
+    pub async fn try_connect(
+        &self,
+        query: &str,
+        key: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Ws, u16> {
+        use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest};
+        let mut request = format!("ws://{}/ws{query}", self.url)
+            .into_client_request()
+            .unwrap();
+        if let Some(key) = key {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        }
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(Error::Http(response)) => Err(response.status().as_u16()),
+            Err(e) => panic!("websocket connect failed: {e}"),
+        }
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.url))
+        let admin = self.env.api_key(Role::Admin).await;
+        let text = reqwest::Client::new()
+            .get(format!("http://{}/metrics", self.url))
+            .bearer_auth(admin)
+            .send()
             .await
             .unwrap()
             .text()

@@ -27,7 +27,7 @@ async fn when_every_request_fails_the_call_fails_after_max_attempts_with_growing
     assert_eq!(call["last_error"], "503 Service Unavailable");
     let attempts: Vec<(i32, OffsetDateTime, Option<String>)> = sqlx::query_as(
         "SELECT attempt, started_at, outcome FROM transcription_attempts \
-         WHERE call_id = 'doomed-1' ORDER BY attempt",
+         WHERE call_id = 'acme.doomed-1' ORDER BY attempt",
     )
     .fetch_all(&stack.env.pool)
     .await
@@ -240,7 +240,7 @@ async fn each_round_of_a_re_driven_call_is_its_own_and_a_late_item_of_an_earlier
     assert_eq!(fake.seen.lock().unwrap().len(), 2, "one request per round");
     let attempts: Vec<(i64, i32, Option<String>)> = sqlx::query_as(
         "SELECT work_version, attempt, outcome FROM transcription_attempts \
-         WHERE call_id = 'rounds-1' ORDER BY work_version, attempt",
+         WHERE call_id = 'acme.rounds-1' ORDER BY work_version, attempt",
     )
     .fetch_all(&stack.env.pool)
     .await
@@ -400,7 +400,7 @@ async fn a_failed_call_is_compacted_and_re_driven_from_its_compacted_record() {
 async fn a_call_whose_audio_expired_fails_at_once_when_re_driven() {
     let (stack, working) = failed_and_compacted("expired-1", &[(0, "gone"), (1, "soon")]).await;
     // What AUDIO_RETENTION_DAYS does to the record (its partition dropped).
-    sqlx::query("DELETE FROM call_audio WHERE call_id = 'expired-1'")
+    sqlx::query("DELETE FROM call_audio WHERE call_id = 'acme.expired-1'")
         .execute(&stack.env.pool)
         .await
         .unwrap();

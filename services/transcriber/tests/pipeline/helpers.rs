@@ -14,7 +14,7 @@ use axum::{
 use base64::{Engine, engine::general_purpose::STANDARD};
 
 use common::{
-    CallId, CallState,
+    CallState,
     events::WorkItem,
     nats,
     testing::{Running, TestEnv, eventually},
@@ -68,13 +68,15 @@ pub async fn stack(customize: impl FnOnce(&mut TranscriberConfig)) -> Stack {
 pub async fn ingest_only() -> Stack {
     let env = TestEnv::new().await;
     let ingest = ingest::testing::spawn(ingest::testing::config(&env.config)).await;
+    common::tls::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .default_headers(env.auth_headers(common::Role::Admin).await)
+        .build()
+        .unwrap();
     Stack {
         env,
         ingest_url: ingest.url(),
-        client: {
-            common::tls::install_crypto_provider();
-            reqwest::Client::new()
-        },
+        client,
         _ingest: ingest,
         transcribers: Vec::new(),
     }
@@ -184,15 +186,17 @@ impl Stack {
     /// Publishes a work item for round `version` of `call_id` under a message id of its own
     /// (past JetStream's deduplication), as a late duplicate would arrive.
     pub async fn publish_work_item(&self, call_id: &str, version: i64, msg_id: &str) {
+        let key = self.env.key(call_id);
         let item = WorkItem {
-            call_id: CallId::parse(call_id).unwrap(),
+            tenant: key.tenant().clone(),
+            call_id: key.call_id().clone(),
             version,
             completed_at: time::OffsetDateTime::now_utc(),
         };
         let js = self.env.jetstream().await;
         nats::publish(
             &js,
-            self.env.subjects().call_completed(&item.call_id),
+            self.env.subjects().call_completed(&key),
             msg_id,
             Bytes::from(serde_json::to_vec(&item).unwrap()),
             None,
@@ -201,9 +205,10 @@ impl Stack {
         .unwrap();
     }
 
+    /// `sql` with `$1` bound to the stored key of `call_id`.
     pub async fn scalar(&self, sql: &'static str, call_id: &str) -> i64 {
         sqlx::query_scalar(sql)
-            .bind(call_id)
+            .bind(self.env.key(call_id).as_str())
             .fetch_one(&self.env.pool)
             .await
             .unwrap()

@@ -155,7 +155,7 @@ async fn a_huge_retry_after_is_capped_at_the_backoff_max() {
     let (finished_at, next_attempt_at): (time::OffsetDateTime, time::OffsetDateTime) =
         sqlx::query_as(
             "SELECT finished_at, next_attempt_at FROM transcription_attempts \
-             WHERE call_id = 'patient-1' AND attempt = 1",
+             WHERE call_id = 'acme.patient-1' AND attempt = 1",
         )
         .fetch_one(&stack.env.pool)
         .await
@@ -194,7 +194,7 @@ async fn a_permanent_error_is_asked_once_even_when_the_dead_letter_cannot_be_pub
         || async {
             let (give_up, held): (Option<String>, bool) = sqlx::query_as(
                 "SELECT ai_give_up, ai_lease_until IS NOT NULL FROM calls \
-                 WHERE call_id = 'dlq-down-1'",
+                 WHERE call_id = 'acme.dlq-down-1'",
             )
             .fetch_one(&stack.env.pool)
             .await

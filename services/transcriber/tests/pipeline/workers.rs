@@ -90,7 +90,7 @@ async fn a_worker_that_dies_mid_call_is_replaced_and_the_call_is_transcribed_onc
         1
     );
     let outcomes: Vec<Option<String>> = sqlx::query_scalar(
-        "SELECT outcome FROM transcription_attempts WHERE call_id = 'crash-1' ORDER BY attempt",
+        "SELECT outcome FROM transcription_attempts WHERE call_id = 'acme.crash-1' ORDER BY attempt",
     )
     .fetch_all(&stack.env.pool)
     .await
@@ -183,7 +183,7 @@ async fn a_slow_packet_load_keeps_the_call_and_is_not_taken_over() {
         )
         .await;
     let first_lease: time::OffsetDateTime =
-        sqlx::query_scalar("SELECT ai_lease_until FROM calls WHERE call_id = 'slow-load-1'")
+        sqlx::query_scalar("SELECT ai_lease_until FROM calls WHERE call_id = 'acme.slow-load-1'")
             .fetch_one(&stack.env.pool)
             .await
             .unwrap();
@@ -196,7 +196,7 @@ async fn a_slow_packet_load_keeps_the_call_and_is_not_taken_over() {
             let renewed: bool = sqlx::query_scalar(
                 "SELECT now() > $1 + interval '1 second' AND ai_lease_until > now() \
                     AND ai_attempts = 1 \
-                 FROM calls WHERE call_id = 'slow-load-1'",
+                 FROM calls WHERE call_id = 'acme.slow-load-1'",
             )
             .bind(first_lease)
             .fetch_one(&stack.env.pool)
@@ -234,7 +234,7 @@ async fn a_work_item_delivered_before_its_retry_is_due_waits_for_it() {
     eventually("the retry scheduled", Duration::from_secs(10), || async {
         let waiting: bool = sqlx::query_scalar(
             "SELECT next_attempt_at IS NOT NULL AND ai_lease_until IS NULL \
-             FROM calls WHERE call_id = 'early-1'",
+             FROM calls WHERE call_id = 'acme.early-1'",
         )
         .fetch_one(&stack.env.pool)
         .await
