@@ -178,7 +178,7 @@ impl IntoResponse for AuthRejection {
             ),
             AuthRejection::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                "service_unavailable",
                 "API keys cannot be checked right now (the database is unavailable); retry"
                     .to_owned(),
             ),

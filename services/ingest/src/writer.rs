@@ -1158,7 +1158,7 @@ mod tests {
     }
 
     fn key(call: &str, sequence: i64) -> Key {
-        (call.to_owned(), sequence)
+        (format!("acme.{call}"), sequence)
     }
 
     /// Runs `verdicts` on a batch as the transaction would have left it.
@@ -1180,7 +1180,7 @@ mod tests {
         };
         let calls = calls
             .iter()
-            .map(|(id, c)| ((*id).to_owned(), c.clone()))
+            .map(|(id, c)| (format!("acme.{id}"), c.clone()))
             .collect();
         verdicts(packets, &first_of_each_key(packets), &calls, &found)
     }

@@ -21,7 +21,7 @@ async fn completing_a_call_publishes_one_work_item_and_a_status_event() {
     assert_eq!(work.len(), 1);
     assert_eq!(
         work[0].0,
-        format!("{}.calls.completed.{id}", app.env.config.prefix)
+        format!("{}.calls.completed.acme.{id}", app.env.config.prefix)
     );
     assert_eq!(work[0].1["call_id"], id.as_str());
     assert_eq!(work[0].1["version"], 2);

@@ -38,10 +38,12 @@ async fn fifty_concurrent_packets_of_one_call_are_all_stored_exactly_once() {
 async fn concurrent_first_packets_on_two_replicas_create_each_call_once() {
     let first = spawn_app().await;
     // A second replica: same database, same prefix.
-    let second = spawn_app_with(common::testing::TestEnv::new().await, |c| {
+    let mut second = spawn_app_with(common::testing::TestEnv::new().await, |c| {
         c.common = first.env.config.clone();
     })
     .await;
+    // Its client's key is in the other test database: use the one of the shared database.
+    second.client = first.client.clone();
     let ids: Vec<String> = (0..20).map(|_| call_id()).collect();
 
     let requests = ids.iter().flat_map(|id| {

@@ -127,7 +127,7 @@ async fn a_packet_stored_while_nats_is_down_is_published_even_if_the_pbx_never_r
     .await;
     assert_eq!(messages[1].1["sequence"], 1);
     assert_eq!(messages[1].1["timestamp"], 1111.0);
-    assert_eq!(messages[1].2, format!("{id}:1"));
+    assert_eq!(messages[1].2, format!("acme.{id}:1"));
     eventually(
         "the outbox to be empty",
         Duration::from_secs(30),
@@ -553,7 +553,10 @@ async fn a_connection_over_the_cap_is_answered_503_and_closed() {
     let app = spawn_app_with(TestEnv::new().await, |c| c.max_connections = 1).await;
     let call = call_id();
     // The test's own client holds the one place with its kept-alive connection.
-    let holder = reqwest::Client::new();
+    let holder = reqwest::Client::builder()
+        .default_headers(app.env.auth_headers(common::Role::Admin).await)
+        .build()
+        .unwrap();
     let url = app.url(&format!("/v1/call/stream/{call}"));
     let packet = |seq: i64| serde_json::json!({"sequence": seq, "data": "a", "timestamp": 1.0});
     let held = holder.post(&url).json(&packet(0)).send().await.unwrap();

@@ -19,8 +19,11 @@ async fn an_accepted_packet_is_in_postgres_and_in_the_packets_stream() {
     let messages = app.messages(StreamKind::Packets).await;
     assert_eq!(messages.len(), 1);
     let (subject, payload, msg_id) = &messages[0];
-    assert_eq!(subject, &format!("{}.packets.{id}", app.env.config.prefix));
-    assert_eq!(msg_id, &format!("{id}:0"));
+    assert_eq!(
+        subject,
+        &format!("{}.packets.acme.{id}", app.env.config.prefix)
+    );
+    assert_eq!(msg_id, &format!("acme.{id}:0"));
     assert_eq!(payload["data"], "hello");
     assert_eq!(payload["sequence"], 0);
 }
@@ -50,9 +53,9 @@ async fn the_first_packet_creates_the_call_in_progress_and_announces_it() {
     let (subject, event, msg_id) = &status[0];
     assert_eq!(
         subject,
-        &format!("{}.calls.status.{id}", app.env.config.prefix)
+        &format!("{}.calls.status.acme.{id}", app.env.config.prefix)
     );
-    assert_eq!(msg_id, &format!("{id}:1"));
+    assert_eq!(msg_id, &format!("acme.{id}:1"));
     assert_eq!(event["state"], "IN_PROGRESS");
     assert_eq!(event["previous_state"], serde_json::Value::Null);
     assert_eq!(event["version"], 1);
@@ -194,7 +197,7 @@ async fn a_streaming_call_reports_its_packet_counts_on_its_progress_subject() {
         .unwrap();
     assert_eq!(
         report.subject.as_str(),
-        format!("{}.calls.progress.{id}", app.env.config.prefix)
+        format!("{}.calls.progress.acme.{id}", app.env.config.prefix)
     );
     let event: serde_json::Value = serde_json::from_slice(&report.payload).unwrap();
     assert_eq!(event["call_id"], id.as_str());

@@ -20,7 +20,16 @@ async fn a_client_that_never_reads_is_dealt_with_while_a_fast_client_gets_every_
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(n.url.parse().unwrap()).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", n.url), stream)
+    let request = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/ws", n.url).into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", n.key).parse().unwrap(),
+        );
+        request
+    };
+    let (mut slow, _) = tokio_tungstenite::client_async(request, stream)
         .await
         .unwrap();
     let mut fast = n.connect("").await;

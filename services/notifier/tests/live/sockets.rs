@@ -180,7 +180,12 @@ async fn bad_query_parameters_are_refused_with_a_json_error() {
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_parameter", "{query}");
     }
-    let plain = reqwest::get(format!("http://{}/ws", n.url)).await.unwrap();
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/ws", n.url))
+        .bearer_auth(&n.key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(plain.status(), 426);
     let body: serde_json::Value = plain.json().await.unwrap();
     assert_eq!(body["error"]["code"], "websocket_required");
@@ -243,8 +248,10 @@ async fn a_client_resumes_exactly_on_another_replica() {
     let first = notifier(|_| {}).await;
     // A second replica behind the same load balancer: same NATS, same prefix.
     let config = first.env.config.clone();
-    let second =
+    let mut second =
         crate::helpers::start(common::testing::TestEnv::new().await, |c| c.common = config).await;
+    // Its key is in the other test database: sign in with one of the shared database.
+    second.key = first.key.clone();
     first
         .publish(&event("lb-1", 1, CallState::InProgress))
         .await;
@@ -292,12 +299,12 @@ async fn progress_reports_reach_the_sockets_that_follow_the_call() {
 
     let client = n.env.nats().await;
     let report = serde_json::json!({
-        "call_id": "p1", "packets_received": 120, "missing_packets": 3,
+        "tenant": "acme", "call_id": "p1", "packets_received": 120, "missing_packets": 3,
         "last_sequence": 122, "at": "2026-11-25T17:00:00Z"
     });
     // Plain NATS, fire and forget: keep publishing until the notifier's subscription is in
     // place and the frame arrives.
-    let subject = n.env.subjects().all_progress().replace('*', "p1");
+    let subject = n.env.subjects().call_progress(&n.env.key("p1"));
     let publisher = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -418,10 +425,10 @@ async fn a_flood_of_progress_reports_never_makes_a_client_lag_on_status_events()
 
     let client = n.env.nats().await;
     // Wait until the notifier's progress subscription is in place (one report arrives).
-    let subject = n.env.subjects().all_progress().replace('*', "flood");
+    let subject = n.env.subjects().call_progress(&n.env.key("flood"));
     let report = |i: i64| {
         serde_json::json!({
-            "call_id": "flood", "packets_received": i, "missing_packets": 0,
+            "tenant": "acme", "call_id": "flood", "packets_received": i, "missing_packets": 0,
             "last_sequence": i, "at": "2026-11-25T17:00:00Z"
         })
         .to_string()
