@@ -116,7 +116,7 @@ def seed_old(url, calls, packets, minutes_ago):
         url,
         "INSERT INTO calls (call_id, state, version, created_at, packets_received, first_sequence, "
         "last_sequence, total_packets, transcript) "
-        f"SELECT 'old-' || i, 'ARCHIVED', 5, date_trunc('minute', now()) - interval '{ago} min' "
+        f"SELECT 'bench.old-' || i, 'ARCHIVED', 5, date_trunc('minute', now()) - interval '{ago} min' "
         f"+ (i % 600) * interval '1 s', {packets}, 0, {packets - 1}, {packets}, 'an old call' "
         f"FROM generate_series(1, {calls}) AS i",
     )
@@ -124,13 +124,13 @@ def seed_old(url, calls, packets, minutes_ago):
         url,
         "INSERT INTO call_transitions (call_id, version, from_state, to_state, reason, event, published_at) "
         "SELECT c.call_id, v, NULL, 'ARCHIVED', 'ai_succeeded', '{}'::jsonb, now() "
-        "FROM calls c, generate_series(1, 5) AS v WHERE c.call_id LIKE 'old-%'",
+        "FROM calls c, generate_series(1, 5) AS v WHERE c.call_id LIKE 'bench.old-%'",
     )
     psql(
         url,
         "INSERT INTO packets (call_id, sequence, data, sent_at, call_created_at) "
         "SELECT c.call_id, s, substr(repeat(md5(c.call_id || s), 7), 1, 216), s * 0.02, c.created_at "
-        f"FROM calls c, generate_series(0, {packets - 1}) AS s WHERE c.call_id LIKE 'old-%'",
+        f"FROM calls c, generate_series(0, {packets - 1}) AS s WHERE c.call_id LIKE 'bench.old-%'",
     )
     return {"calls": calls, "packets": calls * packets, "minutes_ago": ago}
 

@@ -8,7 +8,8 @@ use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::subjects::Prefix;
 
-#[derive(Args, Debug, Clone)]
+/// `Debug` is written by hand: the URLs may carry passwords, which must never reach a log.
+#[derive(Args, Clone)]
 pub struct CommonConfig {
     /// Postgres connection URL. The database is created if it does not exist.
     #[arg(
@@ -44,6 +45,19 @@ pub struct CommonConfig {
 
     #[command(flatten)]
     pub streams: StreamSettings,
+}
+
+impl std::fmt::Debug for CommonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommonConfig")
+            .field("database_url", &crate::db::redact(&self.database_url))
+            .field("database_max_connections", &self.database_max_connections)
+            .field("nats_url", &crate::db::redact(&self.nats_url))
+            .field("prefix", &self.prefix)
+            .field("log_format", &self.log_format)
+            .field("streams", &self.streams)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -134,6 +148,21 @@ impl CommonConfig {
     }
 }
 
+/// An address that may be left empty (Compose and Kubernetes pass an unset value as empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OptionalAddr(pub Option<std::net::SocketAddr>);
+
+pub fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
+    if value.trim().is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    value
+        .trim()
+        .parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|_| format!("`{value}` is not an address like 0.0.0.0:9090"))
+}
+
 /// The command line of every service: `<service> [serve]` runs it, `<service> healthcheck`
 /// asks a running one whether it is healthy (container health checks), and `X` adds the
 /// service's own subcommands (ingest's `migrate`; [`NoCommands`] for none).
@@ -218,6 +247,42 @@ mod tests {
     enum Extra {
         /// Do the extra thing.
         Extra,
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct WithCommon {
+        #[command(flatten)]
+        common: CommonConfig,
+    }
+
+    #[test]
+    fn connection_passwords_never_reach_debug_output_or_help() {
+        let parsed = <WithCommon as clap::Parser>::try_parse_from([
+            "svc",
+            "--database-url",
+            "postgres://sb:hunter2@db:5432/switchboard",
+            "--nats-url",
+            "nats://ops:s3cret@nats:4222",
+        ])
+        .unwrap();
+        let debug = format!("{:?}", parsed.common);
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("s3cret"),
+            "{debug}"
+        );
+        assert!(
+            debug.contains("postgres://sb:***@db:5432/switchboard"),
+            "{debug}"
+        );
+        // --help names the variables but never shows the values they are set to.
+        let command = <WithCommon as clap::CommandFactory>::command();
+        for hidden in ["database_url", "nats_url"] {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id() == hidden)
+                .unwrap();
+            assert!(arg.is_hide_env_values_set(), "--help would show {hidden}");
+        }
     }
 
     #[test]

@@ -153,6 +153,19 @@ pub async fn time_limit(
     }
 }
 
+/// The listener of `ADMIN_ADDR`, when it is set: `/healthz` and `/metrics` without a key
+/// ([`operational_routes`]), for a Prometheus on a private network.
+pub async fn bind_admin(addr: crate::config::OptionalAddr) -> anyhow::Result<Option<TcpListener>> {
+    use anyhow::Context as _;
+    match addr.0 {
+        None => Ok(None),
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .with_context(|| format!("cannot listen on {addr} (ADMIN_ADDR)")),
+    }
+}
+
 /// Routes every service serves: `/healthz` and `/metrics` (`/readyz` is the service's own,
 /// as only it knows what it depends on). Ingest and the notifier, which face clients, serve
 /// `/metrics` to admin keys only (`auth::http::metrics`) or on `ADMIN_ADDR`.

@@ -43,7 +43,10 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         .connect(url)
         .await
         .with_context(|| {
-            format!("cannot connect to NATS at {url}: is nats-server running with JetStream (-js)?")
+            format!(
+                "cannot connect to NATS at {}: is nats-server running with JetStream (-js)?",
+                crate::db::redact(url)
+            )
         })
 }
 

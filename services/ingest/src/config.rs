@@ -64,8 +64,8 @@ pub struct IngestConfig {
     /// private network; `/metrics` then leaves the API's address. Empty: `/metrics` is on the
     /// API's address and needs an `admin` key.
     #[arg(long, env = "ADMIN_ADDR", default_value = "", hide_default_value = true,
-          value_parser = parse_optional_addr)]
-    pub admin_addr: OptionalAddr,
+          value_parser = common::config::parse_optional_addr)]
+    pub admin_addr: common::config::OptionalAddr,
 
     /// Serve the OpenAPI document and Swagger UI at `/docs` and `/openapi.json` (without a
     /// key: they describe the API, nothing in it).
@@ -160,21 +160,6 @@ pub struct IngestConfig {
     /// a whole divisor of a day. Calls are filed by the time they began.
     #[arg(long, env = "PARTITION_INTERVAL_SECS", default_value_t = 86_400)]
     pub partition_interval_secs: u64,
-}
-
-/// An address that may be left empty (Compose and Kubernetes pass an unset value as empty).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct OptionalAddr(pub Option<SocketAddr>);
-
-fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
-    if value.trim().is_empty() {
-        return Ok(OptionalAddr(None));
-    }
-    value
-        .trim()
-        .parse()
-        .map(|addr| OptionalAddr(Some(addr)))
-        .map_err(|_| format!("`{value}` is not an address like 0.0.0.0:9090"))
 }
 
 /// A retention setting: a number of days, or none (keep forever).

@@ -110,14 +110,7 @@ impl App {
             },
         );
         config.auth.warn_if_off("ingest");
-        let admin_listener = match config.admin_addr.0 {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} (ADMIN_ADDR)"))?,
-            ),
-            None => None,
-        };
+        let admin_listener = common::http::bind_admin(config.admin_addr).await?;
         let state = AppState {
             auth: Authenticator::new(&config.auth, Keys::new(pool.clone())),
             streaming: StreamingCap::new(pool.clone(), config.max_streaming_calls_per_tenant),
@@ -173,7 +166,7 @@ impl App {
             tracing::info!(addr = %admin.local_addr()?, "metrics on ADMIN_ADDR");
             let stop = shutdown.clone();
             tasks.spawn("admin listener", async move {
-                common::http::serve(admin, routes::admin_router(), stop)
+                common::http::serve(admin, common::http::operational_routes(), stop)
                     .await
                     .context("serving ADMIN_ADDR")
             });

@@ -12,8 +12,10 @@ use crate::{
 #[openapi(
     info(
         title = "Switchboard ingest API",
-        description = "The HTTP API a PBX streams call audio to. Every error body is \
-            `{\"error\": {\"code\", \"message\", \"field\"?}}`."
+        description = "The HTTP API a PBX streams call audio to. Every `/v1` route takes \
+            `Authorization: Bearer <key>`: a `pbx` key streams and completes calls, a \
+            `supervisor` key reads and re-drives them, an `admin` key does all of it. Every \
+            error body is `{\"error\": {\"code\", \"message\", \"field\"?}}`."
     ),
     paths(
         packets::stream_packet,
@@ -38,7 +40,57 @@ pub fn document(config: &IngestConfig) -> utoipa::openapi::OpenApi {
     let packet = &mut doc["components"]["schemas"]["PacketBody"]["properties"];
     packet["data"]["maxLength"] = config.max_packet_bytes.into();
     packet["sequence"]["minimum"] = config.sequence_start.into();
+    add_authentication(&mut doc);
     serde_json::from_value(doc).expect("the patched document reads back")
+}
+
+/// The bearer scheme, and on every `/v1` operation the answers every one of them may give
+/// before its own work starts (`common::auth::http`): 401, 403, 408 and 429.
+fn add_authentication(doc: &mut serde_json::Value) {
+    doc["components"]["securitySchemes"]["bearer"] = serde_json::json!({
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (`ingest keys create`) or a token minted from one"
+    });
+    let error = serde_json::json!({
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    });
+    let answers = [
+        (
+            "401",
+            "`unauthorized`: no key, or not a valid one (unknown, revoked, expired)",
+        ),
+        ("403", "`forbidden`: the key's role may not do this"),
+        (
+            "408",
+            "`request_timeout`: not completed within REQUEST_TIMEOUT_SECS",
+        ),
+        (
+            "429",
+            "`rate_limited` (the key's rate) or `too_many_streaming_calls` (the tenant's cap); \
+             retry after `Retry-After`",
+        ),
+    ];
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        if !path.starts_with("/v1") {
+            continue;
+        }
+        for operation in item
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|o| o.values_mut())
+        {
+            operation["security"] = serde_json::json!([{"bearer": []}]);
+            for (status, description) in answers {
+                let mut answer = error.clone();
+                answer["description"] = description.into();
+                operation["responses"][status] = answer;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +145,25 @@ mod tests {
             call_id_params, 4,
             "stream, read, complete and retry take a call id"
         );
+        // Every /v1 operation says it needs a key and what it answers without one.
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for operation in item.as_object().unwrap().values() {
+                let secured = operation["security"] == serde_json::json!([{"bearer": []}]);
+                assert_eq!(secured, path.starts_with("/v1"), "{path}");
+                if secured {
+                    for status in ["401", "403", "429"] {
+                        assert!(
+                            operation["responses"][status].is_object(),
+                            "{path} {status}"
+                        );
+                    }
+                }
+            }
+        }
         let list = doc["paths"]["/v1/calls"]["get"]["parameters"]
             .as_array()
             .unwrap();

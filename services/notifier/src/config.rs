@@ -53,6 +53,13 @@ pub struct NotifierConfig {
     )]
     pub ingest_url: String,
 
+    /// A second address serving `/metrics` (and health) without a key, for a Prometheus on a
+    /// private network; `/metrics` then leaves the main address. Empty: `/metrics` is on the
+    /// main address and needs an `admin` key.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "", hide_default_value = true,
+          value_parser = common::config::parse_optional_addr)]
+    pub admin_addr: common::config::OptionalAddr,
+
     /// Browser origins besides the dashboard's own that may open the live view
     /// (comma-separated, e.g. `https://ops.example.com`); a page of any other origin gets 403.
     /// Empty: same-origin only.

@@ -95,6 +95,8 @@ pub struct App {
     subjects: Subjects,
     hub: Arc<Hub>,
     pool: sqlx::PgPool,
+    /// `ADMIN_ADDR`'s, when set: `/metrics` without a key.
+    admin_listener: Option<TcpListener>,
 }
 
 impl App {
@@ -113,7 +115,9 @@ impl App {
         .await?;
         let hub = Hub::new(config.client_queue, config.replay_events);
         config.auth.warn_if_off("notifier");
+        let admin_listener = http::bind_admin(config.admin_addr).await?;
         Ok(App {
+            admin_listener,
             pool,
             listener: infra.listener,
             config,
@@ -145,6 +149,7 @@ impl App {
             subjects,
             hub,
             pool,
+            admin_listener,
         } = self;
         // Without its followers the notifier would serve a frozen view: they are critical.
         let health = TaskHealth::default();
@@ -181,8 +186,17 @@ impl App {
             origins: config.allowed_origins.clone(),
             token_ttl: config.token_ttl(),
         };
+        if let Some(admin) = admin_listener {
+            tracing::info!(addr = %admin.local_addr()?, "metrics on ADMIN_ADDR");
+            let stop = shutdown.clone();
+            tasks.spawn("admin listener", async move {
+                http::serve(admin, http::operational_routes(), stop)
+                    .await
+                    .context("serving ADMIN_ADDR")
+            });
+        }
         let sockets = state.sockets.clone();
-        let router = Router::new()
+        let mut router = Router::new()
             .route("/", get(dashboard::page))
             .route("/dashboard.js", get(dashboard::script))
             .route("/dashboard.css", get(dashboard::stylesheet))
@@ -190,8 +204,11 @@ impl App {
             .route("/v1/auth/token", post(session::token))
             .route("/v1/call/{call_id}", get(calls::get_call))
             .route("/readyz", get(readyz))
-            .route("/healthz", get(http::healthz))
-            .route("/metrics", get(common::auth::http::metrics))
+            .route("/healthz", get(http::healthz));
+        if config.admin_addr.0.is_none() {
+            router = router.route("/metrics", get(common::auth::http::metrics));
+        }
+        let router = router
             .layer(middleware::from_fn_with_state(
                 config.request_timeout(),
                 http::time_limit,

@@ -68,7 +68,7 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new()
         .merge(api)
         .route("/healthz", get(common::http::healthz));
-    // With ADMIN_ADDR set, /metrics is served there ([`admin_router`]) and not here.
+    // With ADMIN_ADDR set, /metrics is served there (`common::http::bind_admin`), not here.
     if state.config.admin_addr.0.is_none() {
         router = router.route("/metrics", get(auth_http::metrics));
     }
@@ -86,12 +86,6 @@ pub fn router(state: AppState) -> Router {
         ))
         .with_state(state);
     common::http::with_request_ids(router)
-}
-
-/// What `ADMIN_ADDR` serves, without a key: `/healthz` and `/metrics`, for a Prometheus on a
-/// private network.
-pub fn admin_router() -> Router {
-    common::http::operational_routes()
 }
 
 /// The API requests being served, against `INGEST_MAX_IN_FLIGHT`.

@@ -128,24 +128,35 @@ async fn each_role_may_do_exactly_its_part() {
 }
 
 #[tokio::test]
-async fn a_revoked_key_stops_working_within_seconds() {
+async fn a_revoked_key_stops_working_on_every_route_within_seconds() {
     let app = spawn_app().await;
-    let (id, key) = common::auth::create_key(&app.env.pool, &app.env.tenant(), Role::Supervisor)
+    let (id, key) = common::auth::create_key(&app.env.pool, &app.env.tenant(), Role::Admin)
         .await
         .unwrap();
-    let list = (Method::GET, "/v1/calls".to_owned(), None);
-    assert_eq!(
-        send(&app, Some(&key), &list).await.0,
-        200,
-        "valid, and now remembered"
-    );
+    let call = call_id();
+    let all = routes(&call);
+    for route in &all {
+        let (status, body, _) = send(&app, Some(&key), route).await;
+        assert!(
+            status < 400 || status == 409,
+            "{} {} before: {status} {body}",
+            route.0,
+            route.1
+        );
+    }
     assert!(common::auth::revoke_key(&app.env.pool, id).await.unwrap());
+    // Within 5 s (the bound) every route refuses it.
     eventually(
         "the revoked key to be refused",
         Duration::from_secs(5),
-        || async { (send(&app, Some(&key), &list).await.0 == 401).then_some(()) },
+        || async { (send(&app, Some(&key), &all[4]).await.0 == 401).then_some(()) },
     )
     .await;
+    for route in &all {
+        let (status, body, _) = send(&app, Some(&key), route).await;
+        assert_eq!(status, 401, "{} {} after: {body}", route.0, route.1);
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
     assert!(
         !common::auth::revoke_key(&app.env.pool, 999_999)
             .await

@@ -563,7 +563,10 @@ async fn a_connection_over_the_cap_is_answered_503_and_closed() {
     assert_eq!(held.status(), 202);
     held.bytes().await.unwrap();
 
-    let other = reqwest::Client::new();
+    let other = reqwest::Client::builder()
+        .default_headers(app.env.auth_headers(common::Role::Admin).await)
+        .build()
+        .unwrap();
     let response = other.post(&url).json(&packet(1)).send().await.unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["connection"], "close");

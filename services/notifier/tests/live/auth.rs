@@ -76,8 +76,23 @@ async fn a_supervisor_sees_only_its_tenants_calls() {
         .collect();
     assert_eq!(ids, [&json!("ours-1")], "{snapshot}");
 
+    // Globex's supervisor, signed in as the dashboard is: with a token minted from its key.
     let globex_key = n.env.api_key_for("globex", Role::Supervisor).await;
-    let mut globex = n.try_connect("", Some(&globex_key), None).await.unwrap();
+    let token: Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/auth/token", n.url))
+        .bearer_auth(&globex_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(token["tenant"], "globex");
+    let token = token["token"].as_str().unwrap();
+    let mut globex = n
+        .try_connect(&format!("?token={token}"), None, None)
+        .await
+        .unwrap();
     let snapshot = next(&mut globex).await;
     assert_eq!(snapshot["calls"].as_array().unwrap().len(), 1);
     assert_eq!(snapshot["calls"][0]["tenant"], "globex");

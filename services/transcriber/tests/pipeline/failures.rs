@@ -64,7 +64,7 @@ async fn when_every_request_fails_the_call_fails_after_max_attempts_with_growing
     assert_eq!(letter["permanent"], false);
     assert_eq!(
         dead[0].subject.as_str(),
-        format!("{}.dlq.transcribe.doomed-1", stack.env.config.prefix)
+        format!("{}.dlq.transcribe.acme.doomed-1", stack.env.config.prefix)
     );
     // Terminated: the work queue is empty, nothing will redeliver it.
     stack.wait_work_queue_empty().await;
