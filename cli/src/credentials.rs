@@ -29,14 +29,16 @@ impl Credentials {
                 .map(str::to_owned)
         };
         let (stream, read) = (given(api_key), given(supervisor_key));
-        if stream.is_none() && read.is_none() && is_local(ingest_url) {
-            if let Some(file) = find_keys_file(&std::env::current_dir().unwrap_or_default()) {
-                let text = std::fs::read_to_string(file).unwrap_or_default();
-                return Credentials {
-                    stream: value_of(&text, "PBX_API_KEY"),
-                    read: value_of(&text, "PBX_SUPERVISOR_KEY"),
-                };
-            }
+        if stream.is_none()
+            && read.is_none()
+            && is_local(ingest_url)
+            && let Some(file) = find_keys_file(&std::env::current_dir().unwrap_or_default())
+        {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            return Credentials {
+                stream: value_of(&text, "PBX_API_KEY"),
+                read: value_of(&text, "PBX_SUPERVISOR_KEY"),
+            };
         }
         Credentials {
             read: read.or_else(|| stream.clone()),
@@ -52,7 +54,7 @@ fn is_local(url: &str) -> bool {
         .split(['/', ':'])
         .next()
         .unwrap_or_default();
-    matches!(host, "127.0.0.1" | "localhost" | "[")
+    matches!(host, "127.0.0.1" | "localhost")
 }
 
 fn find_keys_file(start: &Path) -> Option<PathBuf> {

@@ -209,26 +209,35 @@ pub struct Token {
     pub role: Role,
 }
 
+/// A valid credential's row, as [`lookup`] reads it.
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: i64,
+    parent_id: Option<i64>,
+    tenant: String,
+    role: String,
+    expires_at: Option<OffsetDateTime>,
+}
+
 async fn lookup(pool: &PgPool, hash: &[u8; 32]) -> Result<Option<Principal>, sqlx::Error> {
-    let row: Option<(i64, Option<i64>, String, String, Option<OffsetDateTime>)> =
-        sqlx::query_as(concat!(
-            "SELECT k.id, k.parent_id, k.tenant, k.role, k.expires_at ",
-            "FROM api_keys k LEFT JOIN api_keys p ON p.id = k.parent_id ",
-            "WHERE k.hash = $1 AND k.revoked_at IS NULL AND p.revoked_at IS NULL"
-        ))
-        .bind(hash.as_slice())
-        .fetch_optional(pool)
-        .await?;
-    let Some((id, parent, tenant, role, expires_at)) = row else {
+    let row: Option<KeyRow> = sqlx::query_as(concat!(
+        "SELECT k.id, k.parent_id, k.tenant, k.role, k.expires_at ",
+        "FROM api_keys k LEFT JOIN api_keys p ON p.id = k.parent_id ",
+        "WHERE k.hash = $1 AND k.revoked_at IS NULL AND p.revoked_at IS NULL"
+    ))
+    .bind(hash.as_slice())
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
         return Ok(None);
     };
     let decode = |e: String| sqlx::Error::Decode(e.into());
     Ok(Some(Principal {
-        key_id: id,
-        root_key_id: parent.unwrap_or(id),
-        tenant: TenantId::parse(tenant).map_err(|e| decode(e.to_string()))?,
-        role: role.parse().map_err(decode)?,
-        expires_at,
+        key_id: row.id,
+        root_key_id: row.parent_id.unwrap_or(row.id),
+        tenant: TenantId::parse(row.tenant).map_err(|e| decode(e.to_string()))?,
+        role: row.role.parse().map_err(decode)?,
+        expires_at: row.expires_at,
     }))
 }
 
