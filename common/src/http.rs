@@ -166,6 +166,26 @@ pub async fn bind_admin(addr: crate::config::OptionalAddr) -> anyhow::Result<Opt
     }
 }
 
+/// Serves [`bind_admin`]'s listener, if there is one, as a critical task until `shutdown`.
+pub fn serve_admin(
+    tasks: &mut crate::tasks::CriticalTasks,
+    listener: Option<TcpListener>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let Some(listener) = listener else {
+        return Ok(());
+    };
+    tracing::info!(addr = %listener.local_addr()?, "metrics on ADMIN_ADDR");
+    let stop = shutdown.clone();
+    tasks.spawn("admin listener", async move {
+        serve(listener, operational_routes(), stop)
+            .await
+            .context("serving ADMIN_ADDR")
+    });
+    Ok(())
+}
+
 /// Routes every service serves: `/healthz` and `/metrics` (`/readyz` is the service's own,
 /// as only it knows what it depends on). Ingest and the notifier, which face clients, serve
 /// `/metrics` to admin keys only (`auth::http::metrics`) or on `ADMIN_ADDR`.

@@ -162,15 +162,7 @@ impl App {
             writer_task.map(|ended| ended.context("the packet writer panicked")),
         );
         spawn_background(&mut tasks, &state, &background);
-        if let Some(admin) = admin_listener {
-            tracing::info!(addr = %admin.local_addr()?, "metrics on ADMIN_ADDR");
-            let stop = shutdown.clone();
-            tasks.spawn("admin listener", async move {
-                common::http::serve(admin, common::http::operational_routes(), stop)
-                    .await
-                    .context("serving ADMIN_ADDR")
-            });
-        }
+        common::http::serve_admin(&mut tasks, admin_listener, &shutdown)?;
         // The router holds the last writer handles besides `state`.
         drop(state);
         let listener = connections::CappedListener::new(listener, config.max_connections);

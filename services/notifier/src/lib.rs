@@ -186,36 +186,9 @@ impl App {
             origins: config.allowed_origins.clone(),
             token_ttl: config.token_ttl(),
         };
-        if let Some(admin) = admin_listener {
-            tracing::info!(addr = %admin.local_addr()?, "metrics on ADMIN_ADDR");
-            let stop = shutdown.clone();
-            tasks.spawn("admin listener", async move {
-                http::serve(admin, http::operational_routes(), stop)
-                    .await
-                    .context("serving ADMIN_ADDR")
-            });
-        }
+        http::serve_admin(&mut tasks, admin_listener, &shutdown)?;
         let sockets = state.sockets.clone();
-        let mut router = Router::new()
-            .route("/", get(dashboard::page))
-            .route("/dashboard.js", get(dashboard::script))
-            .route("/dashboard.css", get(dashboard::stylesheet))
-            .route(common::live::WS_PATH, get(ws::upgrade))
-            .route("/v1/auth/token", post(session::token))
-            .route("/v1/call/{call_id}", get(calls::get_call))
-            .route("/readyz", get(readyz))
-            .route("/healthz", get(http::healthz));
-        if config.admin_addr.0.is_none() {
-            router = router.route("/metrics", get(common::auth::http::metrics));
-        }
-        let router = router
-            .layer(middleware::from_fn_with_state(
-                config.request_timeout(),
-                http::time_limit,
-            ))
-            .layer(middleware::from_fn(dashboard::security_headers))
-            .with_state(state);
-        let router = http::with_request_ids(router);
+        let router = http::with_request_ids(router(state, &config));
         tracing::info!(addr = %listener.local_addr()?, "notifier listening");
         let served = http::serve(listener, router, shutdown.clone()).await;
         sockets.close();
@@ -233,6 +206,31 @@ impl App {
         served.context("serving HTTP")?;
         tasks_result
     }
+}
+
+/// The notifier's routes: the page and its two files, the live view, the token exchange,
+/// the detail view's read, health, and `/metrics` unless `ADMIN_ADDR` serves it; every answer
+/// bounded in time and carrying the security headers.
+fn router(state: AppState, config: &NotifierConfig) -> Router {
+    let mut router = Router::new()
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/dashboard.css", get(dashboard::stylesheet))
+        .route(common::live::WS_PATH, get(ws::upgrade))
+        .route("/v1/auth/token", post(session::token))
+        .route("/v1/call/{call_id}", get(calls::get_call))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(http::healthz));
+    if config.admin_addr.0.is_none() {
+        router = router.route("/metrics", get(common::auth::http::metrics));
+    }
+    router
+        .layer(middleware::from_fn_with_state(
+            config.request_timeout(),
+            http::time_limit,
+        ))
+        .layer(middleware::from_fn(dashboard::security_headers))
+        .with_state(state)
 }
 
 /// Ready when NATS is connected and the hub has caught up with the status stream.
