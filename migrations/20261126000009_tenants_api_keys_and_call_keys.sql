@@ -12,7 +12,7 @@ CREATE TABLE tenants (
 INSERT INTO tenants (tenant) VALUES ('default');
 
 -- API keys and the short-lived tokens minted from them (`parent_id` set, `expires_at` set).
--- Only a SHA-256 hash of the secret is kept (common/src/auth.rs says why a fast hash is right).
+-- Only a SHA-256 hash of the secret is kept (common/src/auth/mod.rs says why a fast hash is right).
 CREATE TABLE api_keys (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant      TEXT NOT NULL REFERENCES tenants (tenant),

@@ -36,7 +36,7 @@ pub const REQUEST_ID_HEADER: &str = "X-Request-Id";
 /// Connects to NATS. After the first connection the client reconnects forever in the
 /// background; publishes made while it is away fail after [`PUBLISH_ACK_TIMEOUT`].
 pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    credentials(url)
         .name(name)
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
@@ -48,6 +48,48 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
                 crate::db::redact(url)
             )
         })
+}
+
+/// The options carrying the credentials of `url`: `nats://user:password@host` or
+/// `nats://token@host`. async-nats (0.51) parses them out of a URL but does not send them, so
+/// they are handed over explicitly. URL-encoded characters (`%40` for `@`) are decoded.
+fn credentials(url: &str) -> async_nats::ConnectOptions {
+    let Ok(addr) = url.parse::<async_nats::ServerAddr>() else {
+        return async_nats::ConnectOptions::new();
+    };
+    match (addr.username().map(decode), addr.password().map(decode)) {
+        (Some(user), Some(password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        (Some(token), None) => async_nats::ConnectOptions::with_token(token),
+        _ => async_nats::ConnectOptions::new(),
+    }
+}
+
+/// Percent-decoding of a URL's user or password. Written by hand: it is eight lines, and the
+/// crate that does it is not otherwise a dependency of ours.
+fn decode(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A JetStream context with our timeouts and in-flight limits.

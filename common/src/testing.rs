@@ -309,10 +309,17 @@ pub struct NatsServer {
     port: u16,
     store: std::path::PathBuf,
     child: Option<std::process::Child>,
+    /// More arguments for `nats-server` (e.g. `--user`, `--pass`).
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`NatsServer::start`], with more arguments for `nats-server`.
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -322,6 +329,7 @@ impl NatsServer {
             port,
             store,
             child: None,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.resume();
         server
@@ -351,6 +359,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.store)
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

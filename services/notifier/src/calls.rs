@@ -1,7 +1,7 @@
 //! `GET /v1/call/{call_id}`: one call in full (its whole transcript, missing ranges,
 //! history), for the dashboard's detail view. Status events carry only a transcript preview,
-//! so the page asks for the rest when a supervisor opens a row. The notifier has no database:
-//! it forwards to ingest's read API (`NOTIFIER_INGEST_URL`), so the page needs one origin only
+//! so the page asks for the rest when a supervisor opens a row. The notifier reads no calls
+//! from the database (it checks keys there only): it forwards to ingest's read API (`NOTIFIER_INGEST_URL`), so the page needs one origin only
 //! (no CORS) and ingest stays the one home of the read API. The caller's own credential is
 //! checked here and forwarded: ingest answers for the caller's tenant, so a supervisor can
 //! open only its own tenant's calls (another tenant's call is a 404 there).
