@@ -17,9 +17,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Connects to `url`, creating the database first if it does not exist.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = url
-        .parse()
-        .context("DATABASE_URL is not a valid Postgres URL")?;
+    let options = without_tls_on_loopback(
+        url.parse()
+            .context("DATABASE_URL is not a valid Postgres URL")?,
+        url,
+    );
     create_database_if_missing(&options).await?;
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -27,6 +29,22 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to Postgres at {}", redact(url)))
+}
+
+/// No TLS to a Postgres on this machine unless `sslmode` asks for it. Without an `sslmode`,
+/// Postgres clients `prefer` TLS, and Debian's Postgres offers it (`ssl = on`, a snakeoil
+/// certificate): on loopback that encrypts nothing worth hiding and halved ingest's
+/// throughput here (docs/benchmarks.md). Any other host keeps `prefer`; an explicit
+/// `sslmode` (in the URL or `PGSSLMODE`) is always obeyed.
+fn without_tls_on_loopback(options: PgConnectOptions, url: &str) -> PgConnectOptions {
+    let loopback = matches!(options.get_host(), "127.0.0.1" | "localhost" | "::1")
+        || options.get_host().starts_with('/');
+    let asked = url.contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
+    if loopback && !asked {
+        options.ssl_mode(sqlx::postgres::PgSslMode::Disable)
+    } else {
+        options
+    }
 }
 
 /// Runs the pending migrations. sqlx holds a Postgres advisory lock while it does, so
@@ -80,6 +98,26 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tls_is_left_out_on_loopback_only_when_sslmode_does_not_ask_for_it() {
+        use sqlx::postgres::{PgConnectOptions, PgSslMode};
+        let mode = |url: &str| {
+            let options: PgConnectOptions = url.parse().unwrap();
+            format!(
+                "{:?}",
+                super::without_tls_on_loopback(options, url).get_ssl_mode()
+            )
+        };
+        let disable = format!("{:?}", PgSslMode::Disable);
+        assert_eq!(mode("postgres://u@127.0.0.1:5432/db"), disable);
+        assert_eq!(mode("postgres://u@localhost/db"), disable);
+        assert_ne!(mode("postgres://u@db.internal:5432/db"), disable);
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/db?sslmode=require"),
+            format!("{:?}", PgSslMode::Require)
+        );
+    }
+
     #[test]
     fn redact_hides_the_password() {
         assert_eq!(

@@ -80,12 +80,40 @@ impl fmt::Display for CallId {
 }
 
 /// A call as Switchboard knows it: its tenant and its id. Written `<tenant>.<call_id>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Compared, ordered and hashed by the written form alone (the parts follow from it): one
+/// string to hash on the packet path, not three.
+#[derive(Debug, Clone)]
 pub struct CallKey {
     /// `<tenant>.<call_id>`, kept written so that binding it to SQL or a subject is free.
     key: String,
     tenant: TenantId,
     call_id: CallId,
+}
+
+impl PartialEq for CallKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for CallKey {}
+
+impl std::hash::Hash for CallKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl PartialOrd for CallKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for CallKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
 }
 
 /// A stored key that is not `<tenant>.<call_id>`.

@@ -69,9 +69,9 @@ impl Authenticator {
         credential: Option<&str>,
         permission: Permission,
         class: RateClass,
-    ) -> Result<Principal, AuthRejection> {
+    ) -> Result<Arc<Principal>, AuthRejection> {
         if self.mode == AuthMode::Off {
-            return Ok(Principal::unauthenticated());
+            return Ok(Arc::new(Principal::unauthenticated()));
         }
         let secret = credential.ok_or(AuthRejection::Missing)?;
         let principal = self.keys.authenticate(secret).await.map_err(|e| match e {
@@ -250,7 +250,7 @@ pub mod need {
 }
 
 /// The caller of a route that needs `N`: authenticated, allowed, within its rate.
-pub struct Caller<N: Need>(pub Principal, PhantomData<N>);
+pub struct Caller<N: Need>(pub Arc<Principal>, PhantomData<N>);
 
 impl<N: Need> Caller<N> {
     pub fn principal(&self) -> &Principal {

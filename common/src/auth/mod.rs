@@ -97,7 +97,8 @@ pub enum AuthError {
 
 #[derive(Debug, Clone)]
 struct Remembered {
-    principal: Option<Principal>,
+    /// Shared: a packet's check copies a pointer, not the principal.
+    principal: Option<Arc<Principal>>,
     checked_at: Instant,
 }
 
@@ -117,7 +118,7 @@ impl Keys {
     }
 
     /// The principal a secret (key or token) stands for.
-    pub async fn authenticate(&self, secret: &str) -> Result<Principal, AuthError> {
+    pub async fn authenticate(&self, secret: &str) -> Result<Arc<Principal>, AuthError> {
         let hash = hash(secret);
         let known = self
             .remembered
@@ -129,7 +130,7 @@ impl Keys {
         let principal = match known {
             Some(remembered) => remembered.principal,
             None => {
-                let principal = lookup(&self.pool, &hash).await?;
+                let principal = lookup(&self.pool, &hash).await?.map(Arc::new);
                 let mut remembered = self.remembered.write().expect("not poisoned");
                 if remembered.len() >= MAX_REMEMBERED {
                     remembered.clear();

@@ -117,7 +117,7 @@ pub async fn upgrade(
 /// Who a socket serves, and the credential it came with: checked again every
 /// [`auth::RECHECK_AFTER`], so a revoked key (or an expired token) ends its sockets too.
 struct SocketCaller {
-    principal: Principal,
+    principal: std::sync::Arc<Principal>,
     credential: Option<String>,
 }
 
