@@ -78,15 +78,7 @@ async fn a_supervisor_sees_only_its_tenants_calls() {
 
     // Globex's supervisor, signed in as the dashboard is: with a token minted from its key.
     let globex_key = n.env.api_key_for("globex", Role::Supervisor).await;
-    let token: Value = reqwest::Client::new()
-        .post(format!("http://{}/v1/auth/token", n.url))
-        .bearer_auth(&globex_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token = sign_in(&n, &globex_key).await;
     assert_eq!(token["tenant"], "globex");
     let token = token["token"].as_str().unwrap();
     let mut globex = n
@@ -119,15 +111,7 @@ async fn the_dashboard_exchanges_a_key_for_a_token_that_opens_the_live_view() {
     let n = notifier(|_| {}).await;
     let http = reqwest::Client::new();
     let token_url = format!("http://{}/v1/auth/token", n.url);
-    let answer: Value = http
-        .post(&token_url)
-        .bearer_auth(&n.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = sign_in(&n, &n.key).await;
     let token = answer["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("sbt_"), "{answer}");
     assert_eq!(
@@ -178,15 +162,7 @@ async fn revoking_a_key_closes_its_open_sockets_and_its_tokens() {
     let (id, key) = common::auth::create_key(&n.env.pool, &n.env.tenant(), Role::Supervisor)
         .await
         .unwrap();
-    let token: Value = reqwest::Client::new()
-        .post(format!("http://{}/v1/auth/token", n.url))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token = sign_in(&n, &key).await;
     let token = token["token"].as_str().unwrap().to_owned();
     let mut by_key = n.try_connect("", Some(&key), None).await.unwrap();
     let mut by_token = n
@@ -215,6 +191,19 @@ async fn revoking_a_key_closes_its_open_sockets_and_its_tokens() {
             .err(),
         Some(401)
     );
+}
+
+/// The answer to `POST /v1/auth/token` with `key`, as the dashboard signs in.
+async fn sign_in(n: &crate::helpers::Notifier, key: &str) -> Value {
+    reqwest::Client::new()
+        .post(format!("http://{}/v1/auth/token", n.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 trait ParseOrigins {
