@@ -151,18 +151,6 @@ impl Keys {
         }
     }
 
-    /// Whether `principal`'s credential is still good: for sockets that outlive a request.
-    pub async fn still_valid(&self, principal: &Principal) -> Result<bool, sqlx::Error> {
-        let row: Option<(i64,)> = sqlx::query_as(concat!(
-            "SELECT k.id FROM api_keys k LEFT JOIN api_keys p ON p.id = k.parent_id ",
-            "WHERE k.id = $1 AND k.revoked_at IS NULL AND p.revoked_at IS NULL"
-        ))
-        .bind(principal.key_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.is_some())
-    }
-
     /// A token standing for `principal`'s key (its role and tenant), valid for `ttl`. A token
     /// presented here mints one for the same key: a page refreshes its token without the key.
     pub async fn mint_token(
