@@ -98,6 +98,8 @@ impl Ingest {
             sequence,
             data: data.to_owned(),
             timestamp,
+            encoding: None,
+            sample_rate: None,
         };
         let response = self
             .request(
@@ -128,6 +130,8 @@ impl Ingest {
             sequence,
             data: data.to_owned(),
             timestamp,
+            encoding: None,
+            sample_rate: None,
         };
         let url = format!("{}/v1/call/stream/{call_id}", self.base);
         let mut attempt = 0;

@@ -12,6 +12,8 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 
+use crate::AudioFormat;
+
 /// zstd's level for records: its default, about 300 MB/s here, within a few percent of the
 /// ratio of much slower levels on audio.
 const ZSTD_LEVEL: i32 = 3;
@@ -126,40 +128,12 @@ impl Record {
     }
 
     fn decode(&self, wanted: impl Fn(i64) -> bool) -> Result<Vec<StoredPacket>, sqlx::Error> {
-        let corrupt = |what: &str| {
-            sqlx::Error::Decode(format!("call_audio of {}: {what}", self.call_id).into())
-        };
-        let n = self.lengths.len();
-        let sequences: Vec<i64> = self
-            .lowers
-            .iter()
-            .zip(&self.uppers)
-            .flat_map(|(lower, upper)| *lower..*upper)
-            .collect();
-        if sequences.len() != n || self.sent_at.len() != n || self.received_at.len() != n {
-            return Err(corrupt("columns of different lengths"));
-        }
-        let Some(last) = (0..n).rev().find(|&i| wanted(sequences[i])) else {
-            return Ok(Vec::new());
-        };
-        let mut decoder = zstd::stream::Decoder::new(&self.audio[..])
-            .map_err(|e| corrupt(&format!("audio that does not decompress ({e})")))?;
-        let mut piece = Vec::new();
         let mut packets = Vec::new();
-        for (i, &sequence) in sequences.iter().enumerate().take(last + 1) {
-            let length =
-                usize::try_from(self.lengths[i]).map_err(|_| corrupt("a negative length"))?;
-            piece.resize(length, 0);
-            decoder
-                .read_exact(&mut piece)
-                .map_err(|e| corrupt(&format!("audio shorter than its lengths ({e})")))?;
-            if !wanted(sequence) {
-                continue;
-            }
+        self.walk(&wanted, |i, sequence, piece| {
             let data = match self.encoding.as_str() {
-                "base64" => STANDARD.encode(&piece),
-                _ => std::str::from_utf8(&piece)
-                    .map_err(|_| corrupt("text that is not UTF-8"))?
+                "base64" => STANDARD.encode(piece),
+                _ => std::str::from_utf8(piece)
+                    .map_err(|_| self.corrupt("text that is not UTF-8"))?
                     .to_owned(),
             };
             packets.push(StoredPacket {
@@ -169,19 +143,76 @@ impl Record {
                 sent_at: self.sent_at[i],
                 received_at: self.received_at[i],
             });
+            Ok(true)
+        })?;
+        Ok(packets)
+    }
+
+    /// Calls `each(sequence, bytes)` for every packet in sequence order, decompressing as it
+    /// goes (one packet's bytes held at a time), until it answers `false`: how a record is
+    /// played back without the call's audio in memory.
+    pub fn for_each(&self, mut each: impl FnMut(i64, &[u8]) -> bool) -> Result<(), sqlx::Error> {
+        self.walk(&|_| true, |_, sequence, piece| Ok(each(sequence, piece)))
+    }
+
+    fn corrupt(&self, what: &str) -> sqlx::Error {
+        sqlx::Error::Decode(format!("call_audio of {}: {what}", self.call_id).into())
+    }
+
+    /// Walks the packets up to the last `wanted` one, handing each wanted one (its index,
+    /// sequence and bytes) to `each` until it answers `false`. Checks the record's columns
+    /// agree, and that the audio ends where its lengths say once it is walked to the end.
+    fn walk(
+        &self,
+        wanted: &dyn Fn(i64) -> bool,
+        mut each: impl FnMut(usize, i64, &[u8]) -> Result<bool, sqlx::Error>,
+    ) -> Result<(), sqlx::Error> {
+        let n = self.lengths.len();
+        let sequences: Vec<i64> = self
+            .lowers
+            .iter()
+            .zip(&self.uppers)
+            .flat_map(|(lower, upper)| *lower..*upper)
+            .collect();
+        if sequences.len() != n || self.sent_at.len() != n || self.received_at.len() != n {
+            return Err(self.corrupt("columns of different lengths"));
+        }
+        let Some(last) = (0..n).rev().find(|&i| wanted(sequences[i])) else {
+            return Ok(());
+        };
+        let mut decoder = zstd::stream::Decoder::new(&self.audio[..])
+            .map_err(|e| self.corrupt(&format!("audio that does not decompress ({e})")))?;
+        let mut piece = Vec::new();
+        for (i, &sequence) in sequences.iter().enumerate().take(last + 1) {
+            let length =
+                usize::try_from(self.lengths[i]).map_err(|_| self.corrupt("a negative length"))?;
+            piece.resize(length, 0);
+            decoder
+                .read_exact(&mut piece)
+                .map_err(|e| self.corrupt(&format!("audio shorter than its lengths ({e})")))?;
+            if wanted(sequence) && !each(i, sequence, &piece)? {
+                return Ok(());
+            }
         }
         if last == n - 1 {
             let mut rest = [0u8; 1];
             if decoder
                 .read(&mut rest)
-                .map_err(|e| corrupt(&e.to_string()))?
+                .map_err(|e| self.corrupt(&e.to_string()))?
                 != 0
             {
-                return Err(corrupt("audio longer than its lengths"));
+                return Err(self.corrupt("audio longer than its lengths"));
             }
         }
-        Ok(packets)
+        Ok(())
     }
+}
+
+/// The bytes of `data` if it is canonical base64 (standard alphabet, padded, unused bits
+/// zero), as audio packets must be: encoding them again gives back exactly what arrived.
+pub fn decode_base64(data: &str) -> Option<Vec<u8>> {
+    let bytes = STANDARD.decode(data).ok()?;
+    (STANDARD.encode(&bytes) == data).then_some(bytes)
 }
 
 /// The columns of a [`Record`], from `call_audio a`.
@@ -192,6 +223,10 @@ macro_rules! record_columns {
          ARRAY(SELECT upper(r) FROM unnest(a.received) r) AS uppers"
     };
 }
+
+// After `record_columns!`, which playback uses.
+pub mod playback;
+pub mod wav;
 
 /// Writes a call's record (the compactor, in its transaction).
 pub(crate) async fn insert_record(
@@ -326,6 +361,8 @@ pub struct Recording {
     pub packets: Vec<(i64, String)>,
     /// The call's first sequence number (`calls.sequence_start`).
     pub start: i64,
+    /// The call's audio format (`calls.audio_encoding`, `calls.sample_rate`).
+    pub format: AudioFormat,
     /// How many packets the call should have: from its start to the highest received, or
     /// its declared total if larger.
     pub expected: i64,
@@ -342,6 +379,8 @@ pub async fn load(pool: &PgPool, call_id: &str) -> Result<Option<Recording>, sql
         start: i64,
         expected: i64,
         compacted: bool,
+        audio_encoding: String,
+        sample_rate: Option<i32>,
         sequence: Option<i64>,
         data: Option<String>,
         #[sqlx(flatten)]
@@ -352,16 +391,16 @@ pub async fn load(pool: &PgPool, call_id: &str) -> Result<Option<Recording>, sql
              SELECT call_id, created_at, sequence_start AS start, \
                     GREATEST(COALESCE(total_packets, 0), \
                              COALESCE(last_sequence + 1 - sequence_start, 0)) AS expected, \
-                    audio_compacted_at IS NOT NULL AS compacted \
+                    audio_compacted_at IS NOT NULL AS compacted, audio_encoding, sample_rate \
              FROM calls WHERE call_id = $1) \
-         SELECT c.start, c.expected, c.compacted, p.sequence, p.data, \
+         SELECT c.start, c.expected, c.compacted, c.audio_encoding, c.sample_rate, p.sequence, p.data, \
                 NULL::text AS call_id, NULL::text AS encoding, NULL::bytea AS audio, \
                 NULL::int4[] AS lengths, NULL::float8[] AS sent_at, \
                 NULL::timestamptz[] AS received_at, NULL::int8 AS data_bytes, \
                 NULL::int8[] AS lowers, NULL::int8[] AS uppers \
          FROM c LEFT JOIN packets p ON p.call_id = c.call_id AND p.call_created_at = c.created_at \
          UNION ALL \
-         SELECT c.start, c.expected, c.compacted, NULL, NULL, ",
+         SELECT c.start, c.expected, c.compacted, c.audio_encoding, c.sample_rate, NULL, NULL, ",
         record_columns!(),
         " FROM c JOIN call_audio a ON a.call_id = c.call_id AND a.call_created_at = c.created_at \
          ORDER BY sequence NULLS LAST"
@@ -375,6 +414,10 @@ pub async fn load(pool: &PgPool, call_id: &str) -> Result<Option<Recording>, sql
     let mut recording = Recording {
         start: first.start,
         expected: first.expected,
+        format: crate::calls::packets::format_from_columns(
+            &first.audio_encoding,
+            first.sample_rate,
+        )?,
         ..Recording::default()
     };
     let compacted = first.compacted;

@@ -17,7 +17,8 @@
 //! - [`shutdown`]: a root cancellation token fired by SIGTERM / ctrl-c.
 //! - [`db`]: the Postgres pool and the one embedded [`db::MIGRATOR`].
 //! - [`store`]: reads of calls.
-//! - [`audio`]: a call's stored audio, read from its packet rows or its compacted record.
+//! - [`audio`]: a call's stored audio, read from its packet rows or its compacted record, and
+//!   its WAV rendering; [`sound`] (from `wire`): formats and codecs.
 //! - [`partitions`]: the time partitions of `packets` and `call_audio`: added ahead, retired.
 //! - [`calls`]: every write to `calls` and `call_transitions` (the one owner), among them the
 //!   compare-and-set that moves a call between states.
@@ -47,6 +48,10 @@ pub mod telemetry;
 pub mod testing;
 pub mod tls;
 
+/// A call's audio format and its codecs (G.711, WAV), from `wire`: named `sound` here because
+/// [`audio`] is the stored audio.
+pub use wire::audio as sound;
+pub use wire::audio::{AudioFormat, Encoding};
 pub use wire::{
     CallId, CallKey, CallState, Permission, Reason, Role, TenantId, call_id, call_state, events,
     live, reason, subjects, tenant,

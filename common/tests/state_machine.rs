@@ -60,9 +60,12 @@ fn model(state: CallState, version: i64, m: Move) -> (CallState, i64) {
 async fn create(pool: &PgPool) -> CallKey {
     let id = CallKey::try_from(format!("t.sm-{}", random_suffix())).unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let created = calls::packets::create(&mut tx, &[id.as_str()], 0)
-        .await
-        .unwrap();
+    let new = calls::packets::NewCall {
+        call_id: id.as_str(),
+        sequence_start: 0,
+        format: common::AudioFormat::TEXT,
+    };
+    let created = calls::packets::create(&mut tx, &[new]).await.unwrap();
     calls::completion::record_creations(&mut tx, &created, Reason::FirstPacket)
         .await
         .unwrap();

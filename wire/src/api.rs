@@ -70,6 +70,19 @@ pub struct PacketBody {
     /// When the PBX captured it, in seconds since the Unix epoch (fractions allowed).
     #[cfg_attr(feature = "openapi", schema(minimum = 0, example = 1764086400.02))]
     pub timestamp: f64,
+    /// What `data` holds: `text` (free-form, the default) or base64 audio in `mulaw` or `alaw`
+    /// (G.711, 8000 Hz) or `slin` (signed 16-bit little-endian PCM at `sample_rate`). The
+    /// call's first packet sets its format; a later packet may omit it, and one declaring
+    /// another is refused (409 `format_conflict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<crate::audio::Encoding>,
+    /// Samples a second: 8000 for G.711 (the default), 8000-192000 for `slin`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 8000, maximum = 192000, example = 8000)
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +244,8 @@ mod tests {
             sequence: 3,
             data: "hi".into(),
             timestamp: 1.5,
+            encoding: None,
+            sample_rate: None,
         };
         assert_eq!(
             serde_json::to_string(&body).unwrap(),

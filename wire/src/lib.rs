@@ -17,15 +17,19 @@
 //! - [`subjects`]: every NATS subject and stream name, derived from `SWITCHBOARD_PREFIX`.
 //! - [`events`]: the payloads published on those subjects.
 //! - [`api`]: the ingest API's request, response and error bodies.
+//! - [`audio`]: a call's audio format, G.711 and the WAV files made of a call's audio.
+//! - [`media`]: the telephony protocols (Twilio Media Streams, AudioSocket, L16 WebSockets).
 //! - [`live`]: the live view's WebSocket contract (path, query parameters, limits, frames).
 //!
 //! Feature `openapi` derives `utoipa::ToSchema` for the types the API documents.
 
 pub mod api;
+pub mod audio;
 pub mod call_id;
 pub mod call_state;
 pub mod events;
 pub mod live;
+pub mod media;
 pub mod reason;
 pub mod subjects;
 pub mod tenant;

@@ -5,7 +5,7 @@
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 
-use crate::{CallState, calls::parse_state};
+use crate::{AudioFormat, CallState, Encoding, calls::parse_state};
 
 /// A call as a packet batch sees it under its row lock.
 #[derive(Debug, Clone)]
@@ -15,6 +15,8 @@ pub struct CallCounts {
     pub last_sequence: Option<i64>,
     pub packets_received: i64,
     pub total_packets: Option<i64>,
+    /// The call's audio format, as its first packet set it.
+    pub format: AudioFormat,
 }
 
 impl CallCounts {
@@ -29,24 +31,54 @@ impl CallCounts {
     }
 }
 
-/// Creates the calls among `ids` that do not exist (`IN_PROGRESS`, numbered from
-/// `sequence_start`); returns the ids this statement created (another replica may have created
-/// some a moment before).
+/// A call a batch creates if it does not exist: numbered from `sequence_start`, its audio in
+/// `format`.
+#[derive(Debug, Clone, Copy)]
+pub struct NewCall<'a> {
+    pub call_id: &'a str,
+    pub sequence_start: i64,
+    pub format: AudioFormat,
+}
+
+/// Creates the calls among `calls` that do not exist (`IN_PROGRESS`); returns the ids this
+/// statement created (another replica may have created some a moment before).
 pub async fn create(
     tx: &mut PgConnection,
-    ids: &[&str],
-    sequence_start: i64,
+    calls: &[NewCall<'_>],
 ) -> Result<Vec<String>, sqlx::Error> {
+    let ids: Vec<&str> = calls.iter().map(|c| c.call_id).collect();
+    let starts: Vec<i64> = calls.iter().map(|c| c.sequence_start).collect();
+    let encodings: Vec<&str> = calls.iter().map(|c| c.format.encoding().as_str()).collect();
+    let rates: Vec<Option<i32>> = calls.iter().map(|c| rate_column(c.format)).collect();
     sqlx::query_scalar(
-        "INSERT INTO calls (call_id, state, sequence_start) \
-         SELECT id, $2, $3 FROM unnest($1::text[]) AS id \
+        "INSERT INTO calls (call_id, state, sequence_start, audio_encoding, sample_rate) \
+         SELECT id, $2, start, encoding, rate \
+         FROM unnest($1::text[], $3::int8[], $4::text[], $5::int4[]) AS k(id, start, encoding, rate) \
          ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
     )
-    .bind(ids)
+    .bind(&ids)
     .bind(CallState::INITIAL.as_str())
-    .bind(sequence_start)
+    .bind(&starts)
+    .bind(&encodings)
+    .bind(&rates)
     .fetch_all(tx)
     .await
+}
+
+/// `calls.sample_rate` of a format (NULL for text).
+pub fn rate_column(format: AudioFormat) -> Option<i32> {
+    format.sample_rate().map(|r| r as i32)
+}
+
+/// A call's format from its `audio_encoding` and `sample_rate` columns.
+pub fn format_from_columns(encoding: &str, rate: Option<i32>) -> Result<AudioFormat, sqlx::Error> {
+    Encoding::parse(encoding)
+        .and_then(|e| AudioFormat::new(e, rate.map(|r| r as u32)).ok())
+        .ok_or_else(|| {
+            sqlx::Error::Decode(
+                format!("unknown audio format {encoding:?}/{rate:?} in calls").into(),
+            )
+        })
 }
 
 /// A packet to store with [`store`].
@@ -56,6 +88,9 @@ pub struct NewRow<'a> {
     pub sequence: i64,
     pub data: &'a str,
     pub sent_at: f64,
+    /// The format the packet declares; `None` takes the call's. A packet whose format is not
+    /// its call's is not stored.
+    pub format: Option<AudioFormat>,
 }
 
 /// One call of a batch as [`store`] left it.
@@ -88,14 +123,17 @@ macro_rules! store_sql {
         concat!(
             "WITH locked AS ( \
              SELECT call_id, state, sequence_start, last_sequence, packets_received, total_packets, \
-                    created_at \
+                    created_at, audio_encoding, sample_rate \
              FROM calls WHERE call_id = ANY($1::text[]) ORDER BY call_id FOR NO KEY UPDATE ", $lock, " \
          ), inserted AS ( \
              INSERT INTO packets (call_id, sequence, data, sent_at, call_created_at) \
              SELECT k.call_id, k.sequence, k.data, k.sent_at, l.created_at \
-             FROM UNNEST($2::text[], $3::int8[], $4::text[], $5::float8[]) AS k(call_id, sequence, data, sent_at) \
+             FROM UNNEST($2::text[], $3::int8[], $4::text[], $5::float8[], $8::text[], $9::int4[]) \
+                  AS k(call_id, sequence, data, sent_at, encoding, rate) \
              JOIN locked l ON l.call_id = k.call_id \
              WHERE l.state = $7 AND k.sequence >= l.sequence_start \
+               AND (k.encoding IS NULL \
+                    OR (k.encoding = l.audio_encoding AND k.rate IS NOT DISTINCT FROM l.sample_rate)) \
              ON CONFLICT (call_id, sequence, call_created_at) DO NOTHING \
              RETURNING call_id, sequence, received_at \
          ), per_call AS ( \
@@ -118,7 +156,7 @@ macro_rules! store_sql {
              DELETE FROM packet_outbox WHERE id = ANY($6::int8[]) \
          ) \
          SELECT l.call_id, l.state, l.sequence_start, l.last_sequence, l.packets_received, \
-                l.total_packets, c.packets_received AS packets_after, c.last_sequence AS last_after, \
+                l.total_packets, l.audio_encoding, l.sample_rate, c.packets_received AS packets_after, c.last_sequence AS last_after, \
                 p.sequences, p.received, (SELECT id FROM outbox) AS outbox_id \
          FROM locked l LEFT JOIN counted c USING (call_id) LEFT JOIN per_call p USING (call_id)"
         )
@@ -160,6 +198,8 @@ pub async fn store(
         last_sequence: Option<i64>,
         packets_received: i64,
         total_packets: Option<i64>,
+        audio_encoding: String,
+        sample_rate: Option<i32>,
         packets_after: Option<i64>,
         last_after: Option<i64>,
         sequences: Option<Vec<i64>>,
@@ -170,6 +210,14 @@ pub async fn store(
     let seqs: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
     let data: Vec<&str> = rows.iter().map(|r| r.data).collect();
     let sent: Vec<f64> = rows.iter().map(|r| r.sent_at).collect();
+    let encodings: Vec<Option<&str>> = rows
+        .iter()
+        .map(|r| r.format.map(|f| f.encoding().as_str()))
+        .collect();
+    let rates: Vec<Option<i32>> = rows
+        .iter()
+        .map(|r| r.format.and_then(rate_column))
+        .collect();
     let sql = match locked {
         Locked::Wait => store_sql!(""),
         Locked::Skip => store_sql!("SKIP LOCKED"),
@@ -182,6 +230,8 @@ pub async fn store(
         .bind(&sent)
         .bind(acknowledged)
         .bind(CallState::InProgress.as_str())
+        .bind(&encodings)
+        .bind(&rates)
         .fetch_all(tx)
         .await?;
     let mut batch = StoredBatch::default();
@@ -195,6 +245,7 @@ pub async fn store(
             last_sequence: row.last_sequence,
             packets_received: row.packets_received,
             total_packets: row.total_packets,
+            format: format_from_columns(&row.audio_encoding, row.sample_rate)?,
         };
         let inserted = row
             .sequences
@@ -224,6 +275,7 @@ mod tests {
             last_sequence: last,
             packets_received: received,
             total_packets: total,
+            format: AudioFormat::TEXT,
         }
     }
 

@@ -53,6 +53,27 @@ pub enum ApiError {
     /// 409 `call_not_in_progress`.
     #[error("call {call_id} is {state}, not IN_PROGRESS: it no longer takes packets")]
     CallNotInProgress { call_id: CallId, state: CallState },
+    /// 409 `format_conflict`: the packet declares another audio format than its call's.
+    #[error(
+        "call {call_id} carries {format} audio (set by its first packet); this packet \
+         declares {declared}"
+    )]
+    FormatConflict {
+        call_id: CallId,
+        format: common::AudioFormat,
+        declared: common::AudioFormat,
+    },
+    /// 409 `not_audio`: the call's packets are free-form text (sent without `encoding`).
+    #[error(
+        "call {0} was streamed as text (its first packet declared no audio encoding), so it \
+         has no audio to play"
+    )]
+    NotAudio(CallId),
+    /// 410 `audio_expired`: the call's audio was deleted after `AUDIO_RETENTION_DAYS`.
+    #[error(
+        "the audio of call {0} has been deleted (AUDIO_RETENTION_DAYS); its transcript remains"
+    )]
+    AudioExpired(CallId),
     /// 409 `call_not_failed`: only a `FAILED` call can be retried.
     #[error("call {call_id} is {state}, not FAILED: only failed calls can be retried")]
     CallNotFailed { call_id: CallId, state: CallState },
@@ -124,6 +145,9 @@ impl ApiError {
             ApiError::SequenceConflict { .. } => (StatusCode::CONFLICT, "sequence_conflict"),
             ApiError::CallNotInProgress { .. } => (StatusCode::CONFLICT, "call_not_in_progress"),
             ApiError::CallNotFailed { .. } => (StatusCode::CONFLICT, "call_not_failed"),
+            ApiError::FormatConflict { .. } => (StatusCode::CONFLICT, "format_conflict"),
+            ApiError::NotAudio(_) => (StatusCode::CONFLICT, "not_audio"),
+            ApiError::AudioExpired(_) => (StatusCode::GONE, "audio_expired"),
             ApiError::Unavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable")
             }
@@ -143,6 +167,7 @@ impl ApiError {
             }
             ApiError::InvalidCallId(_) | ApiError::CallNotFound(_) => Some("call_id".into()),
             ApiError::SequenceConflict { .. } => Some("sequence".into()),
+            ApiError::FormatConflict { .. } => Some("encoding".into()),
             _ => None,
         }
     }

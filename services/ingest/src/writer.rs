@@ -39,10 +39,10 @@ use std::{
 };
 
 use common::{
-    CallKey, CallState, Reason,
+    AudioFormat, CallKey, CallState, Reason,
     calls::{
         self, Recorded,
-        packets::{CallCounts, Locked, NewRow, StoredBatch},
+        packets::{CallCounts, Locked, NewCall, NewRow, StoredBatch},
     },
     events::{PacketEvent, ProgressEvent},
     outbox::Publisher,
@@ -86,6 +86,12 @@ pub struct NewPacket {
     pub timestamp: f64,
     /// Carried on the JetStream publish, so the packet can be followed across services.
     pub request_id: Option<String>,
+    /// The format the packet's data is in; `None` takes its call's (text for a new call). A
+    /// packet declaring another format than its call's is refused.
+    pub format: Option<AudioFormat>,
+    /// The first sequence number of its call, should this packet create it; `None` takes
+    /// `SEQUENCE_START` (a Twilio stream counts from 1 whatever it says).
+    pub sequence_start: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +124,8 @@ pub enum WriteError {
     NotInProgress(CallState),
     #[error("the call numbers its packets from {start}")]
     BeforeStart { start: i64 },
+    #[error("the call's audio is {0}")]
+    FormatMismatch(AudioFormat),
     #[error("database error: {message}")]
     Database { unavailable: bool, message: String },
     /// Stored, but JetStream did not acknowledge it (the outbox relay will publish it).
@@ -675,7 +683,8 @@ async fn commit_batch(
     let created = if unknown.is_empty() {
         Vec::new()
     } else {
-        calls::packets::create(&mut tx, &unknown, writer.sequence_start).await?
+        let new_calls = new_calls(packets, &unknown, writer.sequence_start);
+        calls::packets::create(&mut tx, &new_calls).await?
     };
     let first = first_of_each_key(packets);
     let mut firsts: Vec<usize> = first.values().copied().collect();
@@ -687,6 +696,7 @@ async fn commit_batch(
             sequence: packets[i].sequence,
             data: &packets[i].data,
             sent_at: packets[i].timestamp,
+            format: packets[i].format,
         })
         .collect();
     let batch = calls::packets::store(&mut tx, &call_ids, &rows, deletes, locked).await?;
@@ -722,6 +732,30 @@ async fn commit_batch(
         outbox: applied.outbox,
         held,
     })
+}
+
+/// How to create the calls among `unknown` (sorted): as the first of their packets in the
+/// batch says.
+fn new_calls<'a>(
+    packets: &'a [NewPacket],
+    unknown: &[&'a str],
+    sequence_start: i64,
+) -> Vec<NewCall<'a>> {
+    let mut firsts: HashMap<&str, &NewPacket> = HashMap::new();
+    for p in packets {
+        firsts.entry(p.call_id.as_str()).or_insert(p);
+    }
+    unknown
+        .iter()
+        .map(|&call_id| {
+            let first = firsts[call_id];
+            NewCall {
+                call_id,
+                sequence_start: first.sequence_start.unwrap_or(sequence_start),
+                format: first.format.unwrap_or(AudioFormat::TEXT),
+            }
+        })
+        .collect()
 }
 
 /// The packets (indexes) whose calls the batch's statement left out.
@@ -1077,6 +1111,11 @@ fn verdicts(
                 // Held locked elsewhere: left out of this batch.
                 return Err(WriteError::CallLocked);
             };
+            if let Some(format) = p.format
+                && format != call.format
+            {
+                return Err(WriteError::FormatMismatch(call.format));
+            }
             let key = (call_id.to_owned(), p.sequence);
             let first_index = first[&key];
             let stored = |outcome, sent_at, received_at| Stored {
@@ -1144,6 +1183,8 @@ mod tests {
             data: data.into(),
             timestamp,
             request_id: None,
+            format: None,
+            sequence_start: None,
         }
     }
 
@@ -1154,6 +1195,7 @@ mod tests {
             last_sequence: last,
             packets_received: received,
             total_packets: None,
+            format: AudioFormat::TEXT,
         }
     }
 

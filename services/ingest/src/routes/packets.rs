@@ -2,7 +2,7 @@
 
 use axum::{Json, extract::State, http::HeaderMap, http::StatusCode};
 use common::{
-    CallId, CallKey,
+    AudioFormat, CallId, CallKey, Encoding,
     auth::http::{Caller, need},
     call_id::InvalidCallId,
 };
@@ -29,7 +29,7 @@ use crate::{
     responses(
         (status = 202, description = "Stored and published (or a duplicate of a stored packet)", body = PacketReceipt),
         (status = 400, description = "Malformed JSON or invalid call_id", body = common::http::ErrorBody),
-        (status = 409, description = "`sequence_conflict` or `call_not_in_progress`", body = common::http::ErrorBody),
+        (status = 409, description = "`sequence_conflict`, `call_not_in_progress` or `format_conflict`", body = common::http::ErrorBody),
         (status = 413, description = "`data` or the body is too large", body = common::http::ErrorBody),
         (status = 415, description = "Not JSON", body = common::http::ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid", body = common::http::ErrorBody),
@@ -46,13 +46,14 @@ pub async fn stream_packet(
     let mut packet = validate(key, body, &app.config)?;
     packet.request_id = common::http::request_id(&headers).map(str::to_owned);
     let sequence = packet.sequence;
+    let declared = packet.format.unwrap_or(AudioFormat::TEXT);
     app.streaming.admit(&packet.call_id).await?;
 
     let started = tokio::time::Instant::now();
     let stored = app.writer.write(packet).await.map_err(|e| {
         metrics::counter!("switchboard_ingest_packets_total", "outcome" => outcome_label(&e))
             .increment(1);
-        write_error(e, &call_id, sequence)
+        write_error(e, &call_id, sequence, declared)
     })?;
     metrics::histogram!("switchboard_ingest_store_duration_seconds")
         .record(started.elapsed().as_secs_f64());
@@ -79,7 +80,7 @@ pub async fn stream_packet(
 }
 
 /// The answer to a packet the writer did not store (or could not publish).
-fn write_error(e: WriteError, call_id: &CallId, sequence: i64) -> ApiError {
+fn write_error(e: WriteError, call_id: &CallId, sequence: i64, declared: AudioFormat) -> ApiError {
     match e {
         WriteError::Conflict => ApiError::SequenceConflict {
             call_id: call_id.clone(),
@@ -88,6 +89,11 @@ fn write_error(e: WriteError, call_id: &CallId, sequence: i64) -> ApiError {
         WriteError::NotInProgress(state) => ApiError::CallNotInProgress {
             call_id: call_id.clone(),
             state,
+        },
+        WriteError::FormatMismatch(format) => ApiError::FormatConflict {
+            call_id: call_id.clone(),
+            format,
+            declared,
         },
         WriteError::BeforeStart { start } => ApiError::invalid_field(
             "sequence",
@@ -166,18 +172,57 @@ fn validate(
             "data must not contain NUL characters (send binary audio as base64)",
         ));
     }
+    let format = declared_format(&body)?;
     Ok(NewPacket {
         call_id,
         sequence: body.sequence,
         data: body.data,
         timestamp: body.timestamp,
         request_id: None,
+        format,
+        sequence_start: None,
     })
+}
+
+/// The packet's declared format (`None` when it declares none), with its data checked to be
+/// whole samples of it in canonical base64.
+fn declared_format(body: &PacketBody) -> Result<Option<AudioFormat>, ApiError> {
+    let Some(encoding) = body.encoding else {
+        return match body.sample_rate {
+            Some(_) => Err(ApiError::invalid_field(
+                "sample_rate",
+                "sample_rate needs an encoding (mulaw, alaw or slin)",
+            )),
+            None => Ok(None),
+        };
+    };
+    let format = AudioFormat::new(encoding, body.sample_rate).map_err(|e| {
+        let field = if body.sample_rate.is_some() || encoding == Encoding::Slin {
+            "sample_rate"
+        } else {
+            "encoding"
+        };
+        ApiError::invalid_field(field, e.to_string())
+    })?;
+    if format.is_sound() {
+        let bytes = common::audio::decode_base64(&body.data).ok_or_else(|| {
+            ApiError::invalid_field(
+                "data",
+                format!(
+                    "{encoding} audio must be sent as canonical (padded, standard-alphabet) base64"
+                ),
+            )
+        })?;
+        format
+            .samples_in(bytes.len())
+            .map_err(|e| ApiError::invalid_field("data", e.to_string()))?;
+    }
+    Ok(Some(format))
 }
 
 fn outcome_label(e: &WriteError) -> &'static str {
     match e {
-        WriteError::Conflict => "conflict",
+        WriteError::Conflict | WriteError::FormatMismatch(_) => "conflict",
         WriteError::NotInProgress(_) => "not_in_progress",
         WriteError::BeforeStart { .. } => "invalid",
         WriteError::Database { .. } | WriteError::Unpublished(_) | WriteError::Closed => {
