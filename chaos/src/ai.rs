@@ -3,7 +3,7 @@
 //! counts requests per call, which is how the books know "one AI request per call".
 //!
 //! The call is read from the audio itself: the load writes the call's number into the first
-//! four bytes of every packet, and the transcriber (`AI_AUDIO_ENCODING=pcm16`) puts the packets'
+//! four bytes of every packet, declared `slin` at 8000 Hz, so the transcriber puts the packets'
 //! bytes unchanged after the WAV header. The multipart body is searched for the WAV by hand:
 //! a test server needs no multipart parser for one fixed layout.
 

@@ -250,6 +250,9 @@ impl Sender {
                 "sequence": sequence,
                 "data": packet_data(number, sequence),
                 "timestamp": time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9,
+                // Declared as 16-bit PCM, so the transcriber passes the bytes through unchanged.
+                "encoding": "slin",
+                "sample_rate": 8000,
             });
             if let Some(window) = &window {
                 let place = window.clone().acquire_owned().await.expect("never closed");

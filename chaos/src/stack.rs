@@ -216,7 +216,6 @@ impl Stack {
             ("CALL_IDLE_TIMEOUT_SECS", "120".to_owned()),
             ("AI_PROVIDER", "openai".to_owned()),
             ("AI_BASE_URL", ai.base_url()),
-            ("AI_AUDIO_ENCODING", "pcm16".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

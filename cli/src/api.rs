@@ -6,9 +6,12 @@ use anyhow::Context;
 use serde::de::DeserializeOwned;
 
 use crate::credentials::Credentials;
-use wire::api::{
-    CallDetail, CallPage, CallSummary, CompleteBody, CompleteResponse, ErrorBody, PacketBody,
-    PacketReceipt, PacketStatus,
+use wire::{
+    api::{
+        CallDetail, CallPage, CallSummary, CompleteBody, CompleteResponse, ErrorBody, PacketBody,
+        PacketReceipt, PacketStatus,
+    },
+    audio::AudioFormat,
 };
 
 #[derive(Clone)]
@@ -38,6 +41,16 @@ impl Ingest {
             base: base.trim_end_matches('/').to_owned(),
             credentials,
         })
+    }
+
+    /// The API's base URL, without a trailing `/`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The key that streams calls (a PBX's), for the media protocols that carry it themselves.
+    pub fn stream_key(&self) -> Option<&str> {
+        self.credentials.stream.as_deref()
     }
 
     fn request(
@@ -71,18 +84,35 @@ impl Ingest {
     /// Reads a success as `T`, and turns an API error body into one line:
     /// `409 call_not_failed: ...`.
     async fn check<T: DeserializeOwned>(response: reqwest::Response) -> anyhow::Result<T> {
-        let status = response.status();
-        if status.is_success() {
+        if response.status().is_success() {
             return response
                 .json()
                 .await
                 .context("ingest answered with a body pbx does not understand");
         }
+        Err(Self::failure(response).await)
+    }
+
+    /// An API error answer as one line: `409 call_not_failed: ...`.
+    async fn failure(response: reqwest::Response) -> anyhow::Error {
+        let status = response.status();
         let (code, message) = match response.json::<ErrorBody>().await {
             Ok(ErrorBody { error }) => (error.code, error.message),
             Err(_) => ("error".to_owned(), "(no message)".to_owned()),
         };
-        anyhow::bail!("{} {code}: {message}", status.as_u16())
+        anyhow::anyhow!("{} {code}: {message}", status.as_u16())
+    }
+
+    /// The fields of a packet in `format`: none for text (the API's default), otherwise the
+    /// encoding and rate, declared on every packet.
+    fn packet_body(sequence: i64, data: &str, timestamp: f64, format: AudioFormat) -> PacketBody {
+        PacketBody {
+            sequence,
+            data: data.to_owned(),
+            timestamp,
+            encoding: format.is_sound().then(|| format.encoding()),
+            sample_rate: format.sample_rate(),
+        }
     }
 
     /// Sends one packet once, with no retry: the answer's status, or why there was none (for
@@ -93,14 +123,9 @@ impl Ingest {
         sequence: i64,
         data: &str,
         timestamp: f64,
+        format: AudioFormat,
     ) -> Result<u16, String> {
-        let body = PacketBody {
-            sequence,
-            data: data.to_owned(),
-            timestamp,
-            encoding: None,
-            sample_rate: None,
-        };
+        let body = Self::packet_body(sequence, data, timestamp, format);
         let response = self
             .request(
                 reqwest::Method::POST,
@@ -125,14 +150,9 @@ impl Ingest {
         sequence: i64,
         data: &str,
         timestamp: f64,
+        format: AudioFormat,
     ) -> anyhow::Result<(PacketStatus, Duration)> {
-        let body = PacketBody {
-            sequence,
-            data: data.to_owned(),
-            timestamp,
-            encoding: None,
-            sample_rate: None,
-        };
+        let body = Self::packet_body(sequence, data, timestamp, format);
         let url = format!("{}/v1/call/stream/{call_id}", self.base);
         let mut attempt = 0;
         loop {
@@ -196,6 +216,28 @@ impl Ingest {
             .await
             .map_err(|e| self.unreachable(e))?;
         Self::check(response).await
+    }
+
+    /// The call's audio as the WAV file ingest renders (16-bit mono PCM at the call's rate);
+    /// an error line such as `409 not_audio: ...` for a text call, `410 audio_expired` or 404.
+    pub async fn audio_wav(&self, call_id: &str) -> anyhow::Result<Vec<u8>> {
+        let response = self
+            .request(
+                reqwest::Method::GET,
+                &format!("{}/v1/call/{call_id}/audio.wav", self.base),
+                Acting::Supervisor,
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !response.status().is_success() {
+            return Err(Self::failure(response).await);
+        }
+        let wav = response
+            .bytes()
+            .await
+            .with_context(|| format!("reading the audio of {call_id}"))?;
+        Ok(wav.to_vec())
     }
 
     pub async fn calls(&self, state: Option<&str>, limit: u32) -> anyhow::Result<CallPage> {

@@ -1,52 +1,47 @@
 //! Speech-like test audio for `pbx bench`: 8 kHz G.711 µ-law frames, base64 as the JSON API
-//! carries them. A load of identical bytes would flatter everything that compresses (the
-//! compacted records on disk, TOAST); these frames vary like speech does: a voiced tone whose
-//! pitch and loudness drift syllable by syllable, with noise.
+//! carries them (the packets declare `encoding: mulaw`, so ingest records the calls as audio).
+//! A load of identical bytes would flatter everything that compresses (the compacted records
+//! on disk, TOAST); these frames vary like speech does (see [`crate::signal`]).
+//!
+//! Ingest checks declared audio is canonical base64 of whole samples, so a frame's size is
+//! adjusted in bytes of audio, never in characters of base64: `--packet-bytes` is rounded up to
+//! a multiple of 4 (whole base64 quanta, no padding).
 
 use base64::{Engine, engine::general_purpose::STANDARD};
+use wire::audio::{G711_RATE, linear_to_mulaw};
+
+use crate::signal::Voice;
 
 /// Samples in one 20 ms frame at 8 kHz.
 const FRAME_SAMPLES: usize = 160;
+/// The bench's voice: the same frames on every run, so runs compare.
+const BENCH_VOICE: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// `count` distinct frames of 20 ms (consecutive, so in order they play as one signal), each
-/// cut or repeated to exactly `bytes` characters of base64 (216 for one frame).
+/// cut or repeated to `bytes` characters of base64 rounded up to a multiple of 4 (216 for one
+/// frame).
 pub fn speech_like_frames(count: usize, bytes: usize) -> Vec<String> {
-    // A small deterministic generator (xorshift): the frames are the same on every run, so
-    // runs compare, and no seed needs carrying.
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut noise = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    };
-    let mut phase = 0.0f64;
+    let mut voice = Voice::new(BENCH_VOICE, G711_RATE);
     (0..count)
-        .map(|frame| {
-            let mut mulaw = Vec::with_capacity(FRAME_SAMPLES);
-            for i in 0..FRAME_SAMPLES {
-                let t = (frame * FRAME_SAMPLES + i) as f64 / 8_000.0;
-                // Syllables of ~200 ms: loudness rises and falls; pitch wanders 100-180 Hz.
-                let envelope = (std::f64::consts::PI * t / 0.2).sin().abs();
-                let pitch = 140.0 + 40.0 * (t * 1.3).sin();
-                phase += 2.0 * std::f64::consts::PI * pitch / 8_000.0;
-                let voiced = phase.sin() + 0.5 * (2.0 * phase).sin() + 0.25 * (3.0 * phase).sin();
-                let sample = 9_000.0 * envelope * voiced + 600.0 * noise();
-                mulaw.push(linear_to_mulaw(sample.clamp(-32_768.0, 32_767.0) as i16));
-            }
-            fit(STANDARD.encode(&mulaw), bytes)
+        .map(|_| {
+            let mulaw: Vec<u8> = voice
+                .take(FRAME_SAMPLES)
+                .into_iter()
+                .map(linear_to_mulaw)
+                .collect();
+            fit(&mulaw, bytes)
         })
         .collect()
 }
 
-/// The frames of a raw 8 kHz µ-law file: 160 bytes each, base64, cut or repeated to `bytes`
-/// characters (a trailing part frame is dropped).
+/// The frames of a raw 8 kHz µ-law file: 160 bytes each, base64, cut or repeated as in
+/// [`speech_like_frames`] (a trailing part frame is dropped).
 pub fn frames_of_file(path: &std::path::Path, bytes: usize) -> anyhow::Result<Vec<String>> {
     use anyhow::Context;
     let audio = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let frames: Vec<String> = audio
         .chunks_exact(FRAME_SAMPLES)
-        .map(|frame| fit(STANDARD.encode(frame), bytes))
+        .map(|frame| fit(frame, bytes))
         .collect();
     anyhow::ensure!(
         !frames.is_empty(),
@@ -56,42 +51,21 @@ pub fn frames_of_file(path: &std::path::Path, bytes: usize) -> anyhow::Result<Ve
     Ok(frames)
 }
 
-/// `text` cut or repeated to exactly `bytes` characters.
-fn fit(mut text: String, bytes: usize) -> String {
-    while text.len() < bytes {
-        text = text.repeat(2);
+/// `audio` as canonical base64 of `characters` rounded up to a multiple of 4: whole when its
+/// base64 is that long already (a 160-byte frame is 216 characters, padded), otherwise cut or
+/// repeated to the bytes that fill those characters exactly.
+fn fit(audio: &[u8], characters: usize) -> String {
+    let quanta = characters.div_ceil(4).max(1);
+    if audio.len().div_ceil(3) == quanta {
+        return STANDARD.encode(audio);
     }
-    text.truncate(bytes);
-    text
-}
-
-/// G.711 µ-law encoding of one 16-bit sample (the standard's bias-and-segment method).
-fn linear_to_mulaw(sample: i16) -> u8 {
-    const BIAS: i32 = 0x84;
-    const CLIP: i32 = 32_635;
-    let mut value = i32::from(sample);
-    let sign = if value < 0 { 0x80 } else { 0 };
-    if value < 0 {
-        value = -value;
-    }
-    value = value.min(CLIP) + BIAS;
-    let exponent = (7 - (value.leading_zeros() as i32 - 17)).clamp(0, 7);
-    let mantissa = (value >> (exponent + 3)) & 0x0F;
-    !(sign | (exponent << 4) | mantissa) as u8
+    let bytes: Vec<u8> = audio.iter().copied().cycle().take(quanta * 3).collect();
+    STANDARD.encode(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mulaw_encoding_matches_the_standard_at_its_fixed_points() {
-        // Silence is 0xFF; full scale is 0x80 (positive) and 0x00 (negative).
-        assert_eq!(linear_to_mulaw(0), 0xFF);
-        assert_eq!(linear_to_mulaw(32_767), 0x80);
-        assert_eq!(linear_to_mulaw(-32_768), 0x00);
-        assert_eq!(linear_to_mulaw(-1), 0x7F);
-    }
 
     #[test]
     fn frames_are_distinct_and_of_the_asked_length() {
@@ -100,6 +74,15 @@ mod tests {
         let distinct: std::collections::HashSet<_> = frames.iter().collect();
         assert_eq!(distinct.len(), 50);
         assert!(speech_like_frames(2, 1000).iter().all(|f| f.len() == 1000));
-        assert!(speech_like_frames(2, 10).iter().all(|f| f.len() == 10));
+        // Rounded up to whole base64 quanta.
+        assert!(speech_like_frames(2, 10).iter().all(|f| f.len() == 12));
+    }
+
+    #[test]
+    fn a_frame_is_the_canonical_base64_of_its_mulaw_bytes() {
+        let frame = &speech_like_frames(1, 216)[0];
+        let bytes = STANDARD.decode(frame).unwrap();
+        assert_eq!(bytes.len(), FRAME_SAMPLES);
+        assert_eq!(&STANDARD.encode(&bytes), frame);
     }
 }

@@ -15,6 +15,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use wire::audio::AudioFormat;
+
 use crate::api::Ingest;
 
 /// Completions in flight at once at the end of a run.
@@ -38,7 +40,9 @@ pub struct Options {
     /// Closed loop: each call sends as soon as its previous packet is answered.
     #[arg(long)]
     pub closed: bool,
-    /// Bytes of `data` per packet (216 is a 20 ms frame of 8 kHz mu-law, base64).
+    /// Bytes of `data` per packet (216 is a 20 ms frame of 8 kHz mu-law, base64), rounded up
+    /// to a multiple of 4: the packets declare `encoding: mulaw`, which ingest checks is
+    /// canonical base64.
     #[arg(long, default_value_t = 216)]
     pub packet_bytes: usize,
     /// Audio to send instead of the generated speech-like signal: raw 8 kHz G.711 mu-law
@@ -254,7 +258,13 @@ async fn open_call(
         tokio::time::sleep_until(due).await;
         let data = frame(frames, index, k);
         let outcome = ingest
-            .send_packet(call, sequence(options.pattern, k), data, k as f64 * 0.02)
+            .send_packet(
+                call,
+                sequence(options.pattern, k),
+                data,
+                k as f64 * 0.02,
+                AudioFormat::MULAW,
+            )
             .await;
         tally.record(outcome, due.elapsed());
         tally.sent_to(call, sequence(options.pattern, k));
@@ -277,7 +287,13 @@ async fn closed_call(
         let sent = Instant::now();
         let data = frame(frames, index, k);
         let outcome = ingest
-            .send_packet(call, sequence(options.pattern, k), data, k as f64 * 0.02)
+            .send_packet(
+                call,
+                sequence(options.pattern, k),
+                data,
+                k as f64 * 0.02,
+                AudioFormat::MULAW,
+            )
             .await;
         tally.record(outcome, sent.elapsed());
         tally.sent_to(call, sequence(options.pattern, k));

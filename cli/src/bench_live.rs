@@ -136,7 +136,9 @@ async fn fan_out(
     for (event, call) in calls.iter().enumerate() {
         let mut this_event = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let sent = Instant::now();
-        let status = ingest.send_packet(call, 0, "AAAA", 0.0).await;
+        let status = ingest
+            .send_packet(call, 0, "AAAA", 0.0, wire::audio::AudioFormat::TEXT)
+            .await;
         anyhow::ensure!(
             status == Ok(202),
             "starting {call} through ingest: {status:?}"

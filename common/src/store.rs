@@ -20,7 +20,7 @@ macro_rules! call_columns_sql {
             "call_id, state, version, packets_received, first_sequence, last_sequence, ",
             "total_packets, sequence_start, ai_attempts, transcript, sentiment_label, ",
             "sentiment_score, last_error, created_at, updated_at, last_packet_at, completed_at, ",
-            "next_attempt_at, (GREATEST(COALESCE(last_sequence + 1, sequence_start), ",
+            "next_attempt_at, audio_encoding, sample_rate, (GREATEST(COALESCE(last_sequence + 1, sequence_start), ",
             "sequence_start + COALESCE(total_packets, 0)) - sequence_start - packets_received) ",
             "AS missing_packets"
         )
@@ -54,9 +54,18 @@ pub struct CallRow {
     pub last_packet_at: OffsetDateTime,
     pub completed_at: Option<OffsetDateTime>,
     pub next_attempt_at: Option<OffsetDateTime>,
+    /// The call's audio format (see [`CallRow::format`]).
+    pub audio_encoding: String,
+    pub sample_rate: Option<i32>,
 }
 
 impl CallRow {
+    /// The call's audio format, as its first packet set it.
+    pub fn format(&self) -> crate::AudioFormat {
+        crate::calls::packets::format_from_columns(&self.audio_encoding, self.sample_rate)
+            .unwrap_or_default()
+    }
+
     pub fn sentiment(&self) -> Option<Sentiment> {
         Some(Sentiment {
             label: self.sentiment_label.clone()?,
@@ -257,6 +266,8 @@ mod tests {
             last_packet_at: now,
             completed_at: Some(now),
             next_attempt_at: None,
+            audio_encoding: "text".into(),
+            sample_rate: None,
         }
     }
 

@@ -123,6 +123,12 @@ pub struct PacketReceipt {
 pub struct CallSummary {
     pub call_id: String,
     pub state: CallState,
+    /// What its packets hold: `text`, or audio in `mulaw`, `alaw` or `slin`.
+    #[serde(default)]
+    pub encoding: crate::audio::Encoding,
+    /// The audio's samples a second (absent for text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<u32>,
     /// Number of transitions so far (creation is 1).
     pub version: i64,
     pub packets_received: i64,
@@ -218,7 +224,7 @@ mod tests {
     /// A detail as ingest serialises it (`CallSummary` flattened), parsed and written back.
     #[test]
     fn a_call_detail_round_trips_with_its_summary_flattened() {
-        let text = r#"{"call_id":"c1","state":"ARCHIVED","version":4,"packets_received":3,"first_sequence":0,"last_sequence":3,"total_packets":4,"missing_packets":1,"ai_attempts":1,"transcript":"hello","sentiment":{"label":"positive","score":0.5},"last_error":null,"created_at":"2025-11-25T16:00:00.123456Z","updated_at":"2025-11-25T16:00:01Z","last_packet_at":"2025-11-25T16:00:00.5Z","completed_at":"2025-11-25T16:00:00.9Z","next_attempt_at":null,"missing":[{"from":2,"to":2}],"history":[{"version":1,"from_state":null,"to_state":"IN_PROGRESS","reason":"first_packet","at":"2025-11-25T16:00:00.123456Z"}]}"#;
+        let text = r#"{"call_id":"c1","state":"ARCHIVED","encoding":"mulaw","sample_rate":8000,"version":4,"packets_received":3,"first_sequence":0,"last_sequence":3,"total_packets":4,"missing_packets":1,"ai_attempts":1,"transcript":"hello","sentiment":{"label":"positive","score":0.5},"last_error":null,"created_at":"2025-11-25T16:00:00.123456Z","updated_at":"2025-11-25T16:00:01Z","last_packet_at":"2025-11-25T16:00:00.5Z","completed_at":"2025-11-25T16:00:00.9Z","next_attempt_at":null,"missing":[{"from":2,"to":2}],"history":[{"version":1,"from_state":null,"to_state":"IN_PROGRESS","reason":"first_packet","at":"2025-11-25T16:00:00.123456Z"}]}"#;
         let detail: CallDetail = serde_json::from_str(text).unwrap();
         assert_eq!(detail.call.state, CallState::Archived);
         assert_eq!(detail.missing, [MissingRange { from: 2, to: 2 }]);

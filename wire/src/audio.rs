@@ -11,11 +11,12 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// How a call's packet bytes encode its sound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
     /// Free-form text (the JSON API's default): stored, never decoded as sound.
+    #[default]
     Text,
     /// G.711 µ-law, one byte a sample, 8 kHz (Twilio, most US PBXs).
     Mulaw,

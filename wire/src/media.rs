@@ -107,11 +107,24 @@ pub struct TwilioMedia {
     #[serde(default)]
     pub track: Option<String>,
     /// Counts from 1, per track.
+    #[serde(deserialize_with = "string_or_number")]
     pub chunk: String,
     /// Milliseconds since the stream started.
+    #[serde(deserialize_with = "string_or_number")]
     pub timestamp: String,
     /// Base64 µ-law, 8 kHz mono.
     pub payload: String,
+}
+
+/// Twilio writes numbers as strings; a number written as a number is taken too.
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a number or a string of digits, got {other}"
+        ))),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,6 +15,14 @@ pub enum Reason {
     CompletedByPbx,
     /// No packet for `CALL_IDLE_TIMEOUT_SECS`: the idle reaper completed it.
     IdleTimeout,
+    /// The PBX ended the call's telephony stream (Twilio `stop`, AudioSocket hangup, an L16
+    /// close frame).
+    StreamEnded,
+    /// The call's telephony stream was cut without the PBX ending it.
+    StreamLost,
+    /// The PBX reported an error on the call's telephony stream (AudioSocket `0xff`); the
+    /// call's `last_error` says which.
+    PbxError,
     /// An operator re-drove a `FAILED` call (`POST /v1/call/{id}/retry`).
     OperatorRetry,
     /// A transcriber took the call (`COMPLETED -> PROCESSING_AI`).
@@ -32,10 +40,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 13] = [
         Reason::FirstPacket,
         Reason::CompletedByPbx,
         Reason::IdleTimeout,
+        Reason::StreamEnded,
+        Reason::StreamLost,
+        Reason::PbxError,
         Reason::OperatorRetry,
         Reason::AiClaimed,
         Reason::AiRetryScheduled,
@@ -51,6 +62,9 @@ impl Reason {
             Reason::FirstPacket => "first_packet",
             Reason::CompletedByPbx => "completed_by_pbx",
             Reason::IdleTimeout => "idle_timeout",
+            Reason::StreamEnded => "stream_ended",
+            Reason::StreamLost => "stream_lost",
+            Reason::PbxError => "pbx_error",
             Reason::OperatorRetry => "operator_retry",
             Reason::AiClaimed => "ai_claimed",
             Reason::AiRetryScheduled => "ai_retry_scheduled",
@@ -65,9 +79,12 @@ impl Reason {
     pub fn leads_to(self) -> CallState {
         match self {
             Reason::FirstPacket => CallState::InProgress,
-            Reason::CompletedByPbx | Reason::IdleTimeout | Reason::OperatorRetry => {
-                CallState::Completed
-            }
+            Reason::CompletedByPbx
+            | Reason::IdleTimeout
+            | Reason::StreamEnded
+            | Reason::StreamLost
+            | Reason::PbxError
+            | Reason::OperatorRetry => CallState::Completed,
             Reason::AiClaimed | Reason::AiRetryScheduled => CallState::ProcessingAi,
             Reason::AiSucceeded => CallState::Archived,
             Reason::AiGaveUp | Reason::AiPermanentError | Reason::AudioTooLarge => {

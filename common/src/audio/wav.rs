@@ -178,6 +178,9 @@ pub fn from_packets(
     packets: &[(i64, String)],
     limit: u64,
 ) -> Result<Vec<u8>, WavError> {
+    if !format.is_sound() {
+        return Err(WavError::NotAudio);
+    }
     let mut decoded = Vec::with_capacity(packets.len());
     for (sequence, data) in packets {
         let bytes = super::decode_base64(data).ok_or(WavError::NotBase64(*sequence))?;

@@ -145,9 +145,10 @@ pub enum AuthRejection {
     Unavailable,
 }
 
-impl IntoResponse for AuthRejection {
-    fn into_response(self) -> Response {
-        let (status, code, message) = match &self {
+impl AuthRejection {
+    /// The answer's status, code and message.
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
             AuthRejection::Missing => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -182,7 +183,22 @@ impl IntoResponse for AuthRejection {
                 "API keys cannot be checked right now (the database is unavailable); retry"
                     .to_owned(),
             ),
-        };
+        }
+    }
+}
+
+/// The message alone, for protocols that answer with something else than a response (the
+/// telephony adapters' close frames).
+impl std::fmt::Display for AuthRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (_, code, message) = self.parts();
+        write!(f, "{code}: {message}")
+    }
+}
+
+impl IntoResponse for AuthRejection {
+    fn into_response(self) -> Response {
+        let (status, code, message) = self.parts();
         let mut body = ErrorBody::new(code, message);
         if matches!(self, AuthRejection::Missing | AuthRejection::Malformed) {
             body.error.field = Some("Authorization".into());

@@ -78,6 +78,23 @@ pub struct IngestConfig {
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
 
+    /// Where to take Asterisk AudioSocket connections (`0.0.0.0:9092`); empty: off.
+    /// AudioSocket carries no credentials: restrict who may reach it (docs/telephony.md).
+    #[arg(long, env = "AUDIOSOCKET_ADDR", default_value = "", hide_default_value = true,
+          value_parser = common::config::parse_optional_addr)]
+    pub audiosocket_addr: common::config::OptionalAddr,
+
+    /// The key (a `pbx` key) whose tenant owns every call taken on `AUDIOSOCKET_ADDR`;
+    /// required there unless `SWITCHBOARD_AUTH=off`.
+    #[arg(long, env = "AUDIOSOCKET_API_KEY", hide_env_values = true)]
+    pub audiosocket_api_key: Option<String>,
+
+    /// The Twilio account's auth token: when set, the `X-Twilio-Signature` of every
+    /// `/v1/media/twilio` upgrade must match it (the tenant's key still comes as the stream's
+    /// `key` parameter).
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    pub twilio_auth_token: Option<String>,
+
     /// Calls one tenant may stream at once; the first packet of one more is answered 429
     /// `too_many_streaming_calls`. Packets of calls already streaming are never refused.
     /// 0: no cap.
@@ -190,6 +207,14 @@ impl IngestConfig {
         anyhow::ensure!(
             self.call_idle_timeout_secs >= 1,
             "CALL_IDLE_TIMEOUT_SECS must be at least 1"
+        );
+        anyhow::ensure!(
+            self.audiosocket_addr.0.is_none()
+                || self.audiosocket_api_key.as_deref().is_some_and(|k| !k.is_empty())
+                || self.auth.mode == common::auth::settings::AuthMode::Off,
+            "AUDIOSOCKET_ADDR is set but AUDIOSOCKET_API_KEY is not: AudioSocket carries no \
+             credentials, so the listener's key names the tenant of its calls (create one with \
+             `ingest keys create --tenant T --role pbx`)"
         );
         anyhow::ensure!(
             (1..=16 * 1024 * 1024).contains(&self.max_packet_bytes),

@@ -15,7 +15,8 @@
 //! - [`gaps`]: a call's missing sequences, kept incrementally.
 //! - [`keys`]: `ingest keys create|list|revoke` (API keys; `common::auth` checks them).
 //! - [`streaming_cap`]: the cap on the calls a tenant streams at once.
-//! - [`lifecycle`]: completing a call (endpoint and idle reaper alike).
+//! - [`media`]: the telephony adapters (Twilio Media Streams, AudioSocket, L16 WebSockets).
+//! - [`lifecycle`]: completing a call (endpoint, idle reaper and stream ends alike).
 //! - [`reaper`]: completes calls that went quiet.
 //! - [`relay`]: the outbox relay: republishes what JetStream has not acknowledged.
 //! - [`reconciler`]: puts back work items JetStream lost after acknowledging them.
@@ -35,6 +36,7 @@ pub mod extract;
 pub mod gaps;
 pub mod keys;
 pub mod lifecycle;
+pub mod media;
 pub mod openapi;
 pub mod reaper;
 pub mod reconciler;
@@ -78,6 +80,8 @@ pub struct App {
     state: AppState,
     /// The packet writer task; it ends after the server stops and its queue drains.
     writer_task: JoinHandle<()>,
+    /// `AUDIOSOCKET_ADDR`'s, when set.
+    audiosocket_listener: Option<TcpListener>,
 }
 
 impl App {
@@ -111,9 +115,18 @@ impl App {
         );
         config.auth.warn_if_off("ingest");
         let admin_listener = common::http::bind_admin(config.admin_addr).await?;
+        let audiosocket_listener = match config.audiosocket_addr.0 {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding AUDIOSOCKET_ADDR {addr}"))?,
+            ),
+            None => None,
+        };
         let state = AppState {
             auth: Authenticator::new(&config.auth, Keys::new(pool.clone())),
             streaming: StreamingCap::new(pool.clone(), config.max_streaming_calls_per_tenant),
+            media: media::MediaStreams::new(CancellationToken::new()),
             pool,
             nats: infra.nats,
             publisher,
@@ -127,7 +140,16 @@ impl App {
             admin_listener,
             state,
             writer_task,
+            audiosocket_listener,
         })
+    }
+
+    /// The port AudioSocket is bound to, when it is on.
+    pub fn audiosocket_port(&self) -> Option<u16> {
+        self.audiosocket_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
     }
 
     /// The port the API is bound to (useful with `INGEST_ADDR=127.0.0.1:0`).
@@ -147,6 +169,7 @@ impl App {
             router,
             state,
             writer_task,
+            audiosocket_listener,
         } = self;
         let config = state.config.clone();
         tracing::info!(
@@ -163,6 +186,13 @@ impl App {
         );
         spawn_background(&mut tasks, &state, &background);
         common::http::serve_admin(&mut tasks, admin_listener, &shutdown)?;
+        if let Some(listener) = audiosocket_listener {
+            tasks.spawn(
+                "audiosocket listener",
+                media::audiosocket::serve(state.clone(), listener, shutdown.clone()),
+            );
+        }
+        let media = state.media.clone();
         // The router holds the last writer handles besides `state`.
         drop(state);
         let listener = connections::CappedListener::new(listener, config.max_connections);
@@ -172,6 +202,10 @@ impl App {
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
+        // Telephony streams outlive the HTTP server (their sockets were upgraded): each stores
+        // what it has and completes its call, then lets go of its writer handle.
+        media.shutdown().cancel();
+        media.wait(MEDIA_SHUTDOWN_WITHIN).await;
         // The server has dropped the router (and its writer handle): the writer finishes
         // what is queued and stops; then the other tasks stop.
         // The writer ends by itself once drained; the relay and reaper when told to.
@@ -240,6 +274,9 @@ fn spawn_background(tasks: &mut CriticalTasks, state: &AppState, background: &Ca
         ),
     );
 }
+
+/// How long open telephony streams get at shutdown to store what they have.
+const MEDIA_SHUTDOWN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Calls changed more recently than this are never taken for lost by the reconciler.
 const RECONCILE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);

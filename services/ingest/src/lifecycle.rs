@@ -57,6 +57,52 @@ pub async fn complete_call(
     total_packets: Option<i64>,
     request_id: Option<&str>,
 ) -> Result<Completion, LifecycleError> {
+    let end = End {
+        total_packets,
+        reason: Reason::CompletedByPbx,
+        error: None,
+    };
+    complete(pool, publisher, call_id, end, request_id).await
+}
+
+/// `IN_PROGRESS -> COMPLETED` at the end of a telephony stream (`crate::media`): `reason` says
+/// how it ended, `error` is the PBX's own report of a failure (kept as the call's
+/// `last_error`, so its history shows it).
+pub async fn complete_stream(
+    pool: &PgPool,
+    publisher: &Publisher,
+    call_id: &CallKey,
+    total_packets: i64,
+    reason: Reason,
+    error: Option<&str>,
+) -> Result<Completion, LifecycleError> {
+    let end = End {
+        total_packets: Some(total_packets),
+        reason,
+        error: error.map(str::to_owned),
+    };
+    complete(pool, publisher, call_id, end, None).await
+}
+
+/// How a call is completed.
+struct End {
+    total_packets: Option<i64>,
+    reason: Reason,
+    error: Option<String>,
+}
+
+async fn complete(
+    pool: &PgPool,
+    publisher: &Publisher,
+    call_id: &CallKey,
+    end: End,
+    request_id: Option<&str>,
+) -> Result<Completion, LifecycleError> {
+    let End {
+        total_packets,
+        reason,
+        error,
+    } = end;
     let mut tx = pool.begin().await.map_err(LifecycleError::Connect)?;
     let call = calls::completion::lock(&mut tx, call_id)
         .await?
@@ -75,9 +121,9 @@ pub async fn complete_call(
     }
     let changes = Changes {
         total_packets,
+        last_error: error.map(Some),
         ..Changes::default()
     };
-    let reason = Reason::CompletedByPbx;
     let recorded = calls::transition(
         &mut tx,
         call_id,

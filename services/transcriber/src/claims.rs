@@ -193,6 +193,8 @@ impl Claims {
             return Ok(None);
         }
         Ok(Some(CallAudio {
+            call_id: item.call_id.to_string(),
+            format: recording.format,
             packets: recording.packets,
             expected: recording.expected,
             start: recording.start,

@@ -99,13 +99,12 @@ pub struct AiConfig {
     #[arg(long, env = "AI_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// `openai` provider: what packet `data` holds, base64-encoded.
-    #[arg(long, env = "AI_AUDIO_ENCODING", value_enum, default_value_t = AudioEncoding::Mulaw)]
-    pub audio_encoding: AudioEncoding,
-
-    /// `openai` provider: sample rate of the audio, in Hz.
-    #[arg(long, env = "AI_SAMPLE_RATE", default_value_t = 8_000)]
-    pub sample_rate: u32,
+    /// `openai` provider: the sample rate of the WAV files sent, in Hz (16000 for
+    /// whisper.cpp's server, which takes no other). Empty: each call's own rate (its audio
+    /// format is recorded per call: `GET /v1/call/{id}` shows it).
+    #[arg(long, env = "AI_SAMPLE_RATE", default_value = "", hide_default_value = true,
+          value_parser = parse_optional_rate)]
+    pub sample_rate: OptionalRate,
 
     /// Bound on every provider request, in milliseconds.
     #[arg(long, env = "AI_TIMEOUT_MS", default_value_t = 30_000)]
@@ -139,12 +138,25 @@ pub enum ProviderKind {
     Openai,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AudioEncoding {
-    /// G.711 mu-law, 8 bits per sample.
-    Mulaw,
-    /// Signed 16-bit little-endian PCM.
-    Pcm16,
+/// `AI_SAMPLE_RATE`: a rate in Hz, or none (each call's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OptionalRate(pub Option<u32>);
+
+fn parse_optional_rate(value: &str) -> Result<OptionalRate, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(OptionalRate(None));
+    }
+    match value.parse::<u32>() {
+        Ok(rate) if (common::sound::MIN_SAMPLE_RATE..=common::sound::MAX_SAMPLE_RATE).contains(&rate) => {
+            Ok(OptionalRate(Some(rate)))
+        }
+        _ => Err(format!(
+            "{value:?} is not a sample rate from {} to {} Hz (or empty: each call's own)",
+            common::sound::MIN_SAMPLE_RATE,
+            common::sound::MAX_SAMPLE_RATE
+        )),
+    }
 }
 
 /// `MIN-MAX` milliseconds (or a single value).
@@ -235,10 +247,6 @@ impl TranscriberConfig {
                 ai.base_url.starts_with("http://") || ai.base_url.starts_with("https://"),
                 "AI_BASE_URL must start with http:// or https://, got {:?}",
                 ai.base_url
-            );
-            anyhow::ensure!(
-                ai.sample_rate >= 1000,
-                "AI_SAMPLE_RATE must be at least 1000 Hz"
             );
         }
         Ok(())

@@ -24,7 +24,10 @@ const MAX_PAGE: i64 = 500;
 
 /// A stored call as the API shows it.
 fn summary(row: CallRow) -> CallSummary {
+    let format = row.format();
     CallSummary {
+        encoding: format.encoding(),
+        sample_rate: format.sample_rate(),
         sentiment: row.sentiment(),
         call_id: row.key.call_id().to_string(),
         state: row.state,
@@ -262,4 +265,73 @@ mod tests {
         assert_eq!(c.call_id, "call-1");
         assert_eq!(c.created_at.unix_timestamp_nanos(), 1764086400123456000);
     }
+}
+
+/// Largest WAV file served: what the format's 32-bit sizes allow.
+const MAX_WAV_BYTES: u64 = u32::MAX as u64;
+
+/// The call's audio as a 16-bit mono PCM WAV file at its own sample rate, missing packets as
+/// silence (as long as its first packet each), streamed from Postgres as it is read.
+///
+/// A call streaming now plays what has arrived so far. The file is the one the transcriber
+/// sends (before any `AI_SAMPLE_RATE` resampling).
+#[utoipa::path(get, path = "/v1/call/{call_id}/audio.wav", tag = "calls",
+    params(("call_id" = String, Path, description = "1-128 characters of [A-Za-z0-9_-]", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_-]{1,128}$")),
+    responses(
+        (status = 200, description = "`audio/wav`: RIFF/WAVE, PCM, 16-bit, mono, at the call's rate", content_type = "audio/wav", body = Vec<u8>),
+        (status = 400, body = common::http::ErrorBody),
+        (status = 404, description = "`call_not_found`", body = common::http::ErrorBody),
+        (status = 409, description = "`not_audio`: the call's packets are text", body = common::http::ErrorBody),
+        (status = 410, description = "`audio_expired`: deleted after `AUDIO_RETENTION_DAYS`", body = common::http::ErrorBody),
+    ))]
+pub async fn audio_wav(
+    caller: Caller<need::Read>,
+    State(app): State<AppState>,
+    CallIdPath(call_id): CallIdPath,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::{body::Body, http::header};
+    use common::audio::{playback, wav::WavError};
+    use futures::StreamExt;
+
+    let key = caller.principal().call(call_id.clone());
+    let playback = playback::open(&app.pool, key.as_str(), MAX_WAV_BYTES)
+        .await
+        .map_err(|e| match e {
+            playback::PlaybackError::NotFound => ApiError::CallNotFound(call_id.clone()),
+            playback::PlaybackError::Expired => ApiError::AudioExpired(call_id.clone()),
+            playback::PlaybackError::Wav(WavError::NotAudio) => ApiError::NotAudio(call_id.clone()),
+            playback::PlaybackError::Wav(WavError::TooLarge { bytes, limit }) => {
+                ApiError::PayloadTooLarge {
+                    field: None,
+                    message: format!(
+                        "the call's audio would be a {bytes}-byte WAV file, more than the format's {limit}"
+                    ),
+                }
+            }
+            playback::PlaybackError::Database(e) => ApiError::database(e),
+            playback::PlaybackError::Wav(e) => {
+                ApiError::Internal(anyhow::Error::new(e).context("stored audio does not decode"))
+            }
+        })?;
+    let length = playback.layout.file_bytes();
+    let header = bytes::Bytes::copy_from_slice(&playback.layout.header());
+    let chunks = futures::stream::unfold(playback.chunks, |mut chunks| async move {
+        let chunk = chunks.recv().await?;
+        if let Err(e) = &chunk {
+            tracing::warn!(error.message = %e, "a WAV download ended short");
+        }
+        Some((chunk, chunks))
+    });
+    let body = futures::stream::once(async move { Ok(header) }).chain(chunks);
+    let response = axum::response::Response::builder()
+        .header(header::CONTENT_TYPE, "audio/wav")
+        .header(header::CONTENT_LENGTH, length)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{call_id}.wav\""),
+        )
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(body))
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(response)
 }

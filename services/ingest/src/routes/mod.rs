@@ -24,7 +24,8 @@ use tokio::{sync::Semaphore, time::Instant};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
-    config::IngestConfig, connections::Admission, error::ApiError, openapi,
+    config::IngestConfig, connections::Admission, error::ApiError, media, media::MediaStreams,
+    openapi,
     streaming_cap::StreamingCap, writer::PacketWriter,
 };
 
@@ -43,6 +44,8 @@ pub struct AppState {
     /// (`Caller<need::..>`).
     pub auth: Authenticator,
     pub streaming: StreamingCap,
+    /// The telephony streams open here (`crate::media`).
+    pub media: MediaStreams,
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -58,6 +61,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/call/{call_id}", get(calls::get_call))
         .route("/v1/call/{call_id}/complete", post(calls::complete_call))
         .route("/v1/call/{call_id}/retry", post(calls::retry_call))
+        .route("/v1/call/{call_id}/audio.wav", get(calls::audio_wav))
+        .route(wire::media::TWILIO_PATH, get(media::twilio::upgrade))
+        .route(wire::media::L16_PATH, get(media::l16::upgrade))
         .route("/v1/calls", get(calls::list_calls))
         .route_layer(middleware::from_fn_with_state(
             InFlight::new(state.config.max_in_flight),

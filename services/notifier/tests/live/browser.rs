@@ -177,6 +177,8 @@ async fn ten_thousand_calls_make_a_small_snapshot_and_one_page_of_rows() {
                 last_packet_at: now,
                 completed_at: Some(now),
                 next_attempt_at: None,
+                audio_encoding: "text".into(),
+                sample_rate: None,
             };
             row.status_event(
                 Some(common::CallState::ProcessingAi),

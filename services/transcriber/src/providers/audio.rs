@@ -1,177 +1,168 @@
-//! Turns a call's packets into one WAV file for speech-to-text: base64 decoding, G.711 mu-law
-//! expansion, silence where packets are missing.
+//! The WAV file a speech-to-text provider is sent: the call's audio exactly as
+//! `GET /v1/call/{id}/audio.wav` serves it (`common::audio::wav`, one renderer for both), at the
+//! call's own rate, or resampled to `AI_SAMPLE_RATE` for a server that takes one rate only
+//! (whisper.cpp's takes 16 kHz).
 //!
-//! Written by hand because it is two small, fixed formulas (the ITU-T G.711 mu-law expansion
-//! and the 44-byte RIFF header), smaller than any dependency that would bring them.
+//! The resampler is written here: a windowed-sinc interpolator is thirty lines, where the
+//! resampling crates bring FFT stacks this needs none of.
 
-use base64::{Engine, engine::general_purpose::STANDARD};
+use std::f64::consts::PI;
+
+use common::{
+    audio::wav::{self, WavError},
+    sound,
+};
 
 use super::CallAudio;
-use crate::config::AudioEncoding;
 
-/// Samples per packet when the call has no packet to measure (20 ms at 8 kHz).
-const DEFAULT_FRAME_SAMPLES: usize = 160;
+/// Zero crossings of the sinc kernel on each side of a sample: 16 keeps the passband flat to
+/// within a fraction of a dB up to 90% of the narrower Nyquist frequency.
+const KERNEL_ZERO_CROSSINGS: f64 = 16.0;
 
-/// A 16-bit PCM mono WAV file of the call, or why the audio cannot be read (permanent). A file
-/// larger than `max_bytes` (`AI_MAX_AUDIO_BYTES`, the bound the worker also checks the stored
-/// data against) is refused before it is allocated.
-pub fn wav(
-    audio: &CallAudio,
-    encoding: AudioEncoding,
-    sample_rate: u32,
-    max_bytes: u64,
-) -> Result<Vec<u8>, String> {
-    let mut frames: Vec<(Option<Vec<i16>>, i64)> = Vec::new();
-    let mut frame_samples = None;
-    for (data, count) in audio.with_gaps() {
-        match data {
-            Some(data) => {
-                let bytes = STANDARD
-                    .decode(data.trim())
-                    .map_err(|e| format!("packet data is not base64 audio: {e}"))?;
-                let samples = decode(&bytes, encoding)?;
-                frame_samples.get_or_insert(samples.len());
-                frames.push((Some(samples), 1));
-            }
-            None => frames.push((None, count)),
-        }
+/// The call's WAV file, at `rate` when given (else its own), at most `max_bytes`; or why the
+/// call cannot be sent (a permanent failure).
+pub fn wav_for(call: &CallAudio, rate: Option<u32>, max_bytes: u64) -> Result<Vec<u8>, String> {
+    let own = call.format.sample_rate();
+    // Sized at the call's own rate first (for the limit as it will be after resampling), so a
+    // call far too long is refused before any allocation; the resampled file is checked again.
+    let limit = match (own, rate) {
+        (Some(own), Some(rate)) => max_bytes.saturating_mul(u64::from(own)) / u64::from(rate),
+        _ => max_bytes,
+    };
+    let file = wav::from_packets(call.format, call.start, call.expected, &call.packets, limit)
+    .map_err(|e| match e {
+        WavError::NotAudio => "the call's packets are text (streamed without an audio encoding): \
+                               there is no audio to transcribe"
+            .to_owned(),
+        WavError::TooLarge { .. } => format!(
+            "the call's audio is larger than the {max_bytes} bytes (AI_MAX_AUDIO_BYTES) a \
+             transcription request may carry"
+        ),
+        other => format!("the call's audio cannot be decoded: {other}"),
+    })?;
+    let (Some(own), Some(rate)) = (own, rate) else {
+        return Ok(file);
+    };
+    if own == rate {
+        return Ok(file);
     }
-    let frame_samples = frame_samples.unwrap_or(DEFAULT_FRAME_SAMPLES);
-    // Size the file before allocating it: sequence numbers come from the PBX.
-    let total_samples = frames.iter().try_fold(0usize, |sum, (frame, count)| {
-        let n = match frame {
-            Some(s) => s.len(),
-            None => frame_samples.checked_mul(usize::try_from(*count).ok()?)?,
-        };
-        sum.checked_add(n)
-    });
-    match total_samples {
-        Some(n) if n.saturating_mul(2).saturating_add(44) as u64 <= max_bytes => {}
-        _ => {
-            return Err(format!(
-                "the call's audio is larger than the {max_bytes} bytes (AI_MAX_AUDIO_BYTES) \
-                 a transcription request may carry"
-            ));
-        }
+    let (_, samples) = sound::parse_wav(&file).expect("a file just written");
+    let resampled = resample(&samples, own, rate);
+    let out = sound::wav(&resampled, rate).ok_or("the resampled audio passes 4 GiB")?;
+    if out.len() as u64 > max_bytes {
+        return Err(format!(
+            "the call's audio at {rate} Hz is larger than the {max_bytes} bytes \
+             (AI_MAX_AUDIO_BYTES) a transcription request may carry"
+        ));
     }
-    let mut samples: Vec<i16> = Vec::new();
-    for (frame, count) in frames {
-        match frame {
-            Some(s) => samples.extend_from_slice(&s),
-            // Silence, one frame per missing packet, keeps the timing of what follows.
-            None => samples.resize(samples.len() + frame_samples * count as usize, 0),
-        }
-    }
-    Ok(pcm16_wav(&samples, sample_rate))
+    Ok(out)
 }
 
-fn decode(bytes: &[u8], encoding: AudioEncoding) -> Result<Vec<i16>, String> {
-    match encoding {
-        AudioEncoding::Mulaw => Ok(bytes.iter().map(|&b| mulaw_to_linear(b)).collect()),
-        AudioEncoding::Pcm16 => {
-            if !bytes.len().is_multiple_of(2) {
-                return Err(format!(
-                    "a pcm16 packet has an odd number of bytes ({})",
-                    bytes.len()
-                ));
-            }
-            Ok(bytes
-                .chunks_exact(2)
-                .map(|p| i16::from_le_bytes([p[0], p[1]]))
-                .collect())
-        }
+/// Band-limited resampling from `from` Hz to `to` Hz: each output sample is the input
+/// convolved with a Hann-windowed sinc whose cut-off is the lower of the two Nyquist
+/// frequencies (so downsampling does not alias).
+pub fn resample(samples: &[i16], from: u32, to: u32) -> Vec<i16> {
+    if from == to || samples.is_empty() {
+        return samples.to_vec();
     }
+    let ratio = f64::from(to) / f64::from(from);
+    let cutoff = ratio.min(1.0);
+    let half_width = KERNEL_ZERO_CROSSINGS / cutoff;
+    let out_len = (samples.len() as f64 * ratio).round() as usize;
+    let last = samples.len() as i64 - 1;
+    (0..out_len)
+        .map(|n| {
+            let t = n as f64 / ratio;
+            let lo = ((t - half_width).ceil() as i64).max(0);
+            let hi = ((t + half_width).floor() as i64).min(last);
+            let mut acc = 0.0;
+            for k in lo..=hi {
+                let x = t - k as f64;
+                let window = 0.5 + 0.5 * (PI * x / half_width).cos();
+                acc += f64::from(samples[k as usize]) * cutoff * sinc(x * cutoff) * window;
+            }
+            acc.round().clamp(-32_768.0, 32_767.0) as i16
+        })
+        .collect()
 }
 
-/// ITU-T G.711 mu-law to 16-bit linear.
-pub fn mulaw_to_linear(byte: u8) -> i16 {
-    const BIAS: i32 = 0x84;
-    let u = !byte;
-    let exponent = (u >> 4) & 0x07;
-    let mantissa = (u & 0x0F) as i32;
-    let magnitude = ((mantissa << 3) + BIAS) << exponent;
-    if u & 0x80 != 0 {
-        (BIAS - magnitude) as i16
+fn sinc(x: f64) -> f64 {
+    if x.abs() < 1e-12 {
+        1.0
     } else {
-        (magnitude - BIAS) as i16
+        (PI * x).sin() / (PI * x)
     }
-}
-
-/// A canonical 44-byte-header PCM WAV file.
-pub fn pcm16_wav(samples: &[i16], sample_rate: u32) -> Vec<u8> {
-    let data_len = (samples.len() * 2) as u32;
-    let mut out = Vec::with_capacity(44 + data_len as usize);
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&(36 + data_len).to_le_bytes());
-    out.extend_from_slice(b"WAVEfmt ");
-    out.extend_from_slice(&16u32.to_le_bytes()); // fmt chunk size
-    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    out.extend_from_slice(&1u16.to_le_bytes()); // mono
-    out.extend_from_slice(&sample_rate.to_le_bytes());
-    out.extend_from_slice(&(sample_rate * 2).to_le_bytes()); // byte rate
-    out.extend_from_slice(&2u16.to_le_bytes()); // block align
-    out.extend_from_slice(&16u16.to_le_bytes()); // bits per sample
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&data_len.to_le_bytes());
-    for s in samples {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use common::AudioFormat;
+
     use super::*;
     use crate::config::DEFAULT_MAX_AUDIO_BYTES;
 
-    #[test]
-    fn mulaw_expands_to_the_g711_values() {
-        assert_eq!(mulaw_to_linear(0xFF), 0);
-        assert_eq!(mulaw_to_linear(0x7F), 0);
-        assert_eq!(mulaw_to_linear(0x00), -32124);
-        assert_eq!(mulaw_to_linear(0x80), 32124);
+    fn tone(rate: u32, hz: f64, n: usize) -> Vec<i16> {
+        (0..n)
+            .map(|i| (8_000.0 * (2.0 * PI * hz * i as f64 / f64::from(rate)).sin()) as i16)
+            .collect()
     }
 
     #[test]
-    fn missing_packets_become_silence_of_one_frame_each() {
-        let frame = STANDARD.encode([0x80u8; 4]);
-        let audio = CallAudio {
-            packets: vec![(0, frame.clone()), (2, frame)],
+    fn resampling_keeps_a_tone_and_the_duration() {
+        for (from, to) in [(8_000, 16_000), (48_000, 16_000), (16_000, 44_100)] {
+            let input = tone(from, 440.0, from as usize / 2);
+            let output = resample(&input, from, to);
+            assert_eq!(output.len(), to as usize / 2, "{from} -> {to}");
+            let want = tone(to, 440.0, output.len());
+            // Away from the edges (where the kernel runs out of input), within 1%.
+            let edge = to as usize / 50;
+            let worst = output[edge..output.len() - edge]
+                .iter()
+                .zip(&want[edge..])
+                .map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs())
+                .max()
+                .unwrap();
+            assert!(worst < 80, "{from} -> {to}: off by {worst}");
+        }
+    }
+
+    #[test]
+    fn the_file_is_the_calls_own_audio_unless_a_rate_is_asked() {
+        let frame = AudioFormat::MULAW.encode(&tone(8_000, 300.0, 160));
+        let call = CallAudio {
+            call_id: "c".into(),
+            format: AudioFormat::MULAW,
+            packets: vec![(1, STANDARD.encode(&frame)), (3, STANDARD.encode(&frame))],
             expected: 3,
-            start: 0,
+            start: 1,
         };
-        let wav = wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).unwrap();
-        assert_eq!(&wav[0..4], b"RIFF");
-        assert_eq!(&wav[8..12], b"WAVE");
-        let samples: Vec<i16> = wav[44..]
-            .chunks_exact(2)
-            .map(|p| i16::from_le_bytes([p[0], p[1]]))
-            .collect();
-        assert_eq!(samples.len(), 12);
-        assert!(samples[0..4].iter().all(|&s| s == 32124));
-        assert!(samples[4..8].iter().all(|&s| s == 0));
-        assert!(samples[8..12].iter().all(|&s| s == 32124));
+        let (rate, samples) = sound::parse_wav(&wav_for(&call, None, DEFAULT_MAX_AUDIO_BYTES).unwrap()).unwrap();
+        assert_eq!(rate, 8_000);
+        assert_eq!(samples.len(), 480);
+        assert!(samples[160..320].iter().all(|&s| s == 0), "the missing packet is silence");
+        let mut decoded = Vec::new();
+        AudioFormat::MULAW.decode_into(&frame, &mut decoded).unwrap();
+        assert_eq!(samples[..160], decoded[..]);
+        let (rate, samples) = sound::parse_wav(&wav_for(&call, Some(16_000), DEFAULT_MAX_AUDIO_BYTES).unwrap()).unwrap();
+        assert_eq!((rate, samples.len()), (16_000, 960));
     }
 
     #[test]
-    fn a_call_too_long_for_one_request_is_refused_before_allocating() {
-        let frame = STANDARD.encode([0x80u8; 160]);
-        let audio = CallAudio {
-            packets: vec![(0, frame)],
-            expected: 100_000_000,
-            start: 0,
-        };
-        let err = wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).unwrap_err();
-        assert!(err.contains("26214400 bytes"), "{err}");
-    }
-
-    #[test]
-    fn data_that_is_not_base64_is_refused() {
-        let audio = CallAudio {
-            packets: vec![(0, "not base64!".into())],
+    fn text_and_oversized_calls_are_refused() {
+        let text = CallAudio {
+            packets: vec![(0, "hello".into())],
             expected: 1,
-            start: 0,
+            ..CallAudio::default()
         };
-        assert!(wav(&audio, AudioEncoding::Mulaw, 8000, DEFAULT_MAX_AUDIO_BYTES).is_err());
+        assert!(wav_for(&text, None, DEFAULT_MAX_AUDIO_BYTES).unwrap_err().contains("text"));
+        let long = CallAudio {
+            format: AudioFormat::MULAW,
+            packets: vec![(0, STANDARD.encode([0x80u8; 160]))],
+            expected: 100_000_000,
+            ..CallAudio::default()
+        };
+        let err = wav_for(&long, None, DEFAULT_MAX_AUDIO_BYTES).unwrap_err();
+        assert!(err.contains("26214400 bytes"), "{err}");
     }
 }

@@ -12,6 +12,10 @@ use crate::config::{AiConfig, ProviderKind};
 /// What a provider is given: the call's packets in sequence order, and where they are missing.
 #[derive(Debug, Clone, Default)]
 pub struct CallAudio {
+    /// The call's own id (no tenant): the name of the file a provider is sent.
+    pub call_id: String,
+    /// What the packets hold (`text`, or audio in its encoding and rate).
+    pub format: common::AudioFormat,
     /// (sequence, data), sorted by sequence.
     pub packets: Vec<(i64, String)>,
     /// How many sequences the call should have (`total_packets`, or as many as up to the
@@ -106,6 +110,7 @@ mod tests {
             packets: vec![(1, "b".into()), (2, "c".into()), (5, "f".into())],
             expected: 8,
             start: 0,
+            ..CallAudio::default()
         };
         assert_eq!(
             audio.with_gaps(),
@@ -127,6 +132,7 @@ mod tests {
             packets: vec![(1, "a".into()), (2, "b".into()), (4, "d".into())],
             expected: 5,
             start: 1,
+            ..CallAudio::default()
         };
         assert_eq!(
             audio.with_gaps(),

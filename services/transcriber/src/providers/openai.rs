@@ -15,15 +15,15 @@ use serde::Deserialize;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use super::{CallAudio, ProviderError, audio};
-use crate::config::{AiConfig, AudioEncoding};
+use crate::config::AiConfig;
 
 pub struct OpenAi {
     client: reqwest::Client,
     url: String,
     model: String,
     api_key: Option<String>,
-    encoding: AudioEncoding,
-    sample_rate: u32,
+    /// `AI_SAMPLE_RATE`: the rate every file is sent at, or each call's own.
+    sample_rate: Option<u32>,
     max_audio_bytes: u64,
 }
 
@@ -51,17 +51,16 @@ impl OpenAi {
             ),
             model: ai.model.clone(),
             api_key: ai.api_key.clone(),
-            encoding: ai.audio_encoding,
-            sample_rate: ai.sample_rate,
+            sample_rate: ai.sample_rate.0,
             max_audio_bytes: ai.max_audio_bytes,
         })
     }
 
     pub async fn transcribe(&self, call: &CallAudio) -> Result<String, ProviderError> {
-        let wav = audio::wav(call, self.encoding, self.sample_rate, self.max_audio_bytes)
+        let wav = audio::wav_for(call, self.sample_rate, self.max_audio_bytes)
             .map_err(ProviderError::Permanent)?;
         let file = Part::bytes(wav)
-            .file_name("call.wav")
+            .file_name(format!("{}.wav", call.call_id))
             .mime_str("audio/wav")
             .map_err(|e| ProviderError::Permanent(e.to_string()))?;
         let form = Form::new()

@@ -67,8 +67,12 @@ impl Simulated {
     }
 }
 
-/// The packets' words in order, `[…]` for each gap.
+/// The packets' words in order, `[…]` for each gap; for a call of audio, which it cannot
+/// hear, what it was given: `[12.3 s of mulaw/8000 audio, 2 packets missing]`.
 pub fn transcript(audio: &CallAudio) -> String {
+    if audio.format.is_sound() {
+        return sound_summary(audio);
+    }
     audio
         .with_gaps()
         .into_iter()
@@ -76,6 +80,20 @@ pub fn transcript(audio: &CallAudio) -> String {
         .filter(|word| !word.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+fn sound_summary(audio: &CallAudio) -> String {
+    let format = audio.format;
+    let bytes: usize = audio
+        .packets
+        .iter()
+        .filter_map(|(_, data)| common::audio::decode_base64(data))
+        .map(|b| b.len())
+        .sum();
+    let rate = f64::from(format.sample_rate().unwrap_or(8_000));
+    let seconds = bytes as f64 / format.bytes_per_sample().max(1) as f64 / rate;
+    let missing = (audio.expected - audio.packets.len() as i64).max(0);
+    format!("[{seconds:.1} s of {format} audio, {missing} packets missing]")
 }
 
 #[cfg(test)]
@@ -92,7 +110,20 @@ mod tests {
             ],
             expected: 5,
             start: 0,
+            ..CallAudio::default()
         };
         assert_eq!(transcript(&audio), "hello there […] friend […]");
+    }
+
+    #[test]
+    fn audio_is_described_not_transcribed() {
+        let audio = CallAudio {
+            packets: vec![(1, "AAAA".repeat(40)), (3, "AAAA".repeat(40))],
+            expected: 3,
+            start: 1,
+            format: common::AudioFormat::MULAW,
+            ..CallAudio::default()
+        };
+        assert_eq!(transcript(&audio), "[0.0 s of mulaw/8000 audio, 1 packets missing]");
     }
 }

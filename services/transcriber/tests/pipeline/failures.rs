@@ -215,7 +215,7 @@ async fn each_round_of_a_re_driven_call_is_its_own_and_a_late_item_of_an_earlier
     };
     let mut stack = ingest_only().await;
     let first = stack.add_transcriber(openai).await;
-    stack.call("rounds-1", &[&mulaw_frame()]).await;
+    stack.mulaw_call("rounds-1", &[&mulaw_frame()]).await;
     stack
         .wait_for("rounds-1", CallState::Failed, Duration::from_secs(20))
         .await;

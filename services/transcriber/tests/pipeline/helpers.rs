@@ -102,11 +102,25 @@ impl Stack {
         self.complete(call_id).await;
     }
 
+    /// A call of G.711 µ-law frames (base64), declared as such.
+    pub async fn mulaw_call(&self, call_id: &str, frames: &[&str]) {
+        for (seq, frame) in frames.iter().enumerate() {
+            let body = json!({"sequence": seq, "data": frame, "timestamp": 1.0, "encoding": "mulaw"});
+            self.send_packet(call_id, &body).await;
+        }
+        self.complete(call_id).await;
+    }
+
     pub async fn packet(&self, call_id: &str, sequence: i64, data: &str) {
+        let body = json!({"sequence": sequence, "data": data, "timestamp": 1.0});
+        self.send_packet(call_id, &body).await;
+    }
+
+    async fn send_packet(&self, call_id: &str, body: &serde_json::Value) {
         let response = self
             .client
             .post(format!("{}/v1/call/stream/{call_id}", self.ingest_url))
-            .json(&json!({"sequence": sequence, "data": data, "timestamp": 1.0}))
+            .json(body)
             .send()
             .await
             .unwrap();

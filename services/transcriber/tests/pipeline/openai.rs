@@ -32,7 +32,7 @@ async fn the_openai_provider_sends_a_well_formed_request_and_honours_retry_after
     })
     .await;
 
-    stack.call("stt-1", &[&mulaw_frame(), &mulaw_frame()]).await;
+    stack.mulaw_call("stt-1", &[&mulaw_frame(), &mulaw_frame()]).await;
     let call = stack
         .wait_for("stt-1", CallState::Archived, Duration::from_secs(30))
         .await;
@@ -55,7 +55,7 @@ async fn the_openai_provider_sends_a_well_formed_request_and_honours_retry_after
         "model field: {text:.300}"
     );
     assert!(
-        text.contains("name=\"file\"; filename=\"call.wav\""),
+        text.contains("name=\"file\"; filename=\"stt-1.wav\""),
         "file field"
     );
     let riff = body
@@ -84,7 +84,7 @@ async fn a_permanent_provider_error_fails_the_call_at_once() {
     })
     .await;
 
-    stack.call("bad-audio-1", &[&mulaw_frame()]).await;
+    stack.mulaw_call("bad-audio-1", &[&mulaw_frame()]).await;
     let call = stack
         .wait_for("bad-audio-1", CallState::Failed, Duration::from_secs(20))
         .await;
@@ -105,7 +105,7 @@ async fn a_permanent_provider_error_fails_the_call_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packet_data_that_is_not_audio_is_a_permanent_error() {
+async fn a_text_call_is_a_permanent_error_for_a_speech_provider() {
     let (url, fake) = start_fake(vec![(StatusCode::OK, None, r#"{"text":"never"}"#)]).await;
     let stack = stack(|c| {
         c.ai.provider = ProviderKind::Openai;
@@ -121,7 +121,7 @@ async fn packet_data_that_is_not_audio_is_a_permanent_error() {
         .await;
 
     assert!(
-        call["last_error"].as_str().unwrap().contains("base64"),
+        call["last_error"].as_str().unwrap().contains("text"),
         "{call}"
     );
     assert!(
@@ -145,7 +145,7 @@ async fn a_huge_retry_after_is_capped_at_the_backoff_max() {
     })
     .await;
 
-    stack.call("patient-1", &[&mulaw_frame()]).await;
+    stack.mulaw_call("patient-1", &[&mulaw_frame()]).await;
     let call = stack
         .wait_for("patient-1", CallState::Archived, Duration::from_secs(20))
         .await;
@@ -186,7 +186,7 @@ async fn a_permanent_error_is_asked_once_even_when_the_dead_letter_cannot_be_pub
         .await
         .unwrap();
 
-    stack.call("dlq-down-1", &[&mulaw_frame()]).await;
+    stack.mulaw_call("dlq-down-1", &[&mulaw_frame()]).await;
     // The give-up is recorded, the dead letter fails, the call is released for a redelivery.
     eventually(
         "the give-up recorded and the call released",

@@ -230,7 +230,7 @@ async fn a_work_item_delivered_before_its_retry_is_due_waits_for_it() {
         c.backoff_max_ms = 10_000;
     })
     .await;
-    stack.call("early-1", &[&mulaw_frame()]).await;
+    stack.mulaw_call("early-1", &[&mulaw_frame()]).await;
     eventually("the retry scheduled", Duration::from_secs(10), || async {
         let waiting: bool = sqlx::query_scalar(
             "SELECT next_attempt_at IS NOT NULL AND ai_lease_until IS NULL \
