@@ -210,7 +210,10 @@ impl IngestConfig {
         );
         anyhow::ensure!(
             self.audiosocket_addr.0.is_none()
-                || self.audiosocket_api_key.as_deref().is_some_and(|k| !k.is_empty())
+                || self
+                    .audiosocket_api_key
+                    .as_deref()
+                    .is_some_and(|k| !k.is_empty())
                 || self.auth.mode == common::auth::settings::AuthMode::Off,
             "AUDIOSOCKET_ADDR is set but AUDIOSOCKET_API_KEY is not: AudioSocket carries no \
              credentials, so the listener's key names the tenant of its calls (create one with \

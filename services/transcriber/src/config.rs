@@ -148,7 +148,10 @@ fn parse_optional_rate(value: &str) -> Result<OptionalRate, String> {
         return Ok(OptionalRate(None));
     }
     match value.parse::<u32>() {
-        Ok(rate) if (common::sound::MIN_SAMPLE_RATE..=common::sound::MAX_SAMPLE_RATE).contains(&rate) => {
+        Ok(rate)
+            if (common::sound::MIN_SAMPLE_RATE..=common::sound::MAX_SAMPLE_RATE)
+                .contains(&rate) =>
+        {
             Ok(OptionalRate(Some(rate)))
         }
         _ => Err(format!(

@@ -112,8 +112,13 @@ async fn serve_call(app: AppState, socket: TcpStream, peer: SocketAddr) {
         match frame.kind {
             kind::HANGUP => break End::Ended,
             kind::ERROR => {
-                let code = frame.payload.first().map_or("none".into(), |c| format!("{c:#04x}"));
-                break End::Error(format!("the PBX reported an AudioSocket error (code {code})"));
+                let code = frame
+                    .payload
+                    .first()
+                    .map_or("none".into(), |c| format!("{c:#04x}"));
+                break End::Error(format!(
+                    "the PBX reported an AudioSocket error (code {code})"
+                ));
             }
             kind::DTMF => {
                 metrics::counter!("switchboard_ingest_media_dtmf_total", "protocol" => "audiosocket")
@@ -131,7 +136,9 @@ async fn serve_call(app: AppState, socket: TcpStream, peer: SocketAddr) {
                         break End::Lost;
                     }
                 }
-                None => tracing::warn!(call.id = %call_id, kind = other, "an unknown AudioSocket frame kind: ignored"),
+                None => {
+                    tracing::warn!(call.id = %call_id, kind = other, "an unknown AudioSocket frame kind: ignored")
+                }
             },
         }
     };
@@ -183,9 +190,14 @@ async fn audio(
 ) -> Result<(), String> {
     let format = AudioFormat::slin(rate).map_err(|e| e.to_string())?;
     if call.is_none() {
-        let stream = CallStream::open(app, principal.call(call_id.clone()), format, Protocol::AudioSocket)
-            .await
-            .map_err(|e| e.to_string())?;
+        let stream = CallStream::open(
+            app,
+            principal.call(call_id.clone()),
+            format,
+            Protocol::AudioSocket,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         *call = Some(Call {
             stream,
             reframer: Reframer::new(format),
@@ -205,7 +217,9 @@ async fn audio(
         return Ok(());
     }
     for (sequence, data, offset) in call.reframer.push(payload) {
-        call.stream.packet(sequence, data, call.started + offset).await;
+        call.stream
+            .packet(sequence, data, call.started + offset)
+            .await;
     }
     Ok(())
 }

@@ -60,7 +60,10 @@ pub async fn upgrade(
     match ws {
         Err(rejection) => ErrorBody::new(
             "websocket_required",
-            format!("{L16_PATH} speaks WebSocket only: {}", rejection.body_text()),
+            format!(
+                "{L16_PATH} speaks WebSocket only: {}",
+                rejection.body_text()
+            ),
         )
         .into_response_with(StatusCode::UPGRADE_REQUIRED),
         Ok(ws) => ws
@@ -155,8 +158,12 @@ async fn open(
             ));
         }
     };
-    let metadata: L16Metadata = serde_json::from_str(text.as_str())
-        .map_err(|e| (close::UNSUPPORTED, format!("metadata is not the expected JSON: {e}")))?;
+    let metadata: L16Metadata = serde_json::from_str(text.as_str()).map_err(|e| {
+        (
+            close::UNSUPPORTED,
+            format!("metadata is not the expected JSON: {e}"),
+        )
+    })?;
     let principal = match principal {
         Some(principal) => principal,
         None => super::authorize(app, metadata.key.as_deref())
@@ -167,8 +174,12 @@ async fn open(
         .call_id
         .clone()
         .or_else(|| metadata.call_sid.clone())
-        .ok_or((close::UNSUPPORTED, "metadata names no call (callSid or call_id)".into()))?;
-    let call_id = CallId::try_from(id).map_err(|e| (close::UNSUPPORTED, format!("call id: {e}")))?;
+        .ok_or((
+            close::UNSUPPORTED,
+            "metadata names no call (callSid or call_id)".into(),
+        ))?;
+    let call_id =
+        CallId::try_from(id).map_err(|e| (close::UNSUPPORTED, format!("call id: {e}")))?;
     let format = AudioFormat::slin(metadata.sample_rate.unwrap_or(8_000))
         .map_err(|e| (close::UNSUPPORTED, format!("sampleRate: {e}")))?;
     let stream = CallStream::open(app, principal.call(call_id), format, Protocol::L16)

@@ -112,14 +112,19 @@ impl Reframer {
         }
         let rest = std::mem::take(&mut self.buffer);
         (whole > 0).then(|| {
-            let packet = (self.next, STANDARD.encode(&rest[..whole]), self.offset(self.next));
+            let packet = (
+                self.next,
+                STANDARD.encode(&rest[..whole]),
+                self.offset(self.next),
+            );
             self.next += 1;
             packet
         })
     }
 
     fn offset(&self, sequence: i64) -> f64 {
-        let samples = (sequence - session::MEDIA_SEQUENCE_START) as f64 * (self.packet_bytes / 2) as f64;
+        let samples =
+            (sequence - session::MEDIA_SEQUENCE_START) as f64 * (self.packet_bytes / 2) as f64;
         samples / f64::from(self.rate)
     }
 }
@@ -135,7 +140,11 @@ mod tests {
         let mut reframer = Reframer::new(format);
         let mut packets = Vec::new();
         for size in [1usize, 319, 3, 2, 7, 500].iter().cycle() {
-            let done: usize = packets.iter().map(|(_, d, _): &(i64, String, f64)| STANDARD.decode(d).unwrap().len()).sum::<usize>() + reframer.buffer.len();
+            let done: usize = packets
+                .iter()
+                .map(|(_, d, _): &(i64, String, f64)| STANDARD.decode(d).unwrap().len())
+                .sum::<usize>()
+                + reframer.buffer.len();
             if done >= sent.len() {
                 break;
             }
@@ -145,7 +154,10 @@ mod tests {
         packets.extend(reframer.flush());
         let sequences: Vec<i64> = packets.iter().map(|p| p.0).collect();
         assert_eq!(sequences, vec![1, 2, 3, 4]);
-        let joined: Vec<u8> = packets.iter().flat_map(|p| STANDARD.decode(&p.1).unwrap()).collect();
+        let joined: Vec<u8> = packets
+            .iter()
+            .flat_map(|p| STANDARD.decode(&p.1).unwrap())
+            .collect();
         assert_eq!(joined, sent, "1000 bytes: three packets of 320, then 40");
         assert_eq!(packets[1].2, 0.02);
     }

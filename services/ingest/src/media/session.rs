@@ -307,15 +307,9 @@ async fn complete_with_retry(app: &AppState, key: &CallKey, total: i64, end: &En
     let deadline = Instant::now() + WRITE_RETRY_FOR;
     let mut delay = Duration::from_millis(100);
     loop {
-        let result = lifecycle::complete_stream(
-            &app.pool,
-            &app.publisher,
-            key,
-            total,
-            end.reason(),
-            error,
-        )
-        .await;
+        let result =
+            lifecycle::complete_stream(&app.pool, &app.publisher, key, total, end.reason(), error)
+                .await;
         match result {
             Ok(_) => return,
             Err(LifecycleError::Connect(_) | LifecycleError::Store(_))

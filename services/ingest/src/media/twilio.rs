@@ -63,7 +63,11 @@ pub async fn upgrade(
     match ws {
         Err(rejection) => ErrorBody::new(
             "websocket_required",
-            format!("{} speaks WebSocket only: {}", uri.path(), rejection.body_text()),
+            format!(
+                "{} speaks WebSocket only: {}",
+                uri.path(),
+                rejection.body_text()
+            ),
         )
         .into_response_with(StatusCode::UPGRADE_REQUIRED),
         Ok(ws) => ws
@@ -229,7 +233,8 @@ async fn open(
         .get(CALL_ID_PARAMETER)
         .unwrap_or(&start.call_sid)
         .clone();
-    let call_id = CallId::try_from(id).map_err(|e| (close::UNSUPPORTED, format!("call id: {e}")))?;
+    let call_id =
+        CallId::try_from(id).map_err(|e| (close::UNSUPPORTED, format!("call id: {e}")))?;
     let mut tracks: Vec<&str> = start.tracks.iter().map(String::as_str).collect();
     if tracks.is_empty() {
         tracks.push("inbound");
@@ -270,8 +275,16 @@ async fn media_frame(started: &mut Started, media: TwilioMedia) {
         tracing::warn!(track, "media of a track the stream did not start: ignored");
         return;
     };
-    let chunk = media.chunk.trim().parse::<i64>().ok().filter(|c| (1..=MAX_SEQUENCE).contains(c));
-    let payload = STANDARD.decode(media.payload.trim()).ok().filter(|p| !p.is_empty());
+    let chunk = media
+        .chunk
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|c| (1..=MAX_SEQUENCE).contains(c));
+    let payload = STANDARD
+        .decode(media.payload.trim())
+        .ok()
+        .filter(|p| !p.is_empty());
     let (Some(chunk), Some(payload)) = (chunk, payload) else {
         metrics::counter!("switchboard_ingest_media_packets_total", "protocol" => "twilio", "outcome" => "invalid")
             .increment(1);

@@ -25,8 +25,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
     config::IngestConfig, connections::Admission, error::ApiError, media, media::MediaStreams,
-    openapi,
-    streaming_cap::StreamingCap, writer::PacketWriter,
+    openapi, streaming_cap::StreamingCap, writer::PacketWriter,
 };
 
 /// What every handler can reach. Cheap to clone.

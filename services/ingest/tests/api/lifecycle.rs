@@ -36,12 +36,12 @@ async fn lossy_call(app: &TestApp) -> String {
 }
 
 /// The stored key of the test tenant's call `id`.
-fn key(id: &str) -> String {
+pub(crate) fn key(id: &str) -> String {
     format!("{}.{id}", common::testing::TEST_TENANT)
 }
 
 /// Moves a `COMPLETED` call to `to` (`ARCHIVED` or `FAILED`) as the transcriber would.
-async fn finish(pool: &PgPool, id: &str, to: CallState) {
+pub(crate) async fn finish(pool: &PgPool, id: &str, to: CallState) {
     let id = CallKey::try_from(key(id)).unwrap();
     let mut tx = pool.begin().await.unwrap();
     let claim = Changes {
@@ -76,7 +76,7 @@ async fn finish(pool: &PgPool, id: &str, to: CallState) {
     tx.commit().await.unwrap();
 }
 
-async fn wait_compacted(app: &TestApp, id: &str) {
+pub(crate) async fn wait_compacted(app: &TestApp, id: &str) {
     eventually("the call compacted", Duration::from_secs(20), || async {
         let compacted: bool = sqlx::query_scalar(
             "SELECT audio_compacted_at IS NOT NULL FROM calls WHERE call_id = $1",

@@ -9,6 +9,7 @@ mod concurrency;
 mod hardening;
 mod helpers;
 mod lifecycle;
+mod media;
 mod operations;
 mod outages;
 mod packets;

@@ -30,16 +30,18 @@ pub fn wav_for(call: &CallAudio, rate: Option<u32>, max_bytes: u64) -> Result<Ve
         _ => max_bytes,
     };
     let file = wav::from_packets(call.format, call.start, call.expected, &call.packets, limit)
-    .map_err(|e| match e {
-        WavError::NotAudio => "the call's packets are text (streamed without an audio encoding): \
+        .map_err(|e| match e {
+            WavError::NotAudio => {
+                "the call's packets are text (streamed without an audio encoding): \
                                there is no audio to transcribe"
-            .to_owned(),
-        WavError::TooLarge { .. } => format!(
-            "the call's audio is larger than the {max_bytes} bytes (AI_MAX_AUDIO_BYTES) a \
+                    .to_owned()
+            }
+            WavError::TooLarge { .. } => format!(
+                "the call's audio is larger than the {max_bytes} bytes (AI_MAX_AUDIO_BYTES) a \
              transcription request may carry"
-        ),
-        other => format!("the call's audio cannot be decoded: {other}"),
-    })?;
+            ),
+            other => format!("the call's audio cannot be decoded: {other}"),
+        })?;
     let (Some(own), Some(rate)) = (own, rate) else {
         return Ok(file);
     };
@@ -137,14 +139,22 @@ mod tests {
             expected: 3,
             start: 1,
         };
-        let (rate, samples) = sound::parse_wav(&wav_for(&call, None, DEFAULT_MAX_AUDIO_BYTES).unwrap()).unwrap();
+        let (rate, samples) =
+            sound::parse_wav(&wav_for(&call, None, DEFAULT_MAX_AUDIO_BYTES).unwrap()).unwrap();
         assert_eq!(rate, 8_000);
         assert_eq!(samples.len(), 480);
-        assert!(samples[160..320].iter().all(|&s| s == 0), "the missing packet is silence");
+        assert!(
+            samples[160..320].iter().all(|&s| s == 0),
+            "the missing packet is silence"
+        );
         let mut decoded = Vec::new();
-        AudioFormat::MULAW.decode_into(&frame, &mut decoded).unwrap();
+        AudioFormat::MULAW
+            .decode_into(&frame, &mut decoded)
+            .unwrap();
         assert_eq!(samples[..160], decoded[..]);
-        let (rate, samples) = sound::parse_wav(&wav_for(&call, Some(16_000), DEFAULT_MAX_AUDIO_BYTES).unwrap()).unwrap();
+        let (rate, samples) =
+            sound::parse_wav(&wav_for(&call, Some(16_000), DEFAULT_MAX_AUDIO_BYTES).unwrap())
+                .unwrap();
         assert_eq!((rate, samples.len()), (16_000, 960));
     }
 
@@ -155,7 +165,11 @@ mod tests {
             expected: 1,
             ..CallAudio::default()
         };
-        assert!(wav_for(&text, None, DEFAULT_MAX_AUDIO_BYTES).unwrap_err().contains("text"));
+        assert!(
+            wav_for(&text, None, DEFAULT_MAX_AUDIO_BYTES)
+                .unwrap_err()
+                .contains("text")
+        );
         let long = CallAudio {
             format: AudioFormat::MULAW,
             packets: vec![(0, STANDARD.encode([0x80u8; 160]))],

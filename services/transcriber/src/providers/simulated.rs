@@ -124,6 +124,9 @@ mod tests {
             format: common::AudioFormat::MULAW,
             ..CallAudio::default()
         };
-        assert_eq!(transcript(&audio), "[0.0 s of mulaw/8000 audio, 1 packets missing]");
+        assert_eq!(
+            transcript(&audio),
+            "[0.0 s of mulaw/8000 audio, 1 packets missing]"
+        );
     }
 }

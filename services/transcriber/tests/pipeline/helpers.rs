@@ -105,7 +105,8 @@ impl Stack {
     /// A call of G.711 µ-law frames (base64), declared as such.
     pub async fn mulaw_call(&self, call_id: &str, frames: &[&str]) {
         for (seq, frame) in frames.iter().enumerate() {
-            let body = json!({"sequence": seq, "data": frame, "timestamp": 1.0, "encoding": "mulaw"});
+            let body =
+                json!({"sequence": seq, "data": frame, "timestamp": 1.0, "encoding": "mulaw"});
             self.send_packet(call_id, &body).await;
         }
         self.complete(call_id).await;

@@ -32,7 +32,9 @@ async fn the_openai_provider_sends_a_well_formed_request_and_honours_retry_after
     })
     .await;
 
-    stack.mulaw_call("stt-1", &[&mulaw_frame(), &mulaw_frame()]).await;
+    stack
+        .mulaw_call("stt-1", &[&mulaw_frame(), &mulaw_frame()])
+        .await;
     let call = stack
         .wait_for("stt-1", CallState::Archived, Duration::from_secs(30))
         .await;
