@@ -68,7 +68,8 @@ impl Endpoints {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Stream N realistic calls, complete them, follow them to ARCHIVED or FAILED, summarise.
+    /// Stream N realistic calls (JSON API, Twilio, AudioSocket or L16), end them, follow them
+    /// to ARCHIVED or FAILED, check what ingest stored (audio included), summarise.
     Simulate(simulate::Options),
     /// Follow calls live on the notifier, one line per change.
     Watch(watch::Options),

@@ -69,6 +69,8 @@ mod tests {
     /// Against a local WebSocket server that checks the upgrade as ingest does: the metadata,
     /// then the PCM as binary frames, then a Close.
     #[tokio::test]
+    // tungstenite's handshake callback returns its (large) error response by value.
+    #[allow(clippy::result_large_err)]
     async fn a_stream_offers_the_subprotocol_and_key_then_metadata_pcm_and_close() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -114,5 +116,34 @@ mod tests {
         assert_eq!(got[1], Message::Binary(vec![1, 0, 2, 0].into()));
         assert_eq!(got[2], Message::Binary(vec![3].into()));
         assert!(matches!(got[3], Message::Close(_)));
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_ingest_refuses_fails_with_its_status_and_message() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = tcp.read(&mut request).await;
+            let body = r#"{"error":{"code":"unauthorized","message":"the API key is not valid"}}"#;
+            let response = format!(
+                "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(response.as_bytes()).await.unwrap();
+        });
+        let target = Target::new(&base, Some("sbk_wrong"), "unused", String::new());
+        let mut stream = stream(vec![vec![1, 0]]);
+        stream.format = wire::audio::AudioFormat::slin(8_000).unwrap();
+        let bar = indicatif::ProgressBar::hidden();
+        let refused = send(Protocol::L16, &target, &stream, None, &bar).await;
+        let why = format!("{:#}", refused.err().expect("refused"));
+        assert!(
+            why.contains("refused") && why.contains("401 unauthorized: the API key is not valid"),
+            "{why}"
+        );
     }
 }

@@ -18,7 +18,10 @@ pub mod http;
 pub mod l16;
 pub mod twilio;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context;
 use futures::{SinkExt, StreamExt, stream::SplitSink};
@@ -26,7 +29,11 @@ use indicatif::ProgressBar;
 use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle, time::Instant};
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
-    tungstenite::{Message, handshake::client::Request},
+    tungstenite::{
+        self, Message,
+        handshake::client::Request,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
 };
 use wire::audio::AudioFormat;
 
@@ -35,10 +42,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The protocol `pbx simulate` streams calls with.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(clap::ValueEnum, Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// The JSON API: one POST a packet, then `complete`.
+    #[default]
     Http,
     /// Twilio Media Streams: µ-law 8 kHz in JSON text frames on a WebSocket.
     Twilio,
@@ -49,6 +57,16 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// As written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Twilio => "twilio",
+            Protocol::Audiosocket => "audiosocket",
+            Protocol::L16 => "l16",
+        }
+    }
+
     /// A streaming protocol, whose connection's end completes the call.
     pub fn is_media(self) -> bool {
         self != Protocol::Http
@@ -71,6 +89,12 @@ pub struct Target {
     pub audiosocket_addr: String,
     /// The Twilio account every simulated call belongs to (`AC` and 32 hex digits).
     pub account_sid: String,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Target {
@@ -257,11 +281,14 @@ async fn drive<S: Session>(
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A client WebSocket whose incoming frames are read and thrown away by a task of its own (so
-/// pings are answered and the server's buffers never fill). Dropped, it ends with no Close
-/// frame.
+/// pings are answered and the server's buffers never fill), keeping the server's Close frame:
+/// the reason when ingest refuses a stream (a wrong key, an unsupported format). Dropped, it
+/// ends with no Close frame.
 struct WebSocket {
     sink: SplitSink<Socket, Message>,
     reader: JoinHandle<()>,
+    /// The server's Close frame, once it came (written by `reader`).
+    closed_by_server: Arc<Mutex<Option<CloseFrame>>>,
 }
 
 impl WebSocket {
@@ -273,29 +300,87 @@ impl WebSocket {
             .await
             .map_err(|_| anyhow::anyhow!("no answer in {CONNECT_TIMEOUT:?}"))
             .with_context(unreachable)?
-            .with_context(unreachable)?;
+            .map_err(|e| match e {
+                tungstenite::Error::Http(response) => refused_upgrade(&url, &response),
+                e => anyhow::Error::new(e).context(unreachable()),
+            })?;
         let (sink, mut incoming) = socket.split();
+        let closed_by_server: Arc<Mutex<Option<CloseFrame>>> = Arc::default();
+        let close = closed_by_server.clone();
         let reader = tokio::spawn(async move {
-            while let Some(Ok(_)) = incoming.next().await {}
+            while let Some(Ok(message)) = incoming.next().await {
+                if let Message::Close(frame) = message {
+                    *close.lock().expect("not poisoned") = frame;
+                }
+            }
         });
-        Ok(WebSocket { sink, reader })
+        Ok(WebSocket {
+            sink,
+            reader,
+            closed_by_server,
+        })
     }
 
     async fn send(&mut self, message: Message) -> anyhow::Result<()> {
-        self.sink
-            .send(message)
-            .await
-            .context("the server closed the WebSocket")
+        let Err(e) = self.sink.send(message).await else {
+            return Ok(());
+        };
+        // The reader may not have recorded the server's Close frame yet.
+        self.read_to_end(Duration::from_secs(1)).await;
+        let why = self
+            .refusal()
+            .unwrap_or_else(|| "the server closed the WebSocket".into());
+        Err(anyhow::Error::new(e).context(why))
     }
 
-    /// A normal close: a Close frame, then the server's own (for a while).
-    async fn close(mut self) -> anyhow::Result<()> {
-        self.sink.close().await.context("closing the WebSocket")?;
-        tokio::time::timeout(CLOSE_TIMEOUT, &mut self.reader)
-            .await
-            .ok();
-        Ok(())
+    /// Waits up to `within` for the server to end the connection. (A finished reader is never
+    /// polled again: a `JoinHandle` must not be polled after it returned.)
+    async fn read_to_end(&mut self, within: Duration) {
+        if !self.reader.is_finished() {
+            tokio::time::timeout(within, &mut self.reader).await.ok();
+        }
     }
+
+    /// Why the server closed the stream, if it did with anything but a normal close.
+    fn refusal(&self) -> Option<String> {
+        let close = self.closed_by_server.lock().expect("not poisoned");
+        let frame = close.as_ref()?;
+        (frame.code != CloseCode::Normal)
+            .then(|| format!("ingest closed the stream: {} {}", frame.code, frame.reason))
+    }
+
+    /// A normal close (code 1000), then the server's own (for a while). An error only if the
+    /// server had closed the stream with another code: it refused it.
+    async fn close(mut self) -> anyhow::Result<()> {
+        let normal = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        // A connection the server already dropped is closed too.
+        self.sink.send(Message::Close(Some(normal))).await.ok();
+        self.read_to_end(CLOSE_TIMEOUT).await;
+        match self.refusal() {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An upgrade ingest answered with an HTTP error, as one line: `ingest refused ...: 401
+/// unauthorized: ...`.
+fn refused_upgrade(
+    url: &str,
+    response: &tungstenite::http::Response<Option<Vec<u8>>>,
+) -> anyhow::Error {
+    let body = response.body().as_deref().unwrap_or_default();
+    let detail = match serde_json::from_slice::<wire::api::ErrorBody>(body) {
+        Ok(wire::api::ErrorBody { error }) => format!("{}: {}", error.code, error.message),
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    anyhow::anyhow!(
+        "ingest refused the WebSocket at {url}: {} {detail}",
+        response.status().as_u16()
+    )
 }
 
 impl Drop for WebSocket {

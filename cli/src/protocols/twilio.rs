@@ -256,11 +256,53 @@ mod tests {
             .collect();
         assert_eq!(
             events,
-            ["connected", "start", "media", "dtmf", "media", "stop", "close"]
+            [
+                "connected",
+                "start",
+                "media",
+                "dtmf",
+                "media",
+                "stop",
+                "close"
+            ]
         );
         assert_eq!(got[1]["start"]["callSid"], "CA1");
         assert_eq!(got[4]["media"]["chunk"], "2");
         assert_eq!(got[4]["media"]["timestamp"], "20");
         assert_eq!(got[5]["sequenceNumber"], "5");
+    }
+
+    #[tokio::test]
+    async fn a_stream_ingest_refuses_fails_with_its_reason() {
+        use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                for _ in 0..2 {
+                    futures::StreamExt::next(&mut socket).await;
+                }
+                let refused = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "the key is not valid".into(),
+                };
+                socket.close(Some(refused)).await.ok();
+                while futures::StreamExt::next(&mut socket).await.is_some() {}
+            }
+        });
+        let target = Target::new(&base, Some("sbk_wrong"), "unused", "AC1".into());
+        let stream = stream(vec![vec![0xff; 160]; 3]);
+        let bar = indicatif::ProgressBar::hidden();
+        // Paced (a media send fails) and as fast as possible (all is sent before the refusal
+        // arrives, and the close finds it).
+        for period in [Some(std::time::Duration::from_millis(20)), None] {
+            let refused = send(Protocol::Twilio, &target, &stream, period, &bar).await;
+            let why = format!("{:#}", refused.err().expect("refused"));
+            assert!(
+                why.contains("1008") && why.contains("the key is not valid"),
+                "{why}"
+            );
+        }
     }
 }

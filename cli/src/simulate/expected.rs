@@ -87,8 +87,8 @@ pub fn check(expected: &Audio, wav: &[u8]) -> Result<(), String> {
     if rate != expected.rate {
         return Err(format!("{rate} Hz, expected {} Hz", expected.rate));
     }
-    if let Some(at) = (0..samples.len().min(expected.samples.len()))
-        .find(|&i| samples[i] != expected.samples[i])
+    if let Some(at) =
+        (0..samples.len().min(expected.samples.len())).find(|&i| samples[i] != expected.samples[i])
     {
         return Err(format!(
             "sample {at} ({:.3} s) is {}, expected {}",
@@ -181,7 +181,14 @@ mod tests {
         assert_eq!(whole.samples.len(), frames * 320);
         let stream = p.stream(&s);
         let odd_end = (1..stream.units.len())
-            .find(|&n| stream.units[..n].iter().map(|u| u.bytes.len()).sum::<usize>() % 2 == 1)
+            .find(|&n| {
+                stream.units[..n]
+                    .iter()
+                    .map(|u| u.bytes.len())
+                    .sum::<usize>()
+                    % 2
+                    == 1
+            })
             .unwrap();
         p.media.disconnect_after = Some(odd_end);
         let cut = expected(&p, &s).unwrap();
@@ -198,9 +205,21 @@ mod tests {
         };
         let wav = |rate, samples: &[i16]| wire::audio::wav(samples, rate).unwrap();
         assert_eq!(check(&audio, &wav(8_000, &[1, 2, 3])), Ok(()));
-        assert!(check(&audio, &wav(16_000, &[1, 2, 3])).unwrap_err().contains("16000 Hz"));
-        assert!(check(&audio, &wav(8_000, &[1, 9, 3])).unwrap_err().contains("sample 1"));
-        assert!(check(&audio, &wav(8_000, &[1, 2])).unwrap_err().contains("2 samples"));
+        assert!(
+            check(&audio, &wav(16_000, &[1, 2, 3]))
+                .unwrap_err()
+                .contains("16000 Hz")
+        );
+        assert!(
+            check(&audio, &wav(8_000, &[1, 9, 3]))
+                .unwrap_err()
+                .contains("sample 1")
+        );
+        assert!(
+            check(&audio, &wav(8_000, &[1, 2]))
+                .unwrap_err()
+                .contains("2 samples")
+        );
         assert!(check(&audio, b"RIFF").is_err());
     }
 }

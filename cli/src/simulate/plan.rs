@@ -45,7 +45,9 @@ pub struct Setup {
 impl Setup {
     /// Samples in one 20 ms frame (0 for text).
     pub fn frame_samples(&self) -> usize {
-        self.format.sample_rate().map_or(0, |rate| rate as usize / 50)
+        self.format
+            .sample_rate()
+            .map_or(0, |rate| rate as usize / 50)
     }
 
     pub fn frame_bytes(&self) -> usize {
@@ -254,6 +256,22 @@ impl Plan {
         }
     }
 
+    /// Units the call's first connection sends: HTTP requests, Twilio `media` messages, or
+    /// byte-stream frames (up to any disconnect).
+    pub fn units_sent(&self, setup: &Setup) -> u64 {
+        let frames = self.wire_order().len();
+        let units = if self.media.cuts.is_empty() {
+            frames
+        } else {
+            self.media.cuts.len()
+        };
+        let sent = match setup.protocol {
+            Protocol::Http => units,
+            _ => self.media.disconnect_after.map_or(units, |n| n.min(units)),
+        };
+        sent as u64
+    }
+
     /// Twilio: the chunks sent (before any disconnect).
     pub fn chunks_sent(&self) -> BTreeSet<i64> {
         let order = self.wire_order();
@@ -270,7 +288,9 @@ impl Plan {
             Protocol::Twilio => {
                 let sent = self.chunks_sent();
                 let highest = sent.last().copied().unwrap_or(0);
-                (setup.first..=highest).filter(|c| !sent.contains(c)).collect()
+                (setup.first..=highest)
+                    .filter(|c| !sent.contains(c))
+                    .collect()
             }
             Protocol::Audiosocket | Protocol::L16 => BTreeSet::new(),
         }
@@ -361,7 +381,10 @@ pub(super) mod tests {
     fn a_plan_can_count_from_one() {
         let mut s = setup(Protocol::Http, AudioFormat::TEXT);
         (s.loss, s.first) = (0.2, 1);
-        assert_eq!(all_sequences(&plan_of(&s, 4)), (1..=200).collect::<Vec<_>>());
+        assert_eq!(
+            all_sequences(&plan_of(&s, 4)),
+            (1..=200).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -390,15 +413,30 @@ pub(super) mod tests {
         s.odd_frames = true;
         let odd = plan_of(&s, 6).stream(&s);
         assert!(even.units.iter().all(|u| u.bytes.len() == 320));
-        assert!(odd.units.iter().all(|u| (1..=1000).contains(&u.bytes.len())));
-        assert!(odd.units.iter().any(|u| u.bytes.len() % 2 == 1), "odd sizes");
+        assert!(
+            odd.units
+                .iter()
+                .all(|u| (1..=1000).contains(&u.bytes.len()))
+        );
+        assert!(
+            odd.units.iter().any(|u| u.bytes.len() % 2 == 1),
+            "odd sizes"
+        );
         assert_ne!(odd.units.len(), even.units.len());
-        let joined = |s: &Stream| s.units.iter().flat_map(|u| u.bytes.clone()).collect::<Vec<_>>();
+        let joined = |s: &Stream| {
+            s.units
+                .iter()
+                .flat_map(|u| u.bytes.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(joined(&odd), joined(&even));
         // Paced by bytes: a piece is due when its first byte would be in real time.
         let due_at_end = odd.units.last().unwrap().due;
         let frames = even.units.len() as f64;
-        assert!(due_at_end < frames && due_at_end > frames - 4.0, "{due_at_end}");
+        assert!(
+            due_at_end < frames && due_at_end > frames - 4.0,
+            "{due_at_end}"
+        );
     }
 
     #[test]

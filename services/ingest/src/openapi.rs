@@ -5,6 +5,7 @@ use utoipa::OpenApi;
 
 use crate::{
     config::IngestConfig,
+    media,
     routes::{calls, ops, packets},
 };
 
@@ -23,10 +24,16 @@ use crate::{
         calls::retry_call,
         calls::get_call,
         calls::list_calls,
+        calls::audio_wav,
+        media::twilio::upgrade,
+        media::l16::upgrade,
         ops::readyz,
     ),
     tags(
         (name = "packets", description = "Streaming audio packets"),
+        (name = "telephony", description = "WebSockets real PBXs stream to (docs/telephony.md): \
+            Twilio Media Streams and binary L16. Asterisk AudioSocket is a TCP listener of its \
+            own (`AUDIOSOCKET_ADDR`)."),
         (name = "calls", description = "Call state, completion and history"),
         (name = "operations", description = "Health and readiness"),
     )
@@ -75,7 +82,8 @@ fn add_authentication(doc: &mut serde_json::Value) {
         return;
     };
     for (path, item) in paths.iter_mut() {
-        if !path.starts_with("/v1") {
+        // Twilio cannot send headers: its key is a stream parameter, checked after the upgrade.
+        if !path.starts_with("/v1") || path == wire::media::TWILIO_PATH {
             continue;
         }
         for operation in item
@@ -83,7 +91,12 @@ fn add_authentication(doc: &mut serde_json::Value) {
             .into_iter()
             .flat_map(|o| o.values_mut())
         {
-            operation["security"] = serde_json::json!([{"bearer": []}]);
+            // The L16 socket's key may come in its metadata frame instead of the header.
+            operation["security"] = if path == wire::media::L16_PATH {
+                serde_json::json!([{"bearer": []}, {}])
+            } else {
+                serde_json::json!([{"bearer": []}])
+            };
             for (status, description) in answers {
                 let mut answer = error.clone();
                 answer["description"] = description.into();

@@ -38,7 +38,17 @@ const METADATA_WITHIN: Duration = Duration::from_secs(10);
 /// Largest frame taken (audio frames are a few KiB; jambonz sends up to 100 ms).
 const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
-/// The L16 WebSocket (`/v1/media/l16`).
+/// Binary L16 audio (WebSocket): jambonz `listen`, FreeSWITCH `mod_audio_fork`, Vonage.
+///
+/// Subprotocols `audio.jambonz.org` or `audio.drachtio.org`. The first frame is JSON text
+/// metadata (`callSid` or `call_id`, `sampleRate`, optionally `key`), then binary signed 16-bit
+/// little-endian PCM frames of any size; a close completes the call. The key comes as
+/// `Authorization: Bearer`, as the password of `Authorization: Basic`, or in the metadata.
+#[utoipa::path(get, path = "/v1/media/l16", tag = "telephony",
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 426, description = "`websocket_required`: not a WebSocket upgrade", body = common::http::ErrorBody),
+    ))]
 pub async fn upgrade(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -112,10 +122,15 @@ async fn run(app: AppState, mut socket: WebSocket, principal: Option<Arc<Princip
         }
     };
     let shutdown = app.media.shutdown().clone();
+    let idle = app.config.call_idle_timeout();
     let end = loop {
         let message = tokio::select! {
-            message = socket.recv() => message,
+            message = tokio::time::timeout(idle, socket.recv()) => message,
             () = shutdown.cancelled() => break End::Lost,
+        };
+        // Silent for CALL_IDLE_TIMEOUT_SECS (a half-open connection): the stream is lost.
+        let Ok(message) = message else {
+            break End::Lost;
         };
         match message {
             Some(Ok(Message::Binary(bytes))) => {

@@ -41,7 +41,18 @@ use crate::{error::ApiError, routes::AppState, writer::MAX_SEQUENCE};
 /// smaller.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// The Media Streams WebSocket (`/v1/media/twilio`).
+/// Twilio Media Streams (WebSocket).
+///
+/// Point a TwiML `<Connect><Stream>` or `<Start><Stream>` here, with the tenant's key as
+/// `<Parameter name="key" value="sbk_..."/>` (Twilio sends no headers). Each inbound `media`
+/// frame is a packet numbered by its `chunk`; `stop` or a closed socket completes the call.
+/// A refused stream is closed with 1008 (key), 1003 (format) or 1013 (try later).
+#[utoipa::path(get, path = "/v1/media/twilio", tag = "telephony",
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 403, description = "`invalid_signature`: `TWILIO_AUTH_TOKEN` is set and `X-Twilio-Signature` does not match", body = common::http::ErrorBody),
+        (status = 426, description = "`websocket_required`: not a WebSocket upgrade", body = common::http::ErrorBody),
+    ))]
 pub async fn upgrade(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -121,11 +132,16 @@ enum Flow {
 
 async fn run(app: AppState, mut socket: WebSocket) {
     let shutdown = app.media.shutdown().clone();
+    let idle = app.config.call_idle_timeout();
     let mut started: Option<Started> = None;
     let end = loop {
         let message = tokio::select! {
-            message = socket.recv() => message,
+            message = tokio::time::timeout(idle, socket.recv()) => message,
             () = shutdown.cancelled() => break End::Lost,
+        };
+        // Silent for CALL_IDLE_TIMEOUT_SECS (a half-open connection): the stream is lost.
+        let Ok(message) = message else {
+            break End::Lost;
         };
         let flow = match message {
             Some(Ok(Message::Text(text))) => handle(&app, &mut started, text.as_str()).await,
