@@ -58,7 +58,7 @@ pub async fn upgrade(
     // one, the metadata frame must carry it.
     let header_key = match header_key(&headers) {
         Ok(key) => key,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let principal = match &header_key {
         Some(key) => match super::authorize(&app, Some(key)).await {
@@ -86,8 +86,9 @@ pub async fn upgrade(
     }
 }
 
-/// The key in `Authorization`: a Bearer token, or the password of Basic credentials.
-fn header_key(headers: &HeaderMap) -> Result<Option<String>, Response> {
+/// The key in `Authorization`: a Bearer token, or the password of Basic credentials; `Err`
+/// is the 401 to answer.
+fn header_key(headers: &HeaderMap) -> Result<Option<String>, Box<Response>> {
     let basic = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -98,19 +99,20 @@ fn header_key(headers: &HeaderMap) -> Result<Option<String>, Response> {
             .ok()
             .and_then(|d| String::from_utf8(d).ok())
             .and_then(|d| d.split_once(':').map(|(_, p)| p.to_owned()));
-        return match password {
-            Some(p) => Ok(Some(p)),
-            None => Err(ErrorBody::new(
-                "unauthorized",
-                "Authorization: Basic must be base64 of user:key",
+        return password.map(Some).ok_or_else(|| {
+            Box::new(
+                ErrorBody::new(
+                    "unauthorized",
+                    "Authorization: Basic must be base64 of user:key",
+                )
+                .with_field("Authorization")
+                .into_response_with(StatusCode::UNAUTHORIZED),
             )
-            .with_field("authorization")
-            .into_response_with(StatusCode::UNAUTHORIZED)),
-        };
+        });
     }
     bearer(headers)
         .map(|k| k.map(str::to_owned))
-        .map_err(IntoResponse::into_response)
+        .map_err(|refused| Box::new(refused.into_response()))
 }
 
 async fn run(app: AppState, mut socket: WebSocket, principal: Option<Arc<Principal>>) {
