@@ -6,6 +6,9 @@
 //! statement (one snapshot), so a compaction committing meanwhile is seen entirely or not at
 //! all.
 
+pub mod playback;
+pub mod wav;
+
 use std::io::{Read, Write};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -223,10 +226,6 @@ macro_rules! record_columns {
          ARRAY(SELECT upper(r) FROM unnest(a.received) r) AS uppers"
     };
 }
-
-// After `record_columns!`, which playback uses.
-pub mod playback;
-pub mod wav;
 
 /// Writes a call's record (the compactor, in its transaction).
 pub(crate) async fn insert_record(

@@ -127,6 +127,28 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D:
     }
 }
 
+/// A rate written as a number or as a string of digits.
+fn optional_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let text = string_or_number(d)?;
+    text.trim().parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!("sampleRate {text:?} is not a whole number of Hz"))
+    })
+}
+
+impl L16Metadata {
+    /// The rate the metadata gives: `sampleRate`, or the `rate` of a Vonage-style
+    /// `content-type: audio/l16;rate=16000`.
+    pub fn rate(&self) -> Option<u32> {
+        self.sample_rate.or_else(|| {
+            let content_type = self.other.get("content-type")?.as_str()?;
+            content_type
+                .split(';')
+                .filter_map(|p| p.trim().strip_prefix("rate="))
+                .find_map(|r| r.trim().parse().ok())
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TwilioDtmf {
     #[serde(default)]
@@ -203,11 +225,12 @@ pub struct L16Metadata {
     pub call_sid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_id: Option<String>,
-    /// Hz; 8000 when absent.
+    /// Hz; 8000 when absent. A number, or a string of digits (Vonage's headers are strings).
     #[serde(
         rename = "sampleRate",
         default,
-        skip_serializing_if = "Option::is_none"
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_rate"
     )]
     pub sample_rate: Option<u32>,
     /// The API key, for PBXs that cannot send an `Authorization` header.
@@ -245,6 +268,22 @@ mod tests {
         };
         assert_eq!(start.custom_parameters["key"], "sbk_x");
         assert_eq!(start.media_format.sample_rate, 8000);
+    }
+
+    #[test]
+    fn l16_metadata_takes_its_rate_as_jambonz_and_vonage_write_it() {
+        let read = |text: &str| serde_json::from_str::<L16Metadata>(text).unwrap().rate();
+        assert_eq!(read(r#"{"callSid":"c","sampleRate":16000}"#), Some(16_000));
+        assert_eq!(
+            read(r#"{"call_id":"c","sampleRate":"16000"}"#),
+            Some(16_000)
+        );
+        assert_eq!(
+            read(r#"{"call_id":"c","content-type":"audio/l16;rate=16000"}"#),
+            Some(16_000)
+        );
+        assert_eq!(read(r#"{"call_id":"c"}"#), None);
+        assert!(serde_json::from_str::<L16Metadata>(r#"{"sampleRate":"fast"}"#).is_err());
     }
 
     #[test]

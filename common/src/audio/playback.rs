@@ -3,9 +3,10 @@
 //! read one snapshot (a `REPEATABLE READ` transaction), so packets arriving meanwhile, or a
 //! compaction committing, cannot make the file disagree with its header.
 //!
-//! A packet-rows call is read row by row from the packets' primary key. A compacted call is
-//! read as its one `call_audio` row (the compressed audio, a fraction of the WAV's size) and
-//! decompressed as a stream on a blocking thread.
+//! A packet-rows call is read row by row from the packets' primary key. A compacted call's
+//! record is read in slices of its compressed audio ([`SLICE_BYTES`], `substring` of a value
+//! stored uncompressed out of line, which Postgres reads chunk by chunk) and decompressed as a
+//! stream on a blocking thread: only its packet lengths (4 bytes a packet) are held whole.
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -13,11 +14,11 @@ use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Record,
-    wav::{Layout, Renderer, WavError},
-};
+use super::wav::{Layout, Renderer, WavError};
 use crate::calls::packets::format_from_columns;
+
+/// Bytes of a compacted call's compressed audio read at a time.
+const SLICE_BYTES: i32 = 256 * 1024;
 
 /// Bytes gathered before a chunk is handed to the client.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -89,13 +90,28 @@ enum Source {
         created_at: OffsetDateTime,
         layout: Layout,
     },
-    Record(Box<Record>, Layout),
+    Record {
+        call_id: String,
+        created_at: OffsetDateTime,
+        shape: RecordShape,
+        layout: Layout,
+    },
+}
+
+/// What of a compacted call's record is held whole: each packet's length and the sequences
+/// received (not its audio).
+#[derive(sqlx::FromRow)]
+struct RecordShape {
+    encoding: String,
+    lengths: Vec<i32>,
+    lowers: Vec<i64>,
+    uppers: Vec<i64>,
 }
 
 impl Source {
     fn layout(&self) -> Layout {
         match self {
-            Source::Rows { layout, .. } | Source::Record(_, layout) => *layout,
+            Source::Rows { layout, .. } | Source::Record { layout, .. } => *layout,
         }
     }
 
@@ -115,11 +131,25 @@ impl Source {
                     let _ = sender.send(Err(e)).await;
                 }
             }
-            Source::Record(record, layout) => {
-                drop(tx);
-                let _ =
-                    tokio::task::spawn_blocking(move || stream_record(&record, layout, &sender))
-                        .await;
+            Source::Record {
+                call_id,
+                created_at,
+                shape,
+                layout,
+            } => {
+                let slices = Slices {
+                    handle: tokio::runtime::Handle::current(),
+                    tx,
+                    call_id,
+                    created_at,
+                    offset: 1,
+                    buffer: Vec::new(),
+                    at: 0,
+                };
+                let _ = tokio::task::spawn_blocking(move || {
+                    stream_record(slices, &shape, layout, &sender)
+                })
+                .await;
             }
         }
     }
@@ -166,20 +196,26 @@ async fn prepare(
         )
     };
     if call.compacted {
-        let record: Record = sqlx::query_as(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM call_audio a WHERE a.call_id = $1 AND a.call_created_at = $2"
-        ))
+        let shape: RecordShape = sqlx::query_as(
+            "SELECT a.encoding, a.lengths, \
+                    ARRAY(SELECT lower(r) FROM unnest(a.received) r) AS lowers, \
+                    ARRAY(SELECT upper(r) FROM unnest(a.received) r) AS uppers \
+             FROM call_audio a WHERE a.call_id = $1 AND a.call_created_at = $2",
+        )
         .bind(call_id)
         .bind(call.created_at)
         .fetch_optional(&mut **tx)
         .await?
         .ok_or(PlaybackError::Expired)?;
-        let bytes = record.lengths.iter().map(|&l| i64::from(l)).sum();
-        let first = record.lengths.first().map(|&l| i64::from(l));
-        let layout = measure(record.lengths.len() as i64, bytes, first)?;
-        return Ok(Source::Record(Box::new(record), layout));
+        let bytes = shape.lengths.iter().map(|&l| i64::from(l)).sum();
+        let first = shape.lengths.first().map(|&l| i64::from(l));
+        let layout = measure(shape.lengths.len() as i64, bytes, first)?;
+        return Ok(Source::Record {
+            call_id: call_id.to_owned(),
+            created_at: call.created_at,
+            shape,
+            layout,
+        });
     }
     // The decoded size of canonical base64 (ingest accepts no other for audio), without
     // decoding: 3 bytes per 4 characters, less one per `=`.
@@ -237,48 +273,93 @@ async fn send(sender: &mpsc::Sender<Result<Bytes, PlaybackError>>, out: &mut Vec
     sender.send(Ok(chunk)).await.is_ok()
 }
 
-/// A compacted call's audio, decompressed as a stream (on a blocking thread).
+/// A compacted call's compressed audio as a `Read`: slice after slice from Postgres, within
+/// the playback's snapshot (on a blocking thread, so each slice is waited for with
+/// `block_on`).
+struct Slices {
+    handle: tokio::runtime::Handle,
+    tx: Transaction<'static, Postgres>,
+    call_id: String,
+    created_at: OffsetDateTime,
+    /// Where the next slice starts (1-based, as `substring` counts).
+    offset: i64,
+    buffer: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for Slices {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.buffer.len() {
+            let slice: Option<Vec<u8>> = self
+                .handle
+                .block_on(
+                    sqlx::query_scalar(
+                        "SELECT substring(audio FROM $3::int8::int4 FOR $4) FROM call_audio \
+                         WHERE call_id = $1 AND call_created_at = $2",
+                    )
+                    .bind(&self.call_id)
+                    .bind(self.created_at)
+                    .bind(self.offset)
+                    .bind(SLICE_BYTES)
+                    .fetch_optional(&mut *self.tx),
+                )
+                .map_err(std::io::Error::other)?;
+            self.buffer = slice.unwrap_or_default();
+            self.at = 0;
+            self.offset += self.buffer.len() as i64;
+        }
+        let n = out.len().min(self.buffer.len() - self.at);
+        out[..n].copy_from_slice(&self.buffer[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// A compacted call's audio, decompressed as it is read (on a blocking thread), cut into its
+/// packets by their lengths, rendered and sent.
 fn stream_record(
-    record: &Record,
+    slices: Slices,
+    shape: &RecordShape,
     layout: Layout,
     sender: &mpsc::Sender<Result<Bytes, PlaybackError>>,
 ) {
-    let mut renderer = Renderer::new(layout);
-    let mut out = Vec::with_capacity(CHUNK_BYTES * 2);
-    let mut failed = None;
-    let mut gone = false;
-    let walked = if record.encoding == "base64" {
-        record.for_each(|sequence, bytes| {
-            if let Err(e) = renderer.packet(sequence, bytes, &mut out) {
-                failed = Some(e);
-                return false;
-            }
+    use std::io::Read as _;
+    let corrupt = |what: String| PlaybackError::Database(sqlx::Error::Decode(what.into()));
+    let result = (|| {
+        if shape.encoding != "base64" {
+            return Err(corrupt("a compacted call of audio holds text".into()));
+        }
+        let sequences = shape
+            .lowers
+            .iter()
+            .zip(&shape.uppers)
+            .flat_map(|(lower, upper)| *lower..*upper);
+        let mut decoder = zstd::stream::read::Decoder::new(slices)
+            .map_err(|e| corrupt(format!("audio that does not decompress ({e})")))?;
+        let mut renderer = Renderer::new(layout);
+        let mut piece = Vec::new();
+        let mut out = Vec::with_capacity(CHUNK_BYTES * 2);
+        for (sequence, &length) in sequences.zip(&shape.lengths) {
+            piece.resize(usize::try_from(length).unwrap_or(0), 0);
+            decoder
+                .read_exact(&mut piece)
+                .map_err(|e| corrupt(format!("audio shorter than its lengths ({e})")))?;
+            renderer.packet(sequence, &piece, &mut out)?;
             if out.len() >= CHUNK_BYTES {
-                let chunk = Bytes::from(std::mem::take(&mut out));
-                gone = sender.blocking_send(Ok(chunk)).is_err();
+                let chunk = Bytes::from(std::mem::replace(
+                    &mut out,
+                    Vec::with_capacity(CHUNK_BYTES * 2),
+                ));
+                if sender.blocking_send(Ok(chunk)).is_err() {
+                    return Ok(());
+                }
             }
-            !gone
-        })
-    } else {
-        Err(sqlx::Error::Decode(
-            format!("call_audio of {} holds text, not audio", record.call_id).into(),
-        ))
-    };
-    let result = match (walked, failed) {
-        (Err(e), _) => Err(PlaybackError::Database(e)),
-        (Ok(()), Some(e)) => Err(e.into()),
-        (Ok(()), None) => Ok(()),
-    };
-    if gone {
-        return;
-    }
-    match result {
-        Ok(()) => {
-            renderer.finish(&mut out);
-            let _ = sender.blocking_send(Ok(Bytes::from(out)));
         }
-        Err(e) => {
-            let _ = sender.blocking_send(Err(e));
-        }
+        renderer.finish(&mut out);
+        let _ = sender.blocking_send(Ok(Bytes::from(out)));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = sender.blocking_send(Err(e));
     }
 }

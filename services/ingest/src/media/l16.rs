@@ -197,7 +197,7 @@ async fn open(
         ))?;
     let call_id =
         CallId::try_from(id).map_err(|e| (close::UNSUPPORTED, format!("call id: {e}")))?;
-    let format = AudioFormat::slin(metadata.sample_rate.unwrap_or(8_000))
+    let format = AudioFormat::slin(metadata.rate().unwrap_or(8_000))
         .map_err(|e| (close::UNSUPPORTED, format!("sampleRate: {e}")))?;
     let stream = CallStream::open(app, principal.call(call_id), format, Protocol::L16)
         .await

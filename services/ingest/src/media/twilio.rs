@@ -59,7 +59,12 @@ pub async fn upgrade(
     uri: axum::http::Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Some(token) = &app.config.twilio_auth_token
+    // An empty TWILIO_AUTH_TOKEN is unset, not a key anyone could sign with.
+    if let Some(token) = app
+        .config
+        .twilio_auth_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
         && !signature_matches(token, &headers, &uri.to_string())
     {
         metrics::counter!("switchboard_ingest_media_streams_total", "protocol" => "twilio", "event" => "bad_signature")
