@@ -196,17 +196,7 @@ async fn prepare(
         )
     };
     if call.compacted {
-        let shape: RecordShape = sqlx::query_as(
-            "SELECT a.encoding, a.lengths, \
-                    ARRAY(SELECT lower(r) FROM unnest(a.received) r) AS lowers, \
-                    ARRAY(SELECT upper(r) FROM unnest(a.received) r) AS uppers \
-             FROM call_audio a WHERE a.call_id = $1 AND a.call_created_at = $2",
-        )
-        .bind(call_id)
-        .bind(call.created_at)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or(PlaybackError::Expired)?;
+        let shape = record_shape(tx, call_id, call.created_at).await?;
         let bytes = shape.lengths.iter().map(|&l| i64::from(l)).sum();
         let first = shape.lengths.first().map(|&l| i64::from(l));
         let layout = measure(shape.lengths.len() as i64, bytes, first)?;
@@ -237,6 +227,26 @@ async fn prepare(
         created_at: call.created_at,
         layout: measure(received, bytes, first)?,
     })
+}
+
+/// A compacted call's packet lengths and received sequences (not its audio); `Expired` when
+/// its record is gone.
+async fn record_shape(
+    tx: &mut Transaction<'static, Postgres>,
+    call_id: &str,
+    created_at: OffsetDateTime,
+) -> Result<RecordShape, PlaybackError> {
+    sqlx::query_as(
+        "SELECT a.encoding, a.lengths, \
+                ARRAY(SELECT lower(r) FROM unnest(a.received) r) AS lowers, \
+                ARRAY(SELECT upper(r) FROM unnest(a.received) r) AS uppers \
+         FROM call_audio a WHERE a.call_id = $1 AND a.call_created_at = $2",
+    )
+    .bind(call_id)
+    .bind(created_at)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(PlaybackError::Expired)
 }
 
 async fn stream_rows(
