@@ -20,8 +20,27 @@ pub const L16_SUBPROTOCOLS: [&str; 2] = ["audio.jambonz.org", "audio.drachtio.or
 
 /// The custom parameter (TwiML `<Parameter>`) or metadata field carrying the API key.
 pub const KEY_PARAMETER: &str = "key";
+/// Other names a key is taken under, as integrators spell it (`Bearer ` before it is dropped).
+pub const KEY_PARAMETER_ALIASES: [&str; 5] = [
+    "api_key",
+    "apiKey",
+    "token",
+    "authorization",
+    "Authorization",
+];
 /// The custom parameter or metadata field naming the call, instead of the PBX's own id.
 pub const CALL_ID_PARAMETER: &str = "call_id";
+/// Another spelling of [`CALL_ID_PARAMETER`] taken too.
+pub const CALL_ID_PARAMETER_ALIAS: &str = "callId";
+
+/// The key among a stream's parameters: `key`, or one of its aliases; `Bearer ` dropped.
+pub fn key_in<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<&'a str> {
+    std::iter::once(KEY_PARAMETER)
+        .chain(KEY_PARAMETER_ALIASES)
+        .find_map(&get)
+        .map(|k| k.trim())
+        .map(|k| k.strip_prefix("Bearer ").unwrap_or(k).trim())
+}
 /// Appended to the call id of the outbound track of a `both_tracks` Twilio stream, which is
 /// kept as a call of its own.
 pub const OUTBOUND_SUFFIX: &str = "-outbound";
@@ -284,6 +303,15 @@ mod tests {
         );
         assert_eq!(read(r#"{"call_id":"c"}"#), None);
         assert!(serde_json::from_str::<L16Metadata>(r#"{"sampleRate":"fast"}"#).is_err());
+    }
+
+    #[test]
+    fn a_key_is_found_under_any_of_its_names() {
+        let params = BTreeMap::from([("Authorization".to_owned(), "Bearer sbk_1".to_owned())]);
+        assert_eq!(key_in(|k| params.get(k).map(String::as_str)), Some("sbk_1"));
+        let params = BTreeMap::from([("key".to_owned(), " sbk_2 ".to_owned())]);
+        assert_eq!(key_in(|k| params.get(k).map(String::as_str)), Some("sbk_2"));
+        assert_eq!(key_in(|_| None), None);
     }
 
     #[test]

@@ -36,9 +36,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (headers, body) = read_body(req, state).await?;
-        // No body, or a JSON `null` (what "no body" is in JSON), is no body.
-        let null = is_json(&headers) && body.trim_ascii() == b"null";
-        if null || body.iter().all(u8::is_ascii_whitespace) {
+        // No body, or a JSON `null` (what "no body" is in JSON), is no body. Whitespace alone is
+        // no body too, unless it is declared JSON: then it is malformed JSON (400), as a JSON
+        // parser says.
+        let json = is_json(&headers);
+        let null = json && body.trim_ascii() == b"null";
+        let blank = body.is_empty() || (!json && body.iter().all(u8::is_ascii_whitespace));
+        if null || blank {
             return Ok(OptionalJson(None));
         }
         parse_json(&headers, &body).map(|v| OptionalJson(Some(v)))

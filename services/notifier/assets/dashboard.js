@@ -549,6 +549,7 @@ async function openDetail(id) {
   $("detail-facts").replaceChildren();
   $("detail-transcript").textContent = "Loading…";
   $("detail-history").replaceChildren();
+  resetPlayer();
   const token = auth.token;
   let call;
   try {
@@ -574,6 +575,7 @@ async function openDetail(id) {
     const dd = document.createElement("dd"); dd.textContent = v;
     $("detail-facts").append(dt, dd);
   }
+  $("detail-audio").hidden = !call.encoding || call.encoding === "text";
   $("detail-transcript").textContent = call.transcript ?? "No transcript yet.";
   for (const h of call.history ?? []) {
     const li = document.createElement("li");
@@ -582,11 +584,48 @@ async function openDetail(id) {
   }
 }
 
+// The call's audio: fetched with the token (an <audio src> cannot send one) and played from
+// a blob: URL, released when the view closes or shows another call.
+let playerUrl = null;
+function resetPlayer() {
+  const player = $("player");
+  player.pause();
+  player.removeAttribute("src");
+  player.hidden = true;
+  $("listen").hidden = false;
+  $("listen").disabled = false;
+  $("listen").textContent = "▶ Listen";
+  if (playerUrl) { URL.revokeObjectURL(playerUrl); playerUrl = null; }
+}
+
+$("listen").addEventListener("click", async () => {
+  const id = openCall;
+  if (!auth || !id) return;
+  $("listen").disabled = true;
+  $("listen").textContent = "Loading audio…";
+  try {
+    const response = await fetch(`/v1/call/${encodeURIComponent(id)}/audio.wav`, { headers: { Authorization: `Bearer ${auth.token}` } });
+    if (!response.ok) {
+      const body = await response.json().catch(() => null);
+      throw new Error(body?.error?.message ?? response.statusText);
+    }
+    const blob = await response.blob();
+    if (openCall !== id) return;
+    playerUrl = URL.createObjectURL(blob);
+    const player = $("player");
+    player.src = playerUrl;
+    player.hidden = false;
+    $("listen").hidden = true;
+  } catch (e) {
+    if (openCall === id) { $("listen").textContent = `Could not load the audio: ${e.message}`; }
+  }
+});
+
 tbody.addEventListener("click", (e) => {
   const tr = e.target.closest("tr");
   if (tr?.dataset.callId) openDetail(tr.dataset.callId);
 });
-$("detail").querySelector(".close").addEventListener("click", () => { openCall = null; $("detail").hidden = true; });
+$("detail").querySelector(".close").addEventListener("click", () => { openCall = null; resetPlayer(); $("detail").hidden = true; });
 document.addEventListener("keydown", (e) => { if (e.key === "Escape") $("detail").querySelector(".close").click(); });
 $("prev").addEventListener("click", () => { page = Math.max(0, page - 1); scheduleRender(); });
 $("next").addEventListener("click", () => { page += 1; scheduleRender(); });

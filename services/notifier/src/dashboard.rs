@@ -45,10 +45,11 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
 }
 
 /// The Content-Security-Policy of every answer: the page loads its own script and
-/// stylesheet only, talks to its own origin only (`'self'` covers its WebSocket), and may not
-/// be framed.
+/// stylesheet only, talks to its own origin only (`'self'` covers its WebSocket), plays audio
+/// it fetched itself (a `blob:` URL: the fetch carries the token an `<audio src>` could not),
+/// and may not be framed.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-    connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+    media-src blob:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// The usual security headers, on every answer of the notifier (the page, its assets, the
 /// API): a CSP, no MIME sniffing, no framing, no referrer, an isolated browsing context.

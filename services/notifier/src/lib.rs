@@ -219,6 +219,7 @@ fn router(state: AppState, config: &NotifierConfig) -> Router {
         .route(common::live::WS_PATH, get(ws::upgrade))
         .route("/v1/auth/token", post(session::token))
         .route("/v1/call/{call_id}", get(calls::get_call))
+        .route("/v1/call/{call_id}/audio.wav", get(calls::get_audio))
         .route("/readyz", get(readyz))
         .route("/healthz", get(http::healthz));
     if config.admin_addr.0.is_none() {

@@ -183,13 +183,22 @@ async fn open(
     })?;
     let principal = match principal {
         Some(principal) => principal,
-        None => super::authorize(app, metadata.key.as_deref())
-            .await
-            .map_err(|refused| (close::POLICY, refused.to_string()))?,
+        None => {
+            let key = metadata.key.as_deref().or_else(|| {
+                wire::media::key_in(|name| metadata.other.get(name).and_then(|v| v.as_str()))
+            });
+            super::authorize(app, key)
+                .await
+                .map_err(|refused| (close::POLICY, refused.to_string()))?
+        }
     };
     let id = metadata
         .call_id
         .clone()
+        .or_else(|| {
+            let alias = metadata.other.get(wire::media::CALL_ID_PARAMETER_ALIAS)?;
+            alias.as_str().map(str::to_owned)
+        })
         .or_else(|| metadata.call_sid.clone())
         .ok_or((
             close::UNSUPPORTED,

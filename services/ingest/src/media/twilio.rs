@@ -14,7 +14,7 @@
 //! connection completes the call. Nothing is ever sent back but a close frame: Twilio ends the
 //! stream on a binary frame, and it needs no answer to its messages.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     extract::{
@@ -22,16 +22,17 @@ use axum::{
         ws::{Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
     http::{HeaderMap, StatusCode, header},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use common::{
     AudioFormat, CallId, CallKey,
+    auth::Principal,
     http::{ErrorBody, ErrorResponse as _},
 };
 use wire::media::{
-    CALL_ID_PARAMETER, KEY_PARAMETER, OUTBOUND_SUFFIX, TWILIO_SIGNATURE_HEADER, TwilioMedia,
-    TwilioMessage, TwilioStart,
+    CALL_ID_PARAMETER, CALL_ID_PARAMETER_ALIAS, KEY_PARAMETER, OUTBOUND_SUFFIX,
+    TWILIO_SIGNATURE_HEADER, TwilioMedia, TwilioMessage, TwilioStart, key_in,
 };
 
 use super::{CallStream, End, Protocol, close, close_socket, now_secs};
@@ -76,6 +77,16 @@ pub async fn upgrade(
         .with_field(TWILIO_SIGNATURE_HEADER)
         .into_response_with(StatusCode::FORBIDDEN);
     }
+    // Twilio sends no headers; a client that can (a test tool, a proxy) may send the key as
+    // `Authorization: Bearer`, checked before the upgrade.
+    let principal = match common::auth::http::bearer(&headers) {
+        Ok(Some(key)) => match super::authorize(&app, Some(key)).await {
+            Ok(principal) => Some(principal),
+            Err(refused) => return refused.into_response(),
+        },
+        Ok(None) => None,
+        Err(refused) => return refused.into_response(),
+    };
     match ws {
         Err(rejection) => ErrorBody::new(
             "websocket_required",
@@ -90,7 +101,7 @@ pub async fn upgrade(
             .max_message_size(MAX_MESSAGE_BYTES)
             .on_upgrade(move |socket| {
                 let tracker = app.media.clone();
-                tracker.track(run(app, socket))
+                tracker.track(run(app, socket, principal))
             }),
     }
 }
@@ -135,7 +146,7 @@ enum Flow {
     Refuse(u16, String),
 }
 
-async fn run(app: AppState, mut socket: WebSocket) {
+async fn run(app: AppState, mut socket: WebSocket, principal: Option<Arc<Principal>>) {
     let shutdown = app.media.shutdown().clone();
     let idle = app.config.call_idle_timeout();
     let mut started: Option<Started> = None;
@@ -149,7 +160,9 @@ async fn run(app: AppState, mut socket: WebSocket) {
             break End::Lost;
         };
         let flow = match message {
-            Some(Ok(Message::Text(text))) => handle(&app, &mut started, text.as_str()).await,
+            Some(Ok(Message::Text(text))) => {
+                handle(&app, &mut started, principal.as_ref(), text.as_str()).await
+            }
             Some(Ok(Message::Binary(_))) => {
                 tracing::warn!("a binary frame on a Twilio stream (Twilio sends text): ignored");
                 Flow::Continue
@@ -174,7 +187,12 @@ async fn run(app: AppState, mut socket: WebSocket) {
     }
 }
 
-async fn handle(app: &AppState, started: &mut Option<Started>, text: &str) -> Flow {
+async fn handle(
+    app: &AppState,
+    started: &mut Option<Started>,
+    principal: Option<&Arc<Principal>>,
+    text: &str,
+) -> Flow {
     let message: TwilioMessage = match serde_json::from_str(text) {
         Ok(message) => message,
         Err(e) => {
@@ -190,7 +208,7 @@ async fn handle(app: &AppState, started: &mut Option<Started>, text: &str) -> Fl
                 tracing::warn!("a second `start` on one Twilio stream: ignored");
                 return Flow::Continue;
             }
-            match open(app, &start).await {
+            match open(app, &start, principal).await {
                 Ok(tracks) => {
                     *started = Some(Started {
                         tracks,
@@ -227,16 +245,21 @@ async fn handle(app: &AppState, started: &mut Option<Started>, text: &str) -> Fl
 async fn open(
     app: &AppState,
     start: &TwilioStart,
+    principal: Option<&Arc<Principal>>,
 ) -> Result<BTreeMap<String, CallStream>, (u16, String)> {
     let params = &start.custom_parameters;
-    let principal = super::authorize(app, params.get(KEY_PARAMETER).map(String::as_str))
-        .await
-        .map_err(|refused| {
-            (
-                close::POLICY,
-                format!("{refused} (send the key as <Parameter name=\"{KEY_PARAMETER}\">)"),
-            )
-        })?;
+    let principal = match principal {
+        Some(principal) => principal.clone(),
+        None => {
+            let key = key_in(|name| params.get(name).map(String::as_str));
+            super::authorize(app, key).await.map_err(|refused| {
+                (
+                    close::POLICY,
+                    format!("{refused} (send the key as <Parameter name=\"{KEY_PARAMETER}\">)"),
+                )
+            })?
+        }
+    };
     let format = &start.media_format;
     if !format.encoding.eq_ignore_ascii_case("audio/x-mulaw")
         || format.sample_rate != 8_000
@@ -252,6 +275,7 @@ async fn open(
     }
     let id = params
         .get(CALL_ID_PARAMETER)
+        .or_else(|| params.get(CALL_ID_PARAMETER_ALIAS))
         .unwrap_or(&start.call_sid)
         .clone();
     let call_id =

@@ -319,6 +319,19 @@ async fn bad_completions_and_queries_get_clear_errors() {
             Some("call_id"),
         ),
         (
+            // Declared JSON, but only whitespace: not JSON (an empty body would be no body).
+            app.client
+                .post(app.url("/v1/call/c1/complete"))
+                .header("content-type", "application/json")
+                .body("\t")
+                .send()
+                .await
+                .unwrap(),
+            400,
+            "malformed_json",
+            None,
+        ),
+        (
             app.get("/v1/call/nope").await,
             404,
             "call_not_found",

@@ -132,6 +132,47 @@ async fn the_dashboard_shows_a_call_move_to_its_final_state() {
     )
     .await;
 
+    // A call of audio: its detail view plays it (fetched with the token, from a blob: URL).
+    let frame = format!("{}/w==", "/".repeat(212)); // 160 bytes of µ-law silence
+    for seq in 0..10 {
+        let body = json!({"sequence": seq, "data": frame, "timestamp": 1.0, "encoding": "mulaw"});
+        let status = client
+            .post(format!("{ingest_url}/v1/call/stream/browser-audio"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 202);
+    }
+    client
+        .post(format!("{ingest_url}/v1/call/browser-audio/complete"))
+        .send()
+        .await
+        .unwrap();
+    page.eval("document.querySelector('tr[data-call-id=\"browser-audio\"]')?.click() ?? null")
+        .await;
+    eventually("the row of the audio call to open", Duration::from_secs(30), || async {
+        let shown = "(() => { const r = document.querySelector('tr[data-call-id=\"browser-audio\"]'); \
+                     if (r && document.getElementById('detail-id').textContent !== 'browser-audio') r.click(); \
+                     return !document.getElementById('detail-audio').hidden; })()";
+        (page.eval(shown).await == json!(true)).then_some(())
+    })
+    .await;
+    page.eval("document.getElementById('listen').click()").await;
+    let duration = "(() => { const p = document.getElementById('player'); \
+                    return p.src.startsWith('blob:') && p.readyState >= 1 ? p.duration : null; })()";
+    let seconds = eventually(
+        "the audio to load in the player",
+        Duration::from_secs(15),
+        || async { page.eval(duration).await.as_f64() },
+    )
+    .await;
+    assert!(
+        (seconds - 0.2).abs() < 0.01,
+        "ten 20 ms frames play for {seconds} s"
+    );
+
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../target/screenshots/dashboard.png");
     page.screenshot(&path).await;
