@@ -18,11 +18,16 @@ pub enum Encoding {
     /// Free-form text (the JSON API's default): stored, never decoded as sound.
     #[default]
     Text,
-    /// G.711 µ-law, one byte a sample, 8 kHz (Twilio, most US PBXs).
+    /// G.711 µ-law, one byte a sample, 8 kHz (Twilio, most US PBXs). Also read as `ulaw`,
+    /// `pcmu`, `mu-law`.
+    #[serde(alias = "ulaw", alias = "pcmu", alias = "mu-law")]
     Mulaw,
-    /// G.711 A-law, one byte a sample, 8 kHz (Europe).
+    /// G.711 A-law, one byte a sample, 8 kHz (Europe). Also read as `pcma`, `a-law`.
+    #[serde(alias = "pcma", alias = "a-law")]
     Alaw,
-    /// Signed 16-bit little-endian linear PCM at the call's rate (AudioSocket, L16).
+    /// Signed 16-bit little-endian linear PCM at the call's rate (AudioSocket, L16). Also read
+    /// as `l16`, `pcm16`, `linear16`.
+    #[serde(alias = "l16", alias = "pcm16", alias = "linear16")]
     Slin,
 }
 
@@ -406,6 +411,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn encodings_are_read_under_their_common_names_and_written_under_one() {
+        for (name, encoding) in [
+            ("ulaw", Encoding::Mulaw),
+            ("pcma", Encoding::Alaw),
+            ("l16", Encoding::Slin),
+        ] {
+            let read: Encoding = serde_json::from_str(&format!("{name:?}")).unwrap();
+            assert_eq!(read, encoding);
+        }
+        assert_eq!(
+            serde_json::to_string(&Encoding::Mulaw).unwrap(),
+            r#""mulaw""#
+        );
+        assert!(serde_json::from_str::<Encoding>(r#""opus""#).is_err());
     }
 
     #[test]

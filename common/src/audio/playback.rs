@@ -27,6 +27,10 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// reader, it does not fill memory.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
+/// How long a client may take no chunk before the download is abandoned: it holds a Postgres
+/// connection (and a snapshot) while it lasts.
+const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Why a call's audio cannot be played.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybackError {
@@ -277,10 +281,17 @@ async fn stream_rows(
     Ok(())
 }
 
-/// Hands `out` to the client; `false` once the client has gone.
+/// Hands `out` to the client; `false` once the client has gone, or has taken nothing for
+/// [`STALLED_AFTER`].
 async fn send(sender: &mpsc::Sender<Result<Bytes, PlaybackError>>, out: &mut Vec<u8>) -> bool {
     let chunk = Bytes::from(std::mem::replace(out, Vec::with_capacity(CHUNK_BYTES * 2)));
-    sender.send(Ok(chunk)).await.is_ok()
+    match tokio::time::timeout(STALLED_AFTER, sender.send(Ok(chunk))).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            tracing::warn!("a WAV download stalled: abandoned");
+            false
+        }
+    }
 }
 
 /// A compacted call's compressed audio as a `Read`: slice after slice from Postgres, within
@@ -334,6 +345,7 @@ fn stream_record(
     sender: &mpsc::Sender<Result<Bytes, PlaybackError>>,
 ) {
     use std::io::Read as _;
+    let handle = slices.handle.clone();
     let corrupt = |what: String| PlaybackError::Database(sqlx::Error::Decode(what.into()));
     let result = (|| {
         if shape.encoding != "base64" {
@@ -355,18 +367,12 @@ fn stream_record(
                 .read_exact(&mut piece)
                 .map_err(|e| corrupt(format!("audio shorter than its lengths ({e})")))?;
             renderer.packet(sequence, &piece, &mut out)?;
-            if out.len() >= CHUNK_BYTES {
-                let chunk = Bytes::from(std::mem::replace(
-                    &mut out,
-                    Vec::with_capacity(CHUNK_BYTES * 2),
-                ));
-                if sender.blocking_send(Ok(chunk)).is_err() {
-                    return Ok(());
-                }
+            if out.len() >= CHUNK_BYTES && !handle.block_on(send(sender, &mut out)) {
+                return Ok(());
             }
         }
         renderer.finish(&mut out);
-        let _ = sender.blocking_send(Ok(Bytes::from(out)));
+        handle.block_on(send(sender, &mut out));
         Ok(())
     })();
     if let Err(e) = result {

@@ -127,6 +127,10 @@ impl App {
             auth: Authenticator::new(&config.auth, Keys::new(pool.clone())),
             streaming: StreamingCap::new(pool.clone(), config.max_streaming_calls_per_tenant),
             media: media::MediaStreams::new(CancellationToken::new()),
+            // A quarter of the pool: the rest stays for packets, completions and reads.
+            playbacks: Arc::new(tokio::sync::Semaphore::new(
+                (config.common.database_max_connections / 4).max(1) as usize,
+            )),
             pool,
             nats: infra.nats,
             publisher,

@@ -283,6 +283,7 @@ const MAX_WAV_BYTES: u64 = u32::MAX as u64;
         (status = 404, description = "`call_not_found`", body = common::http::ErrorBody),
         (status = 409, description = "`not_audio`: the call's packets are text", body = common::http::ErrorBody),
         (status = 410, description = "`audio_expired`: deleted after `AUDIO_RETENTION_DAYS`", body = common::http::ErrorBody),
+        (status = 503, description = "`overloaded`: as many downloads as ingest serves at once are in progress; retry after `Retry-After`", body = common::http::ErrorBody),
     ))]
 pub async fn audio_wav(
     caller: Caller<need::Read>,
@@ -294,6 +295,13 @@ pub async fn audio_wav(
     use futures::StreamExt;
 
     let key = caller.principal().call(call_id.clone());
+    let Ok(permit) = app.playbacks.clone().try_acquire_owned() else {
+        return Err(ApiError::Overloaded {
+            detail: "as many audio downloads as ingest serves at once (a quarter of \
+                     DATABASE_MAX_CONNECTIONS) are in progress"
+                .into(),
+        });
+    };
     let playback = playback::open(&app.pool, key.as_str(), MAX_WAV_BYTES)
         .await
         .map_err(|e| match e {
@@ -315,13 +323,17 @@ pub async fn audio_wav(
         })?;
     let length = playback.layout.file_bytes();
     let header = bytes::Bytes::copy_from_slice(&playback.layout.header());
-    let chunks = futures::stream::unfold(playback.chunks, |mut chunks| async move {
-        let chunk = chunks.recv().await?;
-        if let Err(e) = &chunk {
-            tracing::warn!(error.message = %e, "a WAV download ended short");
-        }
-        Some((chunk, chunks))
-    });
+    // The permit goes with the body: released when the download ends, however it ends.
+    let chunks = futures::stream::unfold(
+        (playback.chunks, permit),
+        |(mut chunks, permit)| async move {
+            let chunk = chunks.recv().await?;
+            if let Err(e) = &chunk {
+                tracing::warn!(error.message = %e, "a WAV download ended short");
+            }
+            Some((chunk, (chunks, permit)))
+        },
+    );
     let body = futures::stream::once(async move { Ok(header) }).chain(chunks);
     let response = axum::response::Response::builder()
         .header(header::CONTENT_TYPE, "audio/wav")

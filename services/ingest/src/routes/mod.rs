@@ -45,6 +45,9 @@ pub struct AppState {
     pub streaming: StreamingCap,
     /// The telephony streams open here (`crate::media`).
     pub media: MediaStreams,
+    /// `audio.wav` downloads at once at most: each holds a Postgres connection while the client
+    /// reads, and the packet writer must never be starved of them.
+    pub playbacks: Arc<Semaphore>,
 }
 
 impl FromRef<AppState> for Authenticator {

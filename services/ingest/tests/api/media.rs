@@ -691,3 +691,49 @@ async fn a_compacted_call_plays_back_the_same_and_an_expired_one_says_so() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_downloads_are_bounded_so_packets_keep_their_connections() {
+    // A pool of 4: one download at a time.
+    let app = spawn_app_with(common::testing::TestEnv::new().await, |c| {
+        c.common.database_max_connections = 4;
+    })
+    .await;
+    let call = call_id();
+    // 24,000 samples a packet, 400 packets: a 19 MB file, far more than the socket buffers.
+    let data = STANDARD.encode(
+        AudioFormat::slin(48_000)
+            .unwrap()
+            .encode(&samples(24_000, 9)),
+    );
+    for sequence in 0..400 {
+        let body = json!({"sequence": sequence, "data": data, "timestamp": 1.0, "encoding": "slin", "sample_rate": 48000});
+        assert_eq!(
+            app.post_json(&format!("/v1/call/stream/{call}"), body)
+                .await
+                .status(),
+            202
+        );
+    }
+    let path = format!("/v1/call/{call}/audio.wav");
+    let slow = app.get(&path).await;
+    assert_eq!(slow.status(), 200);
+    // Not read yet: the first download holds its place.
+    let (status, body) = status_and_body(app.get(&path).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("overloaded")),
+        "{body}"
+    );
+    // Packets still go in meanwhile.
+    assert_eq!(app.post_packet(&call_id(), 0, "hello").await.status(), 202);
+    let file = slow.bytes().await.unwrap();
+    assert_eq!(file.len(), 44 + 400 * 24_000 * 2);
+    // Once it is done, the next one is served.
+    let again = eventually("the next download", Duration::from_secs(10), || async {
+        let response = app.get(&path).await;
+        (response.status() == 200).then_some(response)
+    })
+    .await;
+    assert_eq!(again.bytes().await.unwrap(), file);
+}
