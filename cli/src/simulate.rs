@@ -621,11 +621,20 @@ fn render(s: &Summary, seed: u64) -> String {
     } else {
         String::new()
     };
+    // Only the JSON API answers each packet; a media stream's frames get no answer of their own.
+    let latency = if s.protocol == Protocol::Http {
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            s.ingest_latency.p50_ms, s.ingest_latency.p99_ms, s.ingest_latency.max_ms
+        )
+    } else {
+        "none to measure: a stream's frames get no answer (see audio below)".to_owned()
+    };
     let mut out = format!(
         "\nSimulated {} {} calls in {:.1} s (seed {seed})\n\
          \x20 final states         {states}{unfinished}\n\
          \x20 packets              {} planned, {} dropped by the simulator, {} sent, {} accepted, {} reported duplicate\n\
-         \x20 ingest latency       p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
+         \x20 ingest latency       {latency}\n\
          \x20 completion -> final  p50 {:.2} s, p99 {:.2} s\n\
          \x20 AI attempts          {attempts}\n\
          \x20 lost                 {} packets; {} calls whose missing ranges differ from what was dropped\n",
@@ -637,9 +646,6 @@ fn render(s: &Summary, seed: u64) -> String {
         s.packets_sent,
         s.packets_accepted,
         s.duplicates_reported,
-        s.ingest_latency.p50_ms,
-        s.ingest_latency.p99_ms,
-        s.ingest_latency.max_ms,
         s.completion_to_final.p50_ms / 1e3,
         s.completion_to_final.p99_ms / 1e3,
         s.lost_packets,
