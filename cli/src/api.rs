@@ -220,16 +220,28 @@ impl Ingest {
 
     /// The call's audio as the WAV file ingest renders (16-bit mono PCM at the call's rate);
     /// an error line such as `409 not_audio: ...` for a text call, `410 audio_expired` or 404.
+    /// The call's audio as a WAV file. Ingest serves a few downloads at once and answers the
+    /// rest 503 with `Retry-After`: waited for, as told.
     pub async fn audio_wav(&self, call_id: &str) -> anyhow::Result<Vec<u8>> {
-        let response = self
-            .request(
-                reqwest::Method::GET,
-                &format!("{}/v1/call/{call_id}/audio.wav", self.base),
-                Acting::Supervisor,
-            )
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let url = format!("{}/v1/call/{call_id}/audio.wav", self.base);
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let response = self
+                .request(reqwest::Method::GET, &url, Acting::Supervisor)
+                .send()
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            if !matches!(response.status().as_u16(), 429 | 503) || attempt >= 30 {
+                break response;
+            }
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        };
         if !response.status().is_success() {
             return Err(Self::failure(response).await);
         }

@@ -31,6 +31,10 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 /// connection (and a snapshot) while it lasts.
 const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The longest one download may last, however steadily the client reads: an hour-long call
+/// is 57.6 MB at 8 kHz, which takes this long only below 70 KB/s.
+pub const DOWNLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// Why a call's audio cannot be played.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybackError {
@@ -60,6 +64,7 @@ pub async fn open(pool: &PgPool, call_id: &str, limit: u64) -> Result<Playback, 
     let pool = pool.clone();
     let call_id = call_id.to_owned();
     tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + DOWNLOAD_LIMIT;
         let prepared = async {
             let mut tx = pool.begin().await?;
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -76,7 +81,8 @@ pub async fn open(pool: &PgPool, call_id: &str, limit: u64) -> Result<Playback, 
             Ok((tx, source)) => {
                 let layout = source.layout();
                 if ready.send(Ok(layout)).is_ok() {
-                    source.stream(tx, layout, sender).await;
+                    let client = Client { sender, deadline };
+                    source.stream(tx, layout, client).await;
                 }
             }
         }
@@ -119,20 +125,15 @@ impl Source {
         }
     }
 
-    async fn stream(
-        self,
-        mut tx: Transaction<'static, Postgres>,
-        layout: Layout,
-        sender: mpsc::Sender<Result<Bytes, PlaybackError>>,
-    ) {
+    async fn stream(self, mut tx: Transaction<'static, Postgres>, layout: Layout, client: Client) {
         match self {
             Source::Rows {
                 call_id,
                 created_at,
                 ..
             } => {
-                if let Err(e) = stream_rows(&mut tx, &call_id, created_at, layout, &sender).await {
-                    let _ = sender.send(Err(e)).await;
+                if let Err(e) = stream_rows(&mut tx, &call_id, created_at, layout, &client).await {
+                    let _ = client.sender.send(Err(e)).await;
                 }
             }
             Source::Record {
@@ -151,7 +152,7 @@ impl Source {
                     at: 0,
                 };
                 let _ = tokio::task::spawn_blocking(move || {
-                    stream_record(slices, &shape, layout, &sender)
+                    stream_record(slices, &shape, layout, &client)
                 })
                 .await;
             }
@@ -201,6 +202,12 @@ async fn prepare(
     };
     if call.compacted {
         let shape = record_shape(tx, call_id, call.created_at).await?;
+        // Checked before anything is answered: the client gets an error, not a file cut short.
+        if shape.encoding != "base64" {
+            return Err(PlaybackError::Database(sqlx::Error::Decode(
+                format!("the compacted audio of {call_id} holds text, not audio").into(),
+            )));
+        }
         let bytes = shape.lengths.iter().map(|&l| i64::from(l)).sum();
         let first = shape.lengths.first().map(|&l| i64::from(l));
         let layout = measure(shape.lengths.len() as i64, bytes, first)?;
@@ -258,7 +265,7 @@ async fn stream_rows(
     call_id: &str,
     created_at: OffsetDateTime,
     layout: Layout,
-    sender: &mpsc::Sender<Result<Bytes, PlaybackError>>,
+    client: &Client,
 ) -> Result<(), PlaybackError> {
     let mut rows = sqlx::query_as::<_, (i64, String)>(
         "SELECT sequence, data FROM packets WHERE call_id = $1 AND call_created_at = $2 \
@@ -270,28 +277,39 @@ async fn stream_rows(
     let mut renderer = Renderer::new(layout);
     let mut out = Vec::with_capacity(CHUNK_BYTES * 2);
     while let Some((sequence, data)) = rows.try_next().await? {
-        let bytes = super::decode_base64(&data).ok_or(WavError::NotBase64(sequence))?;
-        renderer.packet(sequence, &bytes, &mut out)?;
-        if out.len() >= CHUNK_BYTES && !send(sender, &mut out).await {
+        match super::decode_base64(&data) {
+            Some(bytes) => renderer.packet(sequence, &bytes, &mut out),
+            None => renderer.unreadable(sequence, &mut out),
+        }
+        if out.len() >= CHUNK_BYTES && !send(client, &mut out).await {
             return Ok(());
         }
     }
     renderer.finish(&mut out);
-    send(sender, &mut out).await;
+    send(client, &mut out).await;
     Ok(())
 }
 
 /// Hands `out` to the client; `false` once the client has gone, or has taken nothing for
 /// [`STALLED_AFTER`].
-async fn send(sender: &mpsc::Sender<Result<Bytes, PlaybackError>>, out: &mut Vec<u8>) -> bool {
+async fn send(client: &Client, out: &mut Vec<u8>) -> bool {
     let chunk = Bytes::from(std::mem::replace(out, Vec::with_capacity(CHUNK_BYTES * 2)));
-    match tokio::time::timeout(STALLED_AFTER, sender.send(Ok(chunk))).await {
+    let until = client
+        .deadline
+        .min(tokio::time::Instant::now() + STALLED_AFTER);
+    match tokio::time::timeout_at(until, client.sender.send(Ok(chunk))).await {
         Ok(sent) => sent.is_ok(),
         Err(_) => {
-            tracing::warn!("a WAV download stalled: abandoned");
+            tracing::warn!("a WAV download stalled or passed its time limit: abandoned");
             false
         }
     }
+}
+
+/// Where chunks go, and until when.
+struct Client {
+    sender: mpsc::Sender<Result<Bytes, PlaybackError>>,
+    deadline: tokio::time::Instant,
 }
 
 /// A compacted call's compressed audio as a `Read`: slice after slice from Postgres, within
@@ -338,19 +356,11 @@ impl std::io::Read for Slices {
 
 /// A compacted call's audio, decompressed as it is read (on a blocking thread), cut into its
 /// packets by their lengths, rendered and sent.
-fn stream_record(
-    slices: Slices,
-    shape: &RecordShape,
-    layout: Layout,
-    sender: &mpsc::Sender<Result<Bytes, PlaybackError>>,
-) {
+fn stream_record(slices: Slices, shape: &RecordShape, layout: Layout, client: &Client) {
     use std::io::Read as _;
     let handle = slices.handle.clone();
     let corrupt = |what: String| PlaybackError::Database(sqlx::Error::Decode(what.into()));
     let result = (|| {
-        if shape.encoding != "base64" {
-            return Err(corrupt("a compacted call of audio holds text".into()));
-        }
         let sequences = shape
             .lowers
             .iter()
@@ -366,16 +376,16 @@ fn stream_record(
             decoder
                 .read_exact(&mut piece)
                 .map_err(|e| corrupt(format!("audio shorter than its lengths ({e})")))?;
-            renderer.packet(sequence, &piece, &mut out)?;
-            if out.len() >= CHUNK_BYTES && !handle.block_on(send(sender, &mut out)) {
+            renderer.packet(sequence, &piece, &mut out);
+            if out.len() >= CHUNK_BYTES && !handle.block_on(send(client, &mut out)) {
                 return Ok(());
             }
         }
         renderer.finish(&mut out);
-        handle.block_on(send(sender, &mut out));
+        handle.block_on(send(client, &mut out));
         Ok(())
     })();
     if let Err(e) = result {
-        let _ = sender.blocking_send(Err(e));
+        let _ = client.sender.blocking_send(Err(e));
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Two steps, so a file can be streamed with its length known up front: [`Layout::measure`]
 //! sizes it from the packets' lengths alone, then a [`Renderer`] turns packets into PCM bytes
-//! one at a time.
+//! one at a time. A packet that is not audio of the call's format (ingest refuses them; older
+//! data may hold some) plays as a missing one: one bad packet never costs the whole call.
 
 use wire::audio::{AudioFormat, WAV_HEADER_BYTES, wav_header};
 
@@ -14,14 +15,6 @@ use wire::audio::{AudioFormat, WAV_HEADER_BYTES, wav_header};
 pub enum WavError {
     #[error("the call's packets are text, not audio")]
     NotAudio,
-    #[error("packet {sequence} is not whole samples of {format} audio ({bytes} bytes)")]
-    BadPacket {
-        sequence: i64,
-        format: AudioFormat,
-        bytes: usize,
-    },
-    #[error("packet {0} is not base64")]
-    NotBase64(i64),
     #[error("the call's audio is {bytes} bytes as WAV, more than {limit}")]
     TooLarge { bytes: u64, limit: u64 },
 }
@@ -112,26 +105,30 @@ impl Renderer {
     }
 
     /// Appends the packet `sequence` (its decoded bytes), after silence for any sequences
-    /// missing before it. Packets must come in ascending order.
-    pub fn packet(
-        &mut self,
-        sequence: i64,
-        bytes: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), WavError> {
-        self.silence_until(sequence, out);
+    /// missing before it; bytes that are not whole samples play as a missing packet. Packets
+    /// must come in ascending order.
+    pub fn packet(&mut self, sequence: i64, bytes: &[u8], out: &mut Vec<u8>) {
         self.samples.clear();
-        self.layout
+        if self
+            .layout
             .format
             .decode_into(bytes, &mut self.samples)
-            .map_err(|_| WavError::BadPacket {
-                sequence,
-                format: self.layout.format,
-                bytes: bytes.len(),
-            })?;
+            .is_err()
+        {
+            self.unreadable(sequence, out);
+            return;
+        }
+        self.silence_until(sequence, out);
         self.push(out);
         self.next = sequence + 1;
-        Ok(())
+    }
+
+    /// A packet that is not audio of the call's format (not base64, half a sample): played as
+    /// a missing packet.
+    pub fn unreadable(&mut self, sequence: i64, out: &mut Vec<u8>) {
+        tracing::warn!(sequence, format = %self.layout.format, "a packet that is not audio of its call's format plays as silence");
+        self.silence_until(sequence + 1, out);
+        self.next = sequence + 1;
     }
 
     /// Silence for the sequences missing after the last packet: the file is then complete.
@@ -181,18 +178,22 @@ pub fn from_packets(
     if !format.is_sound() {
         return Err(WavError::NotAudio);
     }
-    let mut decoded = Vec::with_capacity(packets.len());
-    for (sequence, data) in packets {
-        let bytes = super::decode_base64(data).ok_or(WavError::NotBase64(*sequence))?;
-        decoded.push((*sequence, bytes));
-    }
-    let bytes = decoded.iter().map(|(_, b)| b.len() as u64).sum();
-    let first = decoded.first().map(|(_, b)| b.len() as u64);
+    // Not base64 of whole samples: `None`, measured and played as a missing packet.
+    let decoded: Vec<(i64, Option<Vec<u8>>)> = packets
+        .iter()
+        .map(|(sequence, data)| {
+            let bytes = super::decode_base64(data).filter(|b| format.samples_in(b.len()).is_ok());
+            (*sequence, bytes)
+        })
+        .collect();
+    let readable: Vec<&Vec<u8>> = decoded.iter().filter_map(|(_, b)| b.as_ref()).collect();
+    let bytes = readable.iter().map(|b| b.len() as u64).sum();
+    let first = readable.first().map(|b| b.len() as u64);
     let layout = Layout::measure(
         format,
         start,
         expected,
-        decoded.len() as i64,
+        readable.len() as i64,
         bytes,
         first,
         limit,
@@ -201,7 +202,10 @@ pub fn from_packets(
     out.extend_from_slice(&layout.header());
     let mut renderer = Renderer::new(layout);
     for (sequence, bytes) in &decoded {
-        renderer.packet(*sequence, bytes, &mut out)?;
+        match bytes {
+            Some(bytes) => renderer.packet(*sequence, bytes, &mut out),
+            None => renderer.unreadable(*sequence, &mut out),
+        }
     }
     renderer.finish(&mut out);
     Ok(out)
@@ -273,15 +277,17 @@ mod tests {
     }
 
     #[test]
-    fn text_and_half_samples_are_refused() {
+    fn text_is_refused_and_a_bad_packet_plays_as_a_missing_one() {
         assert_eq!(
             from_packets(AudioFormat::TEXT, 0, 1, &[(0, "hi".into())], u64::MAX),
             Err(WavError::NotAudio)
         );
+        // Half a sample, then text: each plays as a missing packet (as long as the first).
         let slin = AudioFormat::slin(8_000).unwrap();
-        assert!(matches!(
-            from_packets(slin, 0, 1, &packets(&[(0, &[1, 2, 3])]), u64::MAX),
-            Err(WavError::BadPacket { sequence: 0, .. })
-        ));
+        let mut list = packets(&[(0, &[1, 0, 2, 0]), (1, &[1, 2, 3])]);
+        list.push((2, "not base64!".into()));
+        list.extend(packets(&[(3, &[3, 0, 4, 0])]));
+        let (_, samples) = parse_wav(&from_packets(slin, 0, 4, &list, u64::MAX).unwrap()).unwrap();
+        assert_eq!(samples, [1, 2, 0, 0, 0, 0, 3, 4]);
     }
 }

@@ -89,7 +89,8 @@ pub struct NewRow<'a> {
     pub data: &'a str,
     pub sent_at: f64,
     /// The format the packet declares; `None` takes the call's. A packet whose format is not
-    /// its call's is not stored.
+    /// its call's is not stored, nor one that declares none whose data is not base64 of whole
+    /// samples of its call's audio.
     pub format: Option<AudioFormat>,
 }
 
@@ -132,8 +133,14 @@ macro_rules! store_sql {
                   AS k(call_id, sequence, data, sent_at, encoding, rate) \
              JOIN locked l ON l.call_id = k.call_id \
              WHERE l.state = $7 AND k.sequence >= l.sequence_start \
-               AND (k.encoding IS NULL \
-                    OR (k.encoding = l.audio_encoding AND k.rate IS NOT DISTINCT FROM l.sample_rate)) \
+               AND CASE WHEN k.encoding IS NOT NULL \
+                          THEN k.encoding = l.audio_encoding AND k.rate IS NOT DISTINCT FROM l.sample_rate \
+                        WHEN l.audio_encoding = 'text' THEN true \
+                        ELSE k.data ~ '^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$' \
+                          AND (l.audio_encoding <> 'slin' \
+                               OR (octet_length(k.data) / 4 * 3 \
+                                   - (octet_length(k.data) - octet_length(rtrim(k.data, '=')))) % 2 = 0) \
+                   END \
              ON CONFLICT (call_id, sequence, call_created_at) DO NOTHING \
              RETURNING call_id, sequence, received_at \
          ), per_call AS ( \

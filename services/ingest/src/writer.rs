@@ -126,6 +126,10 @@ pub enum WriteError {
     BeforeStart { start: i64 },
     #[error("the call's audio is {0}")]
     FormatMismatch(AudioFormat),
+    /// A packet declaring no format, for a call of audio, whose data is not base64 of whole
+    /// samples of it.
+    #[error("the call's audio is {0}, and the data is not base64 of whole samples of it")]
+    NotAudio(AudioFormat),
     #[error("database error: {message}")]
     Database { unavailable: bool, message: String },
     /// Stored, but JetStream did not acknowledge it (the outbox relay will publish it).
@@ -1149,6 +1153,10 @@ fn verdicts(
                     Err(WriteError::BeforeStart {
                         start: call.sequence_start,
                     })
+                }
+                // In progress, not stored and not stored before: its data was not its call's audio.
+                None if call.state == CallState::InProgress && call.format.is_sound() => {
+                    Err(WriteError::NotAudio(call.format))
                 }
                 None => Err(WriteError::NotInProgress(call.state)),
             }

@@ -7,6 +7,8 @@
 //! checked here and forwarded: ingest answers for the caller's tenant, so a supervisor can
 //! open only its own tenant's calls (another tenant's call is a 404 there).
 
+use std::time::Duration;
+
 use axum::{
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
@@ -20,13 +22,20 @@ use common::{
 
 use crate::AppState;
 
+/// The longest a call's read may take, body included.
+const READ_LIMIT: Duration = Duration::from_secs(10);
+
+/// The longest a call's audio may take to come through, body included: ingest's own bound on
+/// one download (`common::audio::playback`), so the notifier never cuts one short first.
+const AUDIO_DOWNLOAD_LIMIT: Duration = common::audio::playback::DOWNLOAD_LIMIT;
+
 pub async fn get_call(
     _caller: Caller<need::Read>,
     State(app): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Response {
-    let answer = match forward(&app, &headers, raw, "").await {
+    let answer = match forward(&app, &headers, raw, "", READ_LIMIT).await {
         Ok(answer) => answer,
         Err(refused) => return refused,
     };
@@ -45,7 +54,7 @@ pub async fn get_audio(
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Response {
-    let answer = match forward(&app, &headers, raw, "/audio.wav").await {
+    let answer = match forward(&app, &headers, raw, "/audio.wav", AUDIO_DOWNLOAD_LIMIT).await {
         Ok(answer) => answer,
         Err(refused) => return refused,
     };
@@ -79,6 +88,7 @@ async fn forward(
     headers: &HeaderMap,
     raw: String,
     suffix: &str,
+    limit: Duration,
 ) -> Result<reqwest::Response, Response> {
     let call_id = CallId::parse(raw).map_err(|e| {
         ErrorBody::new("invalid_call_id", e.to_string())
@@ -86,7 +96,7 @@ async fn forward(
             .into_response_with(StatusCode::BAD_REQUEST)
     })?;
     let url = format!("{}/v1/call/{call_id}{suffix}", app.ingest_url);
-    let mut request = app.http.get(&url);
+    let mut request = app.http.get(&url).timeout(limit);
     if let Some(credential) = headers.get(header::AUTHORIZATION) {
         request = request.header(header::AUTHORIZATION, credential);
     }

@@ -20,8 +20,7 @@ use std::{
 };
 
 use common::{AudioFormat, CallKey, Reason};
-use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use tokio::time::Instant;
+use tokio::{task::JoinSet, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -142,7 +141,8 @@ pub struct CallStream {
     format: AudioFormat,
     protocol: Protocol,
     highest: Option<i64>,
-    writes: FuturesUnordered<BoxFuture<'static, ()>>,
+    /// The writes under way, each a task of its own so it runs as soon as it is handed over.
+    writes: JoinSet<()>,
     registered: bool,
 }
 
@@ -172,7 +172,7 @@ impl CallStream {
             format,
             protocol,
             highest: None,
-            writes: FuturesUnordered::new(),
+            writes: JoinSet::new(),
             registered: true,
         })
     }
@@ -188,8 +188,9 @@ impl CallStream {
     /// Hands packet `sequence` (`data`: base64 of the call's format) to the writer; waits
     /// only when [`MAX_WRITES_IN_FLIGHT`] writes are already under way.
     pub async fn packet(&mut self, sequence: i64, data: String, timestamp: f64) {
+        while self.writes.try_join_next().is_some() {}
         while self.writes.len() >= MAX_WRITES_IN_FLIGHT {
-            self.writes.next().await;
+            self.writes.join_next().await;
         }
         self.highest = self.highest.max(Some(sequence));
         let packet = NewPacket {
@@ -201,17 +202,17 @@ impl CallStream {
             format: Some(self.format),
             sequence_start: Some(MEDIA_SEQUENCE_START),
         };
-        self.writes.push(Box::pin(write_with_retry(
+        self.writes.spawn(write_with_retry(
             self.app.writer.clone(),
             packet,
             self.protocol,
-        )));
+        ));
     }
 
     /// Waits for every write, then, if this was the call's last stream here, completes the
     /// call with the highest sequence any of its streams sent as its total.
     pub async fn finish(mut self, end: End) {
-        while self.writes.next().await.is_some() {}
+        while self.writes.join_next().await.is_some() {}
         let last = self.deregister();
         metrics::counter!("switchboard_ingest_media_streams_total", "protocol" => self.protocol.as_str(), "event" => end.label())
             .increment(1);
@@ -280,7 +281,7 @@ async fn write_with_retry(writer: PacketWriter, packet: NewPacket, protocol: Pro
         let outcome = match error {
             WriteError::Conflict => "conflict",
             WriteError::NotInProgress(_) => "not_in_progress",
-            WriteError::FormatMismatch(_) => "format_conflict",
+            WriteError::FormatMismatch(_) | WriteError::NotAudio(_) => "format_conflict",
             _ => "lost",
         };
         tracing::warn!(

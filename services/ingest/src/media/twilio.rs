@@ -288,8 +288,14 @@ async fn open(
     for track in tracks {
         let id = match track {
             "inbound" => call_id.clone(),
-            "outbound" => CallId::try_from(format!("{call_id}{OUTBOUND_SUFFIX}"))
-                .map_err(|e| (close::UNSUPPORTED, format!("outbound call id: {e}")))?,
+            "outbound" => match CallId::try_from(format!("{call_id}{OUTBOUND_SUFFIX}")) {
+                Ok(id) => id,
+                Err(e) => {
+                    // The caller's track is what matters; keep it.
+                    tracing::warn!(call.id = %call_id, error.message = %e, "the outbound track's call id is not valid: that track is not kept");
+                    continue;
+                }
+            },
             other => {
                 tracing::warn!(track = other, "an unknown Twilio track: ignored");
                 continue;

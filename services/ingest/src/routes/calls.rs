@@ -317,9 +317,6 @@ pub async fn audio_wav(
                 }
             }
             playback::PlaybackError::Database(e) => ApiError::database(e),
-            playback::PlaybackError::Wav(e) => {
-                ApiError::Internal(anyhow::Error::new(e).context("stored audio does not decode"))
-            }
         })?;
     let length = playback.layout.file_bytes();
     let header = bytes::Bytes::copy_from_slice(&playback.layout.header());

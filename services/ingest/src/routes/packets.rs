@@ -90,6 +90,13 @@ fn write_error(e: WriteError, call_id: &CallId, sequence: i64, declared: AudioFo
             call_id: call_id.clone(),
             state,
         },
+        WriteError::NotAudio(format) => ApiError::invalid_field(
+            "data",
+            format!(
+                "call {call_id} carries {format} audio: data must be canonical base64 of whole \
+                 samples of it"
+            ),
+        ),
         WriteError::FormatMismatch(format) => ApiError::FormatConflict {
             call_id: call_id.clone(),
             format,
@@ -223,6 +230,7 @@ fn declared_format(body: &PacketBody) -> Result<Option<AudioFormat>, ApiError> {
 fn outcome_label(e: &WriteError) -> &'static str {
     match e {
         WriteError::Conflict | WriteError::FormatMismatch(_) => "conflict",
+        WriteError::NotAudio(_) => "invalid",
         WriteError::NotInProgress(_) => "not_in_progress",
         WriteError::BeforeStart { .. } => "invalid",
         WriteError::Database { .. } | WriteError::Unpublished(_) | WriteError::Closed => {

@@ -589,6 +589,14 @@ async fn json_packets_declare_their_format_and_bad_audio_is_refused_by_field() {
         app.post_json(&path, packet(2, json!({}))).await.status(),
         202
     );
+    // Left out, the data must still be the call's audio.
+    let text = json!({"sequence": 1, "data": "hello there", "timestamp": 1.0});
+    let (status, body) = status_and_body(app.post_json(&path, text).await).await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (422, Some("data")),
+        "{body}"
+    );
     let (status, body) = status_and_body(
         app.post_json(&path, packet(3, json!({"encoding": "mulaw"})))
             .await,

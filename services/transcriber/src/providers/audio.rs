@@ -40,7 +40,6 @@ pub fn wav_for(call: &CallAudio, rate: Option<u32>, max_bytes: u64) -> Result<Ve
                 "the call's audio is larger than the {max_bytes} bytes (AI_MAX_AUDIO_BYTES) a \
              transcription request may carry"
             ),
-            other => format!("the call's audio cannot be decoded: {other}"),
         })?;
     let (Some(own), Some(rate)) = (own, rate) else {
         return Ok(file);

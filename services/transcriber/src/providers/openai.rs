@@ -57,7 +57,12 @@ impl OpenAi {
     }
 
     pub async fn transcribe(&self, call: &CallAudio) -> Result<String, ProviderError> {
-        let wav = audio::wav_for(call, self.sample_rate, self.max_audio_bytes)
+        // Decoding and resampling an hour of audio is seconds of CPU: not on the async threads,
+        // where it would stall the lease renewals of the other calls.
+        let (call_copy, rate, max) = (call.clone(), self.sample_rate, self.max_audio_bytes);
+        let wav = tokio::task::spawn_blocking(move || audio::wav_for(&call_copy, rate, max))
+            .await
+            .map_err(|e| ProviderError::Permanent(format!("building the WAV file failed: {e}")))?
             .map_err(ProviderError::Permanent)?;
         let file = Part::bytes(wav)
             .file_name(format!("{}.wav", call.call_id))
