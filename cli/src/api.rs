@@ -166,12 +166,7 @@ impl Ingest {
                 .map_err(|e| self.unreachable(e))?;
             // Unavailable or over the key's rate: wait as told, as a PBX should.
             if matches!(response.status().as_u16(), 429 | 503) && attempt < 20 {
-                let wait = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .unwrap_or(1);
-                tokio::time::sleep(Duration::from_secs(wait)).await;
+                tokio::time::sleep(retry_after(&response)).await;
                 continue;
             }
             let elapsed = started.elapsed();
@@ -235,12 +230,7 @@ impl Ingest {
             if !matches!(response.status().as_u16(), 429 | 503) || attempt >= 30 {
                 break response;
             }
-            let wait = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(1);
-            tokio::time::sleep(Duration::from_secs(wait)).await;
+            tokio::time::sleep(retry_after(&response)).await;
         };
         if !response.status().is_success() {
             return Err(Self::failure(response).await);
@@ -282,4 +272,14 @@ impl Ingest {
             .map_err(|e| self.unreachable(e))?;
         Self::check(response).await
     }
+}
+
+/// How long a 429 or 503 says to wait (`Retry-After` in seconds; 1 s when it says nothing).
+fn retry_after(response: &reqwest::Response) -> Duration {
+    let seconds = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds)
 }
