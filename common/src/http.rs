@@ -153,6 +153,19 @@ pub async fn time_limit(
     }
 }
 
+/// 426 `websocket_required`: a plain request to a route that speaks WebSocket only (the live
+/// view, the telephony streams).
+pub fn websocket_required(
+    path: &str,
+    rejection: &axum::extract::ws::rejection::WebSocketUpgradeRejection,
+) -> Response {
+    ErrorBody::new(
+        "websocket_required",
+        format!("{path} speaks WebSocket only: {}", rejection.body_text()),
+    )
+    .into_response_with(StatusCode::UPGRADE_REQUIRED)
+}
+
 /// The listener of `ADMIN_ADDR`, when it is set: `/healthz` and `/metrics` without a key
 /// ([`operational_routes`]), for a Prometheus on a private network.
 pub async fn bind_admin(addr: crate::config::OptionalAddr) -> anyhow::Result<Option<TcpListener>> {

@@ -224,6 +224,20 @@ pub mod audiosocket {
         (0x10..=0x18).find(|&kind| audio_rate(kind) == Some(rate))
     }
 
+    /// The call id of a UUID frame's 16 bytes: the canonical text, lowercase hex, hyphenated
+    /// 8-4-4-4-12.
+    pub fn uuid_text(bytes: &[u8; 16]) -> String {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
+    }
+
     /// One frame as sent on the wire.
     pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
         let length = u16::try_from(payload.len()).expect("an AudioSocket payload fits 64 KiB");
@@ -324,5 +338,10 @@ mod tests {
         }
         assert_eq!(audiosocket::audio_rate(0x19), None);
         assert_eq!(audiosocket::frame(0x10, &[1, 2]), vec![0x10, 0, 2, 1, 2]);
+        let bytes: [u8; 16] = core::array::from_fn(|i| (i as u8) * 17);
+        assert_eq!(
+            audiosocket::uuid_text(&bytes),
+            "00112233-4455-6677-8899-aabbccddeeff"
+        );
     }
 }

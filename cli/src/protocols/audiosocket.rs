@@ -25,18 +25,7 @@ pub fn uuid(rng: &mut impl Rng) -> [u8; 16] {
     bytes
 }
 
-/// The UUID's text form: lowercase hex, hyphenated 8-4-4-4-12.
-pub fn uuid_text(bytes: &[u8; 16]) -> String {
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
+pub use wire::media::audiosocket::uuid_text;
 
 /// The bytes of a UUID's text form (the call id), or `None` if it is not one.
 fn uuid_bytes(text: &str) -> Option<[u8; 16]> {

@@ -90,11 +90,7 @@ pub async fn upgrade(
         Err(refused) => return refused.into_response(),
     };
     match ws {
-        Err(rejection) => ErrorBody::new(
-            "websocket_required",
-            format!("/ws speaks WebSocket only: {}", rejection.body_text()),
-        )
-        .into_response_with(StatusCode::UPGRADE_REQUIRED),
+        Err(rejection) => common::http::websocket_required(common::live::WS_PATH, &rejection),
         Ok(ws) => {
             ws.max_message_size(MAX_CLIENT_MESSAGE_BYTES)
                 // tungstenite's defaults (128 KiB each way per socket) held 1.4 GB at 10,000

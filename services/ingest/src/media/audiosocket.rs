@@ -21,7 +21,7 @@ use tokio::{
     sync::Semaphore,
 };
 use tokio_util::sync::CancellationToken;
-use wire::media::audiosocket::{self as kind, HEADER_BYTES, audio_rate};
+use wire::media::audiosocket::{self as kind, HEADER_BYTES, audio_rate, uuid_text};
 
 use super::{CallStream, End, Protocol, Reframer, now_secs};
 use crate::routes::AppState;
@@ -172,7 +172,12 @@ async fn identify(
             frame.payload.len()
         ));
     }
-    let call_id = CallId::try_from(uuid_text(&frame.payload)).map_err(|e| e.to_string())?;
+    let uuid: [u8; 16] = frame
+        .payload
+        .as_slice()
+        .try_into()
+        .expect("checked: 16 bytes");
+    let call_id = CallId::try_from(uuid_text(&uuid)).map_err(|e| e.to_string())?;
     let principal = super::authorize(app, app.config.audiosocket_api_key.as_deref())
         .await
         .map_err(|refused| format!("AUDIOSOCKET_API_KEY: {refused}"))?;
@@ -222,28 +227,4 @@ async fn audio(
             .await;
     }
     Ok(())
-}
-
-/// A UUID's canonical text: lowercase hex, hyphenated 8-4-4-4-12.
-pub fn uuid_text(bytes: &[u8]) -> String {
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_uuid_reads_as_its_hyphenated_text() {
-        let bytes: Vec<u8> = (0..16).map(|i| i * 17).collect();
-        assert_eq!(uuid_text(&bytes), "00112233-4455-6677-8899-aabbccddeeff");
-    }
 }

@@ -29,7 +29,7 @@ use common::{
 };
 use wire::media::{L16_PATH, L16_SUBPROTOCOLS, L16Metadata};
 
-use super::{CallStream, End, Protocol, Reframer, close, close_socket, now_secs};
+use super::{CallStream, End, Protocol, Reframer, close, close_socket, next_message, now_secs};
 use crate::routes::AppState;
 
 /// How long the metadata frame may take to come after the upgrade.
@@ -68,14 +68,7 @@ pub async fn upgrade(
         None => None,
     };
     match ws {
-        Err(rejection) => ErrorBody::new(
-            "websocket_required",
-            format!(
-                "{L16_PATH} speaks WebSocket only: {}",
-                rejection.body_text()
-            ),
-        )
-        .into_response_with(StatusCode::UPGRADE_REQUIRED),
+        Err(rejection) => common::http::websocket_required(L16_PATH, &rejection),
         Ok(ws) => ws
             .protocols(L16_SUBPROTOCOLS)
             .max_message_size(MAX_MESSAGE_BYTES)
@@ -126,24 +119,18 @@ async fn run(app: AppState, mut socket: WebSocket, principal: Option<Arc<Princip
     let shutdown = app.media.shutdown().clone();
     let idle = app.config.call_idle_timeout();
     let end = loop {
-        let message = tokio::select! {
-            message = tokio::time::timeout(idle, socket.recv()) => message,
-            () = shutdown.cancelled() => break End::Lost,
-        };
-        // Silent for CALL_IDLE_TIMEOUT_SECS (a half-open connection): the stream is lost.
-        let Ok(message) = message else {
+        let Some(message) = next_message(&mut socket, &shutdown, idle).await else {
             break End::Lost;
         };
         match message {
-            Some(Ok(Message::Binary(bytes))) => {
+            Message::Binary(bytes) => {
                 for (sequence, data, offset) in reframer.push(&bytes) {
                     stream.packet(sequence, data, started + offset).await;
                 }
             }
-            Some(Ok(Message::Close(_))) => break End::Ended,
+            Message::Close(_) => break End::Ended,
             // Text after the metadata (jambonz may send events): not audio.
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => break End::Lost,
+            _ => {}
         }
     };
     if let Some((sequence, data, offset)) = reframer.flush() {

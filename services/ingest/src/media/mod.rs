@@ -62,6 +62,20 @@ pub async fn close_socket(socket: &mut WebSocket, code: u16, reason: &str) {
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
+/// A WebSocket stream's next message; `None` once the stream is lost: the connection closed
+/// or failed, ingest is shutting down, or nothing came for `idle` (`CALL_IDLE_TIMEOUT_SECS`: a
+/// half-open connection).
+pub async fn next_message(
+    socket: &mut WebSocket,
+    shutdown: &tokio_util::sync::CancellationToken,
+    idle: std::time::Duration,
+) -> Option<Message> {
+    tokio::select! {
+        message = tokio::time::timeout(idle, socket.recv()) => message.ok().flatten()?.ok(),
+        () = shutdown.cancelled() => None,
+    }
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn now_secs() -> f64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9

@@ -35,7 +35,7 @@ use wire::media::{
     TWILIO_SIGNATURE_HEADER, TwilioMedia, TwilioMessage, TwilioStart, key_in,
 };
 
-use super::{CallStream, End, Protocol, close, close_socket, now_secs};
+use super::{CallStream, End, Protocol, close, close_socket, next_message, now_secs};
 use crate::{error::ApiError, routes::AppState, writer::MAX_SEQUENCE};
 
 /// Largest Twilio message taken: a `start` with its parameters, or 20 ms of audio, is far
@@ -88,15 +88,7 @@ pub async fn upgrade(
         Err(refused) => return refused.into_response(),
     };
     match ws {
-        Err(rejection) => ErrorBody::new(
-            "websocket_required",
-            format!(
-                "{} speaks WebSocket only: {}",
-                uri.path(),
-                rejection.body_text()
-            ),
-        )
-        .into_response_with(StatusCode::UPGRADE_REQUIRED),
+        Err(rejection) => common::http::websocket_required(uri.path(), &rejection),
         Ok(ws) => ws
             .max_message_size(MAX_MESSAGE_BYTES)
             .on_upgrade(move |socket| {
@@ -151,25 +143,19 @@ async fn run(app: AppState, mut socket: WebSocket, principal: Option<Arc<Princip
     let idle = app.config.call_idle_timeout();
     let mut started: Option<Started> = None;
     let end = loop {
-        let message = tokio::select! {
-            message = tokio::time::timeout(idle, socket.recv()) => message,
-            () = shutdown.cancelled() => break End::Lost,
-        };
-        // Silent for CALL_IDLE_TIMEOUT_SECS (a half-open connection): the stream is lost.
-        let Ok(message) = message else {
+        let Some(message) = next_message(&mut socket, &shutdown, idle).await else {
             break End::Lost;
         };
         let flow = match message {
-            Some(Ok(Message::Text(text))) => {
+            Message::Text(text) => {
                 handle(&app, &mut started, principal.as_ref(), text.as_str()).await
             }
-            Some(Ok(Message::Binary(_))) => {
+            Message::Binary(_) => {
                 tracing::warn!("a binary frame on a Twilio stream (Twilio sends text): ignored");
                 Flow::Continue
             }
-            Some(Ok(Message::Close(_))) => break End::Ended,
-            Some(Ok(_)) => Flow::Continue,
-            Some(Err(_)) | None => break End::Lost,
+            Message::Close(_) => break End::Ended,
+            _ => Flow::Continue,
         };
         match flow {
             Flow::Continue => {}

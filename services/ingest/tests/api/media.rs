@@ -333,16 +333,7 @@ async fn audiosocket_app() -> (TestApp, u16) {
 
 fn new_uuid() -> ([u8; 16], String) {
     let bytes: [u8; 16] = rand::random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let text = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    );
-    (bytes, text)
+    (bytes, audiosocket::uuid_text(&bytes))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
